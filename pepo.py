@@ -1,0 +1,674 @@
+"""Token-level policy optimisation for Qwen-VL models: GRPO, DAPO and PEPO, in one file.
+
+    python pepo.py                        # offline: tiny Qwen2.5-VL, PEPO_G on the `color` task
+    python pepo.py --algo dapo --steps 50
+    python pepo.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --data geo3k.jsonl ...
+
+PEPO (arXiv 2603.22847) turns two signals of the policy into token weights:
+a perception prior (cosine similarity between each completion token's hidden state
+and the image tokens' hidden states, averaged over layers) and the token entropy,
+fused by a smooth gate and a softmax. GRPO (arXiv 2402.03300) and DAPO
+(arXiv 2503.14476) supply the advantages and the clipped surrogate loss.
+
+Layout: arguments -> math (small pure tensor functions, copy them freely) ->
+model loading -> rollouts -> one training loop shared by every algorithm.
+The algorithms differ only in advantages, token weights and token masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tasks
+
+
+# ----------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    model: str = arg("tiny", "'tiny' builds a small random Qwen2.5-VL offline; else a save_pretrained folder or hub id")
+    algo: str = arg("pepo_g", "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO)", choices=["grpo", "dapo", "pepo_g", "pepo_d"])
+    task: str = arg("color", "toy task from tasks.py ('list' prints them)")
+    steps: int = arg(120, "RL steps (one rollout batch and one update each)")
+    prompts_per_step: int = arg(8, "prompts per rollout batch")
+    group_size: int = arg(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = arg(24, "completion length limit")
+    temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
+    lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
+    ppo_epochs: int = arg(1, "updates per rollout batch; 1 is on-policy (ratio = 1)")
+    micro_batch_size: int = arg(0, "completions per forward/backward (gradient accumulation); 0 = whole batch")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    # GRPO / DAPO knobs; None takes the --algo preset
+    beta: float = arg(None, "KL weight to the frozen initial policy, k3 estimator (preset: grpo 0.001, dapo 0)", type=float)
+    clip_low: float = arg(None, "ratio clip epsilon below 1 (preset 0.2)", type=float)
+    clip_high: float = arg(None, "ratio clip epsilon above 1 (preset: grpo 0.2, dapo 0.28 'clip-higher')", type=float)
+    loss_type: str = arg(None, "aggregation: grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / B*L)", choices=["grpo", "dapo", "dr_grpo"])
+    adv_scale: str = arg(None, "'group' divides advantages by the group std, 'none' does not (Dr. GRPO)", choices=["group", "none"])
+    dynamic_sampling: bool = arg(None, "drop groups whose rewards are all equal and sample more (preset: dapo on)")
+    max_sampling_tries: int = arg(4, "rollout rounds per step that dynamic sampling may use")
+    overlong_filter: bool = arg(None, "mask out completions cut by --max-new-tokens (preset: dapo on)")
+    length_penalty_cache: int = arg(0, "DAPO soft length penalty: the last N tokens before the limit cost up to -1 reward; 0 = off")
+    # PEPO knobs
+    pepo: bool = arg(None, "use PEPO token weights (preset: pepo_g, pepo_d)")
+    pepo_alpha: float = arg(0.05, "PEPO gate strength alpha (Eq. gate)")
+    pepo_temperature: float = arg(1.8, "PEPO softmax temperature tau")
+    pepo_score: str = arg("cosine", "similarity between token and image hidden states", choices=["cosine", "dot", "l2", "l1"])
+    # evaluation
+    eval_size: int = arg(100, "held-out examples for greedy accuracy before and after RL")
+    # bookkeeping
+    seed: int = arg(1, "seed for python, torch and the task stream")
+    device: str = arg("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory in the update pass (GPU)")
+    freeze_vision: bool = arg(False, "do not train the vision encoder")
+    output_dir: str = arg("runs/pepo", "metrics.jsonl, summary.json and checkpoint/ go here")
+
+
+PRESETS = {
+    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, loss_type="grpo", adv_scale="group", dynamic_sampling=False, overlong_filter=False, pepo=False),
+    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, loss_type="dapo", adv_scale="group", dynamic_sampling=True, overlong_filter=True, pepo=False),
+}
+PRESETS["pepo_g"] = {**PRESETS["grpo"], "pepo": True}
+PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
+
+
+def parse_args(argv=None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in ("bool", bool):  # --x / --no-x; None keeps the preset
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta.get("choices"))
+    args = Args(**vars(p.parse_args(argv)))
+    for key, value in PRESETS[args.algo].items():  # explicit flags win over the preset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# Math: small pure functions. B = completions, L = completion length, T = full sequence
+# length, D = hidden size, V = vocabulary. Masks are 1 on valid completion tokens.
+# ----------------------------------------------------------------------------------------
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps).  [B] -> [B]
+
+    Rows are grouped in consecutive blocks of `group_size`. scale="none" drops the std
+    division (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal gets exactly 0.
+    """
+    r = rewards.float().view(-1, group_size)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    return adv.masked_fill(flat, 0.0).view(-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]"""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token) under `logits`.  [B, L, V], [B, L] -> [B, L]"""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: int, score: str = "cosine") -> torch.Tensor:
+    """PEPO perception prior VS_t (arXiv 2603.22847, Sec. 3): for each of the last
+    `completion_len` positions, the mean similarity between that position's hidden state
+    and every image-token hidden state of the same row, averaged over the layers given.
+
+    hidden_states: sequence of [B, T, D] (e.g. `output_hidden_states`, embeddings included)
+    vision_mask:   [B, T] bool, True at image-placeholder positions
+    returns:       [B, L]; rows without image tokens give 0.
+
+    For cosine and dot, mean_n sim(h, v_n) = h . mean_n(v_n) (after normalising for
+    cosine), so one mean vector per row replaces the L x N similarity matrix.
+    """
+    vm = vision_mask.float()
+    n_vis = vm.sum(dim=1)  # [B]
+    total = 0.0
+    for h in hidden_states:
+        h = h.float()
+        if score in ("cosine", "dot"):
+            if score == "cosine":
+                h = F.normalize(h, dim=-1)
+            v_mean = torch.einsum("btd,bt->bd", h, vm) / n_vis.clamp(min=1).unsqueeze(-1)
+            total = total + torch.einsum("bld,bd->bl", h[:, -completion_len:], v_mean)
+        elif score in ("l2", "l1"):  # distances need every pair; these options are ablations
+            p = 2.0 if score == "l2" else 1.0
+            dist = torch.cdist(h[:, -completion_len:], h, p=p)  # [B, L, T]
+            total = total - (dist * vm.unsqueeze(1)).sum(-1) / n_vis.clamp(min=1).unsqueeze(-1)
+        else:
+            raise ValueError(f"unknown score {score!r}; choose cosine, dot, l2 or l1")
+    prior = total / len(hidden_states)
+    return prior * (n_vis > 0).float().unsqueeze(-1)
+
+
+def masked_minmax(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Per-row min-max normalisation over valid tokens.  [B, L] -> [B, L] in [0, 1]"""
+    big = torch.finfo(x.dtype).max
+    lo = x.masked_fill(mask == 0, big).min(dim=1, keepdim=True).values
+    hi = x.masked_fill(mask == 0, -big).max(dim=1, keepdim=True).values
+    return ((x - lo) / (hi - lo).clamp(min=floor)) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+@torch.no_grad()
+def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.05, temperature: float = 1.8) -> torch.Tensor:
+    """PEPO token weights (arXiv 2603.22847, Sec. 3.2).  [B, L] x3 -> [B, L]
+
+      V^, H^ = per-row min-max of prior and entropy over valid tokens
+      g_t    = 1 + alpha * tanh((V^_t + H^_t) - mean_t(V^ + H^))     smooth gate
+      w_t    = T_i * softmax_t(VS_t * g_t / temperature)              over valid tokens
+
+    Weights average exactly 1 over each row's valid tokens and are 0 on padding.
+    Computed without gradient: they act like advantages (the authors' code lets
+    gradient flow through them; on-policy that gradient sums to zero within a row).
+    """
+    prior, entropy, mask = prior.float(), entropy.float(), mask.float()
+    fused = masked_minmax(prior, mask) + masked_minmax(entropy, mask)
+    gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
+    z = (prior * gate / temperature).masked_fill(mask == 0, float("-inf"))
+    z = z - z.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # rows of all padding stay finite
+    e = torch.exp(z) * mask
+    return e / e.sum(dim=1, keepdim=True).clamp(min=1e-30) * mask.sum(dim=1, keepdim=True)
+
+
+def pepo_ramp(step: int, total_steps: int) -> float:
+    """lambda = min(1, step / total_steps): PEPO weights are blended in over training."""
+    return min(1.0, step / max(1, total_steps))
+
+
+def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2, clip_high=0.2, token_weights=None, ref_logp=None, beta=0.0):
+    """Clipped surrogate with optional token weights and k3 KL.  -> (loss, stats)
+
+    logp, old_logp, mask, token_weights, ref_logp: [B, L]; advantages: [B] or [B, L].
+      l_t = -min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t) * w_t + beta * KL_t
+      KL_t = exp(ref - logp) - (ref - logp) - 1                      (k3, unbiased, >= 0)
+    Aggregation: grpo = mean over each row's tokens then over rows; dapo = mean over all
+    valid tokens; dr_grpo = sum / (B * L).
+    """
+    mask = mask.float()
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    per_token = -surrogate if token_weights is None else -surrogate * token_weights
+    kl = None
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    stats = {"loss": loss.item(), "clip_frac": masked_mean(clipped.float(), mask).item()}
+    if kl is not None:
+        stats["kl"] = masked_mean(kl.detach(), mask).item()
+    return loss, stats
+
+
+def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_mask: torch.Tensor) -> float:
+    """Factor that makes the sum of micro-batch losses equal the whole-batch loss."""
+    if loss_type == "dapo":
+        return micro_mask.sum().item() / max(1.0, batch_mask.sum().item())
+    return micro_mask.shape[0] / batch_mask.shape[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Model: any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint through the Auto classes
+# ----------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def load_policy(path: str):
+    """(model, tokenizer, image_processor) from a folder or hub id, the same way for every checkpoint."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)  # Pillow backend without torchvision
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    return model, tokenizer, image_processor
+
+
+def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int = 60) -> str:
+    """Write a small random Qwen2.5-VL checkpoint to `path`, taught only the answer format.
+
+    The tokenizer is a byte-level BPE trained on the toy tasks' text, holding Qwen's real
+    special tokens and used in Qwen's chat format. The format warm-up trains on *random*
+    labels, so the saved policy answers in the right format but at chance accuracy.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if (Path(path) / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = tasks.tokenizer_corpus() + ["user\n", "assistant\n", "system\n"]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    tid = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6]),
+                         bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    model = AutoModelForImageTextToText.from_config(config)
+
+    # Format warm-up: supervised on random labels, so it never sees a correct answer.
+    rng = random.Random(seed + 17)
+    vl = VLHelper(tokenizer, image_processor, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(warmup_steps):
+        examples = [task.sample(rng) for _ in range(32)]
+        targets = [tokenizer(task.random_completion(rng) + "<|im_end|>").input_ids for _ in examples]
+        batch = vl.with_completions(vl.encode_prompts(examples), targets)
+        logits, _ = forward(model, batch)
+        loss = -masked_mean(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_atomic(path, model, tokenizer, image_processor)
+    return path
+
+
+def save_atomic(path: str, *objects) -> None:
+    """save_pretrained every object into a temporary folder, then swap it in by renames,
+    so a crash never leaves a half-written checkpoint at `path` (the old one stays as .old)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class VLHelper:
+    """Turns task examples into Qwen-VL model inputs: chat prompt, image-token expansion,
+    `mm_token_type_ids`, left padding for generation and completion masks."""
+
+    def __init__(self, tokenizer, image_processor, config):
+        self.tok, self.ip = tokenizer, image_processor
+        self.image_token_id = config.image_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        vocab = tokenizer.get_vocab()
+        self.end_ids = [vocab[t] for t in END_TOKENS if t in vocab]
+        self.suppress_ids = sorted({vocab[t] for t in SUPPRESS_TOKENS if t in vocab} | {config.image_token_id, config.video_token_id})
+
+    def prompt_text(self, example: tasks.Example, image_tokens: list[int]) -> str:
+        """Qwen chat format, each <image> expanded to its number of <|image_pad|> tokens."""
+        parts = example.prompt.split(tasks.IMAGE)
+        text = parts[0]
+        for n, part in zip(image_tokens, parts[1:]):
+            text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + part
+        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def encode_prompts(self, examples: list[tasks.Example], images=None) -> dict:
+        """Left-padded prompts. `images` (one list per example) replaces the examples' own images."""
+        images = images if images is not None else [ex.images for ex in examples]
+        flat = [im for ims in images for im in ims]
+        vis = self.ip(flat, return_tensors="pt")
+        per_image = (vis["image_grid_thw"].prod(-1) // self.ip.merge_size**2).tolist()
+        texts, k = [], 0
+        for ex, ims in zip(examples, images):
+            texts.append(self.prompt_text(ex, per_image[k:k + len(ims)]))
+            k += len(ims)
+        ids = [self.tok(t).input_ids for t in texts]
+        T = max(map(len, ids))
+        input_ids = torch.tensor([[self.pad_id] * (T - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
+        return dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=(input_ids == self.image_token_id).long(),
+                    pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+
+    def with_completions(self, prompts: dict, completions) -> dict:
+        """Append completions ([B, L] tensor or lists of ids) to left-padded prompts. The
+        completion mask runs up to and including the first end token; a completion with no
+        end token is flagged `truncated`."""
+        if not torch.is_tensor(completions):
+            L = max(map(len, completions))
+            completions = torch.tensor([list(c) + [self.pad_id] * (L - len(c)) for c in completions])
+        is_end = torch.isin(completions, torch.tensor(self.end_ids))
+        truncated = ~is_end.any(dim=1)
+        first_end = torch.where(truncated, completions.shape[1] - 1, is_end.float().argmax(dim=1))
+        mask = (torch.arange(completions.shape[1]).unsqueeze(0) <= first_end.unsqueeze(1)).float()
+        return dict(prompts, input_ids=torch.cat([prompts["input_ids"], completions], 1),
+                    attention_mask=torch.cat([prompts["attention_mask"], mask.long()], 1),
+                    mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], 1),
+                    completion_ids=completions, completion_mask=mask, truncated=truncated)
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False):
+    """The one forward helper (training pass, scoring pass, reference and perturbed passes).
+
+    Returns completion logits [B, L, V] divided by the sampling temperature (position t-1
+    predicts token t, so positions -L-1..-2 are kept), and the hidden states when asked.
+    """
+    L = batch["completion_ids"].shape[1]
+    out = model(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    return out.logits[:, :-1] / temperature, (out.hidden_states if hidden_states else None)
+
+
+def slice_batch(batch: dict, rows: slice) -> dict:
+    """Rows of a batch; pixel_values/image_grid_thw are per image, so slice those by image."""
+    n_img = (batch["mm_token_type_ids"].diff(dim=1, prepend=torch.zeros_like(batch["mm_token_type_ids"][:, :1])) == 1).sum(1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=n_img.device), n_img.cumsum(0)])
+    img = slice(int(starts[rows.start]), int(starts[rows.stop]))
+    patches = batch["image_grid_thw"].prod(-1)
+    pstarts = torch.cat([torch.zeros(1, dtype=torch.long, device=patches.device), patches.cumsum(0)])
+    pix = slice(int(pstarts[img.start]), int(pstarts[img.stop]))
+    B = batch["input_ids"].shape[0]
+    out = {k: (v[rows] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == B else v) for k, v in batch.items()}
+    out["pixel_values"], out["image_grid_thw"] = batch["pixel_values"][pix], batch["image_grid_thw"][img]
+    return out
+
+
+def micro_batches(batch: dict, size: int):
+    B = batch["input_ids"].shape[0]
+    size = size or B
+    return [slice_batch(batch, slice(i, min(i + size, B))) for i in range(0, B, size)]
+
+
+@torch.no_grad()
+def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperature: float, greedy: bool = False) -> torch.Tensor:
+    """Sample completions for left-padded prompts -> [B, L] token ids (right-padded)."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
+                           top_p=1.0 if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
+                           pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
+    out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg)
+    return out[:, prompts["input_ids"].shape[1]:].cpu()
+
+
+# ----------------------------------------------------------------------------------------
+# Rollouts and evaluation
+# ----------------------------------------------------------------------------------------
+def rollout(model, vl, task, examples, group_size, args, device, autocast):
+    """G completions per example -> batch dict (on device) plus rewards/accuracy [B]."""
+    rows = [ex for ex in examples for _ in range(group_size)]
+    prompts = to_device(vl.encode_prompts(rows), device)
+    model.eval()
+    with autocast:
+        completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature)
+    batch = vl.with_completions({k: v.cpu() for k, v in prompts.items()}, completions)
+    texts = vl.tok.batch_decode([c[m.bool()] for c, m in zip(completions, batch["completion_mask"])], skip_special_tokens=True)
+    scores = [task.score(t, ex) for t, ex in zip(texts, rows)]
+    batch["rewards"] = torch.tensor([s[0] for s in scores])
+    batch["accuracy"] = torch.tensor([s[1] for s in scores])
+    batch["texts"], batch["examples"] = texts, rows
+    if args.length_penalty_cache > 0:  # DAPO soft overlong punishment, in [-1, 0]
+        n = batch["completion_mask"].sum(1)
+        start = args.max_new_tokens - args.length_penalty_cache
+        batch["rewards"] += (-(n - start).clamp(min=0) / args.length_penalty_cache).clamp(min=-1)
+    return batch
+
+
+def concat_batches(batches: list[dict], pad_id: int) -> dict:
+    """Stack rollout batches of different lengths (prompts left-padded, completions right-padded)."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b["input_ids"].shape[1] - b["completion_ids"].shape[1] for b in batches)
+    L = max(b["completion_ids"].shape[1] for b in batches)
+    out = {}
+    for key in batches[0]:
+        parts = []
+        for b in batches:
+            v, Lb = b[key], b["completion_ids"].shape[1]
+            Pb = b["input_ids"].shape[1] - Lb
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                fill = pad_id if key == "input_ids" else 0
+                v = torch.cat([torch.full((v.shape[0], P - Pb), fill), v, torch.full((v.shape[0], L - Lb), fill)], 1)
+            elif key in ("completion_ids", "completion_mask"):
+                v = F.pad(v, (0, L - Lb), value=pad_id if key == "completion_ids" else 0)
+            parts.append(v)
+        out[key] = sum(parts, []) if isinstance(parts[0], list) else torch.cat(parts)
+    return out
+
+
+def collect_rollouts(model, vl, task, rng, args, device, autocast):
+    """One rollout batch. With dynamic sampling (DAPO) groups whose rewards are all equal
+    carry no signal: they are dropped and fresh prompts are sampled, up to a cap of tries."""
+    G, kept, seen, dropped = args.group_size, [], [], 0
+    for _ in range(args.max_sampling_tries if args.dynamic_sampling else 1):
+        need = args.prompts_per_step - sum(b["input_ids"].shape[0] for b in kept) // G
+        if need <= 0:
+            break
+        batch = rollout(model, vl, task, [task.sample(rng) for _ in range(need)], G, args, device, autocast)
+        seen.append(batch)
+        if not args.dynamic_sampling:
+            kept.append(batch)
+            break
+        r = batch["rewards"].view(-1, G)
+        keep = r.max(1).values > r.min(1).values
+        dropped += int((~keep).sum())
+        if keep.any():
+            kept.append(select_groups(batch, keep, G, vl.pad_id))
+    return (concat_batches(kept, vl.pad_id) if kept else None), seen, dropped
+
+
+def select_groups(batch: dict, keep: torch.Tensor, group_size: int, pad_id: int) -> dict:
+    """The groups (blocks of `group_size` consecutive rows) of a rollout batch where keep[g] is True."""
+    parts = [slice_batch(batch, slice(g * group_size, (g + 1) * group_size)) for g in keep.nonzero().view(-1).tolist()]
+    return concat_batches(parts, pad_id)
+
+
+@torch.no_grad()
+def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0, batch_size: int = 64) -> dict:
+    """Greedy accuracy; with samples=K also avg@K at the sampling temperature."""
+    model.eval()
+    greedy, sampled = [], []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
+            rows = [ex for ex in chunk for _ in range(k)]
+            prompts = to_device(vl.encode_prompts(rows), device)
+            with autocast:
+                comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode)
+            mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
+            texts = vl.tok.batch_decode([c[m.bool()] for c, m in zip(comp, mask)], skip_special_tokens=True)
+            accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
+            (greedy if greedy_mode else sampled).extend(accs)
+    out = {"accuracy": sum(greedy) / len(greedy)}
+    if samples:
+        out[f"avg@{samples}"] = sum(sampled) / len(sampled)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    if args.task == "list":
+        for t in tasks.TASKS.values():
+            print(f"{t.name:12s} {t.description}")
+        return
+    task = tasks.get_task(args.task)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Seeding: python (task stream), torch (init, sampling).
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_rng = random.Random(args.seed)
+    eval_examples = [task.sample(random.Random(10_000 + i)) for i in range(args.eval_size)]  # fixed held-out set
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    t_start = time.time()
+    model_path = build_tiny_model(str(out_dir / "tiny_init"), task, args.seed) if args.model == "tiny" else args.model
+    model, tokenizer, image_processor = load_policy(model_path)
+    model.to(device)
+    vl = VLHelper(tokenizer, image_processor, model.config)
+    if args.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+
+    before = evaluate(model, vl, task, eval_examples, args, device, autocast)
+    print(f"accuracy before RL: {before['accuracy']:.3f}")
+    metrics_file = open(out_dir / "metrics.jsonl", "w")
+
+    from tqdm import tqdm
+
+    bar = tqdm(range(1, args.steps + 1), desc=args.algo, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        # 1. Rollouts: G samples per prompt from the current (= old) policy.
+        batch, seen, dropped = collect_rollouts(model, vl, task, train_rng, args, device, autocast)
+        all_rewards = torch.cat([b["rewards"] for b in seen])
+        all_acc = torch.cat([b["accuracy"] for b in seen])
+        m = {"step": step, "reward": all_rewards.mean().item(), "accuracy": all_acc.mean().item(),
+             "completion_len": torch.cat([b["completion_mask"].sum(1) for b in seen]).mean().item(),
+             "truncated_frac": torch.cat([b["truncated"].float() for b in seen]).mean().item(), "groups_dropped": dropped}
+        if batch is not None:
+            m.update(train_step(model, ref_model, optimizer, batch, step, args, device, autocast))
+        else:
+            m["skipped"] = 1  # dynamic sampling found no group with signal
+        m["seconds"] = time.time() - t0
+        metrics_file.write(json.dumps(m) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
+
+    after = evaluate(model, vl, task, eval_examples, args, device, autocast)
+    print(f"accuracy after RL: {after['accuracy']:.3f}")
+    save_atomic(str(out_dir / "checkpoint"), model, tokenizer, image_processor)
+    summary = {"algo": args.algo, "task": args.task, "model": args.model, "steps": args.steps,
+               "seconds": round(time.time() - t_start, 1), "accuracy_before": before["accuracy"],
+               "accuracy_after": after["accuracy"], "args": dataclasses.asdict(args)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
+    return summary
+
+
+def train_step(model, ref_model, optimizer, batch, step, args, device, autocast) -> dict:
+    """Advantages, token weights and masks from the rollout batch, then the update(s)."""
+    G = args.group_size
+    mask = batch["completion_mask"].clone()
+    if args.overlong_filter:  # DAPO: a completion cut by the length limit teaches nothing reliable
+        mask[batch["truncated"]] = 0
+    advantages = grpo_advantages(batch["rewards"], G, scale=args.adv_scale)
+    batch = to_device(dict(batch, mask=mask, advantages=advantages), device)
+    parts = micro_batches({k: v for k, v in batch.items() if torch.is_tensor(v)}, args.micro_batch_size)
+
+    # 2. Scoring pass (no grad): old log-probs, entropy and PEPO's perception prior, all
+    #    from the rollout policy, once per batch. The update pass then needs no hidden states.
+    model.eval()
+    old_logp, entropy, prior, ref_logp = [], [], [], []
+    with torch.no_grad(), autocast:
+        for mb in parts:
+            logits, hidden = forward(model, mb, args.temperature, hidden_states=args.pepo)
+            old_logp.append(token_logprobs(logits, mb["completion_ids"]))
+            entropy.append(token_entropy(logits))
+            if args.pepo:
+                vision = mb["input_ids"] == model.config.image_token_id
+                prior.append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
+            if ref_model is not None:
+                ref_logp.append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
+    old_logp, entropy = torch.cat(old_logp), torch.cat(entropy)
+    ref_logp = torch.cat(ref_logp) if ref_logp else None
+
+    # 3. Token weights: 1 everywhere (GRPO/DAPO), PEPO's weights ramped in (Eq. 6).
+    weights = torch.ones_like(mask)
+    stats = {"entropy": masked_mean(entropy, mask).item()}
+    if args.pepo:
+        w = pepo_token_weights(torch.cat(prior), entropy, mask, args.pepo_alpha, args.pepo_temperature)
+        lam = pepo_ramp(step, args.steps)
+        weights = (1 - lam) + lam * w
+        valid = w[mask.bool()]
+        if valid.numel():
+            for q in (10, 50, 90):
+                stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
+            stats["pepo_w_max"] = valid.max().item()
+        stats["pepo_lambda"] = lam
+
+    # 4. Update: clipped surrogate, micro-batched with exact loss scaling.
+    model.train()
+    rows = 0
+    for _ in range(args.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        step_stats = []
+        rows = 0
+        for mb in parts:
+            n = mb["input_ids"].shape[0]
+            sl = slice(rows, rows + n)
+            rows += n
+            with autocast:
+                logits, _ = forward(model, mb, args.temperature)
+            logp = token_logprobs(logits, mb["completion_ids"])
+            loss, s = policy_loss(logp, old_logp[sl], mb["advantages"], mb["mask"], args.loss_type, args.clip_low, args.clip_high,
+                                  token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta)
+            (loss * loss_share(args.loss_type, mb["mask"], mask)).backward()
+            step_stats.append((loss_share(args.loss_type, mb["mask"], mask), s))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+    for key in step_stats[0][1]:
+        stats[key] = sum(share * s[key] for share, s in step_stats)
+    stats["grad_norm"] = grad_norm.item()
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -35,11 +35,15 @@ import torch
 import torch.nn.functional as F
 
 import tasks
+import vppo
 
 
 # ----------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------
+PERTURBATIONS = vppo.PERTURBATIONS  # (the Args field `vppo` shadows the module inside the class)
+
+
 def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -47,10 +51,12 @@ def arg(default, help: str, **kw):
 @dataclass
 class Args:
     model: str = arg("tiny", "'tiny' builds a small random Qwen2.5-VL offline; else a save_pretrained folder or hub id")
-    algo: str = arg("pepo_g", "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO)", choices=["grpo", "dapo", "pepo_g", "pepo_d"])
+    algo: str = arg("pepo_g", "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO), vppo (DAPO + VPPO)", choices=["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
     task: str = arg("color", "toy task from tasks.py ('list' prints them)")
-    steps: int = arg(120, "RL steps (one rollout batch and one update each)")
-    prompts_per_step: int = arg(8, "prompts per rollout batch")
+    data: str = arg(None, "train on a JSONL dataset instead of a toy task (ms-swift or EasyR1 format)", type=str)
+    image_root: str = arg(None, "folder that relative image paths in --data resolve against (default: the file's folder)", type=str)
+    steps: int = arg(150, "RL steps (one rollout batch and one update each)")
+    prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
@@ -73,8 +79,18 @@ class Args:
     pepo_alpha: float = arg(0.05, "PEPO gate strength alpha (Eq. gate)")
     pepo_temperature: float = arg(1.8, "PEPO softmax temperature tau")
     pepo_score: str = arg("cosine", "similarity between token and image hidden states", choices=["cosine", "dot", "l2", "l1"])
+    # VPPO knobs (arXiv 2510.09285)
+    vppo: bool = arg(None, "use VPPO: visual dependency from a perturbed-image pass, TAS and TGF (preset: vppo)")
+    vppo_top_frac: float = arg(0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient")
+    vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
+    vppo_perturb: str = arg("blacken", "image perturbation for the dependency pass", choices=list(PERTURBATIONS))
+    vppo_kl: str = arg("k3", "dependency: k3 estimate on the sampled token (paper) or the exact KL", choices=["k3", "exact"])
+    entropy_penalty: float = arg(None, "weight of mean(-log p) of sampled tokens added to the loss (preset: vppo 0.06)", type=float)
+    token_rule: str = arg("none", "extra token mask: entropy_top keeps only the top 20%% highest-entropy tokens (arXiv 2506.01939)", choices=["none", "entropy_top"])
     # evaluation
     eval_size: int = arg(100, "held-out examples for greedy accuracy before and after RL")
+    eval_samples: int = arg(0, "also report avg@K: mean accuracy of K samples per example at --temperature")
+    eval_only: bool = arg(False, "evaluate --model and write eval.json, no training")
     # bookkeeping
     seed: int = arg(1, "seed for python, torch and the task stream")
     device: str = arg("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
@@ -84,11 +100,14 @@ class Args:
 
 
 PRESETS = {
-    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, loss_type="grpo", adv_scale="group", dynamic_sampling=False, overlong_filter=False, pepo=False),
-    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, loss_type="dapo", adv_scale="group", dynamic_sampling=True, overlong_filter=True, pepo=False),
+    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, loss_type="grpo", adv_scale="group", dynamic_sampling=False,
+                 overlong_filter=False, pepo=False, vppo=False, entropy_penalty=0.0),
+    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, loss_type="dapo", adv_scale="group", dynamic_sampling=True,
+                 overlong_filter=True, pepo=False, vppo=False, entropy_penalty=0.0),
 }
 PRESETS["pepo_g"] = {**PRESETS["grpo"], "pepo": True}
 PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
+PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06}
 
 
 def parse_args(argv=None) -> Args:
@@ -290,6 +309,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int =
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_tokens(["<answer>", "</answer>", "<think>", "</think>"])  # one token per tag: short completions
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     tid = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
@@ -358,7 +378,7 @@ class VLHelper:
     def encode_prompts(self, examples: list[tasks.Example], images=None) -> dict:
         """Left-padded prompts. `images` (one list per example) replaces the examples' own images."""
         images = images if images is not None else [ex.images for ex in examples]
-        flat = [im for ims in images for im in ims]
+        flat = [vppo.resize_for_model(im, self.ip) for ims in images for im in ims]  # no-op for usual sizes
         vis = self.ip(flat, return_tensors="pt")
         per_image = (vis["image_grid_thw"].prod(-1) // self.ip.merge_size**2).tolist()
         texts, k = [], 0
@@ -417,7 +437,10 @@ def slice_batch(batch: dict, rows: slice) -> dict:
     pix = slice(int(pstarts[img.start]), int(pstarts[img.stop]))
     B = batch["input_ids"].shape[0]
     out = {k: (v[rows] if (torch.is_tensor(v) or isinstance(v, list)) and len(v) == B else v) for k, v in batch.items()}
-    out["pixel_values"], out["image_grid_thw"] = batch["pixel_values"][pix], batch["image_grid_thw"][img]
+    out["image_grid_thw"] = batch["image_grid_thw"][img]
+    for key in ("pixel_values", "pixel_values_perturbed"):
+        if key in batch:
+            out[key] = batch[key][pix]
     return out
 
 
@@ -538,11 +561,14 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # keep the console to our own tqdm bar
     if args.task == "list":
         for t in tasks.TASKS.values():
             print(f"{t.name:12s} {t.description}")
         return
-    task = tasks.get_task(args.task)
+    task = tasks.JsonlTask(args.data, args.image_root) if args.data else tasks.get_task(args.task)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -550,6 +576,7 @@ def main(argv=None):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rng = random.Random(args.seed)
+    perturb_gen = torch.Generator().manual_seed(args.seed)  # VPPO's patch masks
     eval_examples = [task.sample(random.Random(10_000 + i)) for i in range(args.eval_size)]  # fixed held-out set
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -567,7 +594,12 @@ def main(argv=None):
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
 
-    before = evaluate(model, vl, task, eval_examples, args, device, autocast)
+    before = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    if args.eval_only:
+        result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+        return result
     print(f"accuracy before RL: {before['accuracy']:.3f}")
     metrics_file = open(out_dir / "metrics.jsonl", "w")
 
@@ -584,7 +616,7 @@ def main(argv=None):
              "completion_len": torch.cat([b["completion_mask"].sum(1) for b in seen]).mean().item(),
              "truncated_frac": torch.cat([b["truncated"].float() for b in seen]).mean().item(), "groups_dropped": dropped}
         if batch is not None:
-            m.update(train_step(model, ref_model, optimizer, batch, step, args, device, autocast))
+            m.update(train_step(model, ref_model, optimizer, vl, batch, step, args, device, autocast, perturb_gen))
         else:
             m["skipped"] = 1  # dynamic sampling found no group with signal
         m["seconds"] = time.time() - t0
@@ -592,76 +624,107 @@ def main(argv=None):
         metrics_file.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
 
-    after = evaluate(model, vl, task, eval_examples, args, device, autocast)
+    after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     print(f"accuracy after RL: {after['accuracy']:.3f}")
     save_atomic(str(out_dir / "checkpoint"), model, tokenizer, image_processor)
-    summary = {"algo": args.algo, "task": args.task, "model": args.model, "steps": args.steps,
+    summary = {"algo": args.algo, "task": task.name, "model": args.model, "steps": args.steps,
                "seconds": round(time.time() - t_start, 1), "accuracy_before": before["accuracy"],
-               "accuracy_after": after["accuracy"], "args": dataclasses.asdict(args)}
+               "accuracy_after": after["accuracy"], "eval_before": before, "eval_after": after, "args": dataclasses.asdict(args)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
     return summary
 
 
-def train_step(model, ref_model, optimizer, batch, step, args, device, autocast) -> dict:
-    """Advantages, token weights and masks from the rollout batch, then the update(s)."""
-    G = args.group_size
+def perturbed_pixels(vl: VLHelper, batch: dict, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """pixel_values of a freshly perturbed copy of every image of every row (VPPO). Token ids
+    and image grids stay the same: only the pixels change."""
+    images = [[vppo.perturb_image(im, kind, vl.ip, generator) for im in ex.images] for ex in batch["examples"]]
+    vis = vl.ip([im for ims in images for im in ims], return_tensors="pt")
+    assert torch.equal(vis["image_grid_thw"], batch["image_grid_thw"].cpu()), "perturbation changed the image grid"
+    return vis["pixel_values"]
+
+
+def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autocast, generator) -> dict:
+    """Advantages, token weights and token masks from one rollout batch, then the update(s).
+    Every algorithm runs this same function; the flags decide which signals are used."""
     mask = batch["completion_mask"].clone()
     if args.overlong_filter:  # DAPO: a completion cut by the length limit teaches nothing reliable
         mask[batch["truncated"]] = 0
-    advantages = grpo_advantages(batch["rewards"], G, scale=args.adv_scale)
-    batch = to_device(dict(batch, mask=mask, advantages=advantages), device)
-    parts = micro_batches({k: v for k, v in batch.items() if torch.is_tensor(v)}, args.micro_batch_size)
+    advantages = grpo_advantages(batch["rewards"], args.group_size, scale=args.adv_scale)
+    inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids")}
+    if args.vppo:
+        inputs["pixel_values_perturbed"] = perturbed_pixels(vl, batch, args.vppo_perturb, generator)
+    parts = micro_batches(to_device(inputs, device), args.micro_batch_size)
+    mask, advantages = mask.to(device), advantages.to(device)
 
-    # 2. Scoring pass (no grad): old log-probs, entropy and PEPO's perception prior, all
-    #    from the rollout policy, once per batch. The update pass then needs no hidden states.
+    # 2. Scoring passes (no grad), once per rollout batch, all from the rollout policy:
+    #    old log-probs and entropy; PEPO's perception prior from the same pass's hidden
+    #    states; the frozen reference for KL; VPPO's pass on the perturbed images.
     model.eval()
-    old_logp, entropy, prior, ref_logp = [], [], [], []
+    scores = {"old_logp": [], "entropy": [], "prior": [], "ref_logp": [], "dependency": []}
     with torch.no_grad(), autocast:
         for mb in parts:
             logits, hidden = forward(model, mb, args.temperature, hidden_states=args.pepo)
-            old_logp.append(token_logprobs(logits, mb["completion_ids"]))
-            entropy.append(token_entropy(logits))
+            logp = token_logprobs(logits, mb["completion_ids"])
+            scores["old_logp"].append(logp)
+            scores["entropy"].append(token_entropy(logits))
             if args.pepo:
                 vision = mb["input_ids"] == model.config.image_token_id
-                prior.append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
+                scores["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
             if ref_model is not None:
-                ref_logp.append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
-    old_logp, entropy = torch.cat(old_logp), torch.cat(entropy)
-    ref_logp = torch.cat(ref_logp) if ref_logp else None
+                scores["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
+            if args.vppo:
+                logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
+                dep = (vppo.token_visual_kl(logits, logits_pert) if args.vppo_kl == "exact"
+                       else vppo.token_visual_dependency(logp, token_logprobs(logits_pert, mb["completion_ids"])))
+                scores["dependency"].append(dep)
+    scores = {k: torch.cat(v) if v else None for k, v in scores.items()}
+    old_logp, entropy, ref_logp = scores["old_logp"], scores["entropy"], scores["ref_logp"]
 
-    # 3. Token weights: 1 everywhere (GRPO/DAPO), PEPO's weights ramped in (Eq. 6).
+    # 3. Token weights and masks. GRPO/DAPO: 1 on every valid token.
     weights = torch.ones_like(mask)
     stats = {"entropy": masked_mean(entropy, mask).item()}
-    if args.pepo:
-        w = pepo_token_weights(torch.cat(prior), entropy, mask, args.pepo_alpha, args.pepo_temperature)
+    if args.pepo:  # PEPO weights, ramped in: ((1 - lambda) + lambda * w_t) A_i  (Eq. 6)
+        w = pepo_token_weights(scores["prior"], entropy, mask, args.pepo_alpha, args.pepo_temperature)
         lam = pepo_ramp(step, args.steps)
-        weights = (1 - lam) + lam * w
+        weights = weights * ((1 - lam) + lam * w)
         valid = w[mask.bool()]
         if valid.numel():
             for q in (10, 50, 90):
                 stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
             stats["pepo_w_max"] = valid.max().item()
         stats["pepo_lambda"] = lam
+    if args.vppo:  # TGF keeps the most image-dependent tokens; TAS rescales advantages
+        dep = scores["dependency"]
+        keep = vppo.token_gradient_mask(dep, mask, args.vppo_top_frac)
+        scale = vppo.trajectory_advantage_scale(dep, mask, args.vppo_min_scale)
+        weights, advantages = weights * keep, advantages * scale
+        dropped = mask * (1 - keep)
+        stats.update(vppo_dep_kept=masked_mean(dep, keep).item(), vppo_dep_dropped=masked_mean(dep, dropped).item(),
+                     vppo_kept_frac=(keep.sum() / mask.sum().clamp(min=1)).item(),
+                     tas_min=scale.min().item(), tas_mean=scale.mean().item(), tas_max=scale.max().item())
+    if args.token_rule == "entropy_top":
+        weights = weights * vppo.entropy_top_mask(entropy, mask)
 
     # 4. Update: clipped surrogate, micro-batched with exact loss scaling.
     model.train()
-    rows = 0
     for _ in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        step_stats = []
-        rows = 0
+        step_stats, row = [], 0
         for mb in parts:
-            n = mb["input_ids"].shape[0]
-            sl = slice(rows, rows + n)
-            rows += n
+            sl = slice(row, row + mb["input_ids"].shape[0])
+            row = sl.stop
             with autocast:
                 logits, _ = forward(model, mb, args.temperature)
             logp = token_logprobs(logits, mb["completion_ids"])
-            loss, s = policy_loss(logp, old_logp[sl], mb["advantages"], mb["mask"], args.loss_type, args.clip_low, args.clip_high,
+            loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
                                   token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta)
-            (loss * loss_share(args.loss_type, mb["mask"], mask)).backward()
-            step_stats.append((loss_share(args.loss_type, mb["mask"], mask), s))
+            share = loss_share(args.loss_type, mask[sl], mask)
+            loss = loss * share
+            if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the batch's valid tokens
+                loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / mask.sum().clamp(min=1))
+            loss.backward()
+            step_stats.append((share, s))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
     for key in step_stats[0][1]:

@@ -1,6 +1,6 @@
-"""Toy vision tasks with verifiers, for learning PEPO/VPPO on a laptop.
+"""Toy vision tasks with verifiers, for learning PEPO/VPPO on a laptop, and JSONL datasets.
 
-Every task draws its images with Pillow from a seeded `random.Random`, yields an
+Every toy task draws its images with Pillow from a seeded `random.Random`, yields an
 unlimited stream of examples and scores a completion with a verifier.
 
 Answer format the policy learns: `<answer>ANSWER</answer>` (tasks that ask for a
@@ -9,20 +9,38 @@ chain of thought expect `<think>...</think><answer>ANSWER</answer>`).
 Reward = accuracy + FORMAT_BONUS * format_ok. Accuracy is 1.0 for a correct answer
 (continuous for tasks like grounding), format_ok is 1.0 when the completion is exactly
 in the expected format. Adding a task takes one small class: `sample`, a label pool
-for the format warm-up, and (optionally) its own `accuracy`.
+for the format warm-up, and (optionally) its own `parse` / `accuracy`.
+
+Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with `grade`.
+
+    python tasks.py --list                                    # tasks, descriptions, blind baselines
+    python tasks.py --export data/count --task count --n 1000 --format easyr1
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import functools
+import json
+import math
+import operator
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+try:  # optional stronger symbolic checker; the plain grader below stands on its own
+    import math_verify
+except ImportError:
+    math_verify = None
 
 FORMAT_BONUS = 0.1
 IMAGE = "<image>"  # where an image goes in the prompt text
 ANSWER_RE = re.compile(r"^\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
+THINK_ANSWER_RE = re.compile(r"^\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*$", re.DOTALL)
 
 
 @dataclass
@@ -42,7 +60,7 @@ def extract_answer(completion: str) -> str | None:
 class Task:
     name = "task"
     description = "one line shown by --task list"
-    labels: list[str] = []  # answer pool for the format warm-up (random labels) and blind baseline
+    labels: list[str] = []  # answer pool for the format warm-up (random labels)
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -51,19 +69,29 @@ class Task:
         """A well-formatted completion with a random label: what the format warm-up teaches."""
         return f"<answer>{rng.choice(self.labels)}</answer>"
 
+    def parse(self, completion: str) -> str | None:
+        """The answer of a well-formatted completion; None means the format is wrong."""
+        return extract_answer(completion)
+
     def accuracy(self, answer: str | None, example: Example) -> float:
-        return float(answer is not None and answer.lower() == example.answer.lower())
+        return float(answer is not None and answer.strip().lower() == example.answer.strip().lower())
 
     def score(self, completion: str, example: Example) -> tuple[float, float]:
         """(reward, accuracy) of one completion."""
-        answer = extract_answer(completion)
+        answer = self.parse(completion)
         acc = self.accuracy(answer, example)
         return acc + FORMAT_BONUS * float(answer is not None), acc
 
 
+# ----------------------------------------------------------------------------------------
+# Drawing helpers. Features stay big (shapes >= 28 px, dots r = 7): the tiny model sees
+# the 112x112 image as only 4x4 = 16 tokens.
+# ----------------------------------------------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40)}
 SHAPES = ["circle", "square", "triangle"]
 SIZE = 112  # pixels; the processor resizes to what the model sees
+DOT_R = 7
+FONT = ImageFont.load_default(size=22)  # Pillow's built-in font, large enough to span a patch
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -82,6 +110,37 @@ def random_box(rng: random.Random, lo: int = 28, hi: int = 56) -> tuple[int, int
     return (x, y, x + s, y + s)
 
 
+def blank() -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (SIZE, SIZE), "white")
+    return image, ImageDraw.Draw(image)
+
+
+def shape_image(rng: random.Random, shape: str, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """One shape of a random colour, at `box` or a random place."""
+    color = rng.choice(list(COLORS))
+    image, draw = blank()
+    draw_shape(draw, shape, box or random_box(rng), COLORS[color])
+    return image
+
+
+def place_dots(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """n dot centres, a clear gap between any two so that every dot is countable."""
+    centres: list[tuple[int, int]] = []
+    while len(centres) < n:
+        c = (rng.randint(DOT_R + 2, SIZE - DOT_R - 3), rng.randint(DOT_R + 2, SIZE - DOT_R - 3))
+        if all((c[0] - x) ** 2 + (c[1] - y) ** 2 >= (2 * DOT_R + 6) ** 2 for x, y in centres):
+            centres.append(c)
+    return centres
+
+
+def draw_dot(draw: ImageDraw.ImageDraw, centre: tuple[int, int], fill) -> None:
+    x, y = centre
+    draw.ellipse((x - DOT_R, y - DOT_R, x + DOT_R, y + DOT_R), fill=fill)
+
+
+# ----------------------------------------------------------------------------------------
+# Toy tasks
+# ----------------------------------------------------------------------------------------
 class ColorTask(Task):
     name = "color"
     description = "the colour of a single shape (red, green, blue or yellow)"
@@ -95,12 +154,169 @@ class ColorTask(Task):
         return Example(prompt, [image], color)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [ColorTask()]}
+class ShapeTask(Task):
+    name = "shape"
+    description = "the kind of a single shape (circle, square or triangle)"
+    labels = SHAPES
+
+    def sample(self, rng):
+        shape = rng.choice(self.labels)
+        return Example(f"{IMAGE}What shape is this? Answer as <answer>shape</answer>.", [shape_image(rng, shape)], shape)
+
+
+class CountTask(Task):
+    name = "count"
+    description = "how many dots (1 to 6) of one colour"
+    labels = [str(n) for n in range(1, 7)]
+
+    def sample(self, rng):
+        n, color = int(rng.choice(self.labels)), rng.choice(list(COLORS))
+        image, draw = blank()
+        for c in place_dots(rng, n):
+            draw_dot(draw, c, COLORS[color])
+        return Example(f"{IMAGE}How many dots are there? Answer as <answer>number</answer>.", [image], str(n))
+
+
+class PositionTask(Task):
+    name = "position"
+    description = "where the shape is: left, right, top or bottom (near the middle of that edge)"
+    labels = ["left", "right", "top", "bottom"]
+
+    def sample(self, rng):
+        where, shape = rng.choice(self.labels), rng.choice(SHAPES)
+        # Near the middle of one edge: the centre is >= 28 px from the image centre along
+        # that edge's axis and <= 12 px off it across, so no example is ambiguous.
+        s, edge, across = rng.randint(28, 32), rng.randint(2, 12), rng.randint(-12, 12)
+        mid = (SIZE - s) // 2 + across
+        x, y = {"left": (edge, mid), "right": (SIZE - s - edge, mid), "top": (mid, edge), "bottom": (mid, SIZE - s - edge)}[where]
+        image = shape_image(rng, shape, (x, y, x + s, y + s))
+        return Example(f"{IMAGE}Where is the shape? Answer as <answer>left, right, top or bottom</answer>.", [image], where)
+
+
+class CompareTask(Task):
+    name = "compare"
+    description = "geometry-lite: which of two labelled segments, A or B, is longer (>= 35% longer)"
+    labels = ["A", "B"]
+
+    def sample(self, rng):
+        answer = rng.choice(self.labels)
+        short = rng.randint(24, 52)
+        long = min(round(short * rng.uniform(1.35, 1.8)), 80)  # the cap keeps the ratio >= 80/52 > 1.5
+        lengths = {answer: long, "AB".replace(answer, ""): short}
+        rows = rng.sample([24 + rng.randint(-4, 4), 84 + rng.randint(-4, 4)], 2)  # A's row is random: read the labels
+        image, draw = blank()
+        for label, y in zip("AB", rows):
+            x = rng.randint(26, SIZE - 4 - lengths[label])
+            draw.text((4, y - 13), label, fill="black", font=FONT)
+            draw.line((x, y, x + lengths[label], y), fill=(30, 30, 30), width=5)
+        prompt = f"{IMAGE}Which segment is longer, A or B? Answer as <answer>A</answer> or <answer>B</answer>."
+        return Example(prompt, [image], answer, {"lengths": lengths, "rows": dict(zip("AB", rows))})
+
+
+BOX_RE = re.compile(r"^\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]$")
+
+
+@functools.lru_cache(maxsize=4096)  # the blind baseline parses the same candidate boxes many times
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """"[x1,y1,x2,y2]" -> numbers, None if it is not a box."""
+    m = BOX_RE.match(text.strip())
+    return tuple(float(v) for v in m.groups()) if m else None
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two [x1,y1,x2,y2] boxes; inverted boxes have zero area."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])
+    union = area(a) + area(b) - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+class GroundingTask(Task):
+    name = "grounding"
+    description = "the shape's box [x1,y1,x2,y2] in pixels; reward is the IoU, correct when IoU >= 0.5"
+    labels: list[str] = []  # answers are boxes: random_completion draws a random box instead
+
+    def sample(self, rng):
+        box = random_box(rng)
+        image = shape_image(rng, rng.choice(SHAPES), box)
+        prompt = f"{IMAGE}Where is the shape? Answer with its box in pixels as <answer>[x1,y1,x2,y2]</answer>."
+        return Example(prompt, [image], "[{},{},{},{}]".format(*box), {"box": box})
+
+    def random_completion(self, rng):
+        return "<answer>[{},{},{},{}]</answer>".format(*random_box(rng))
+
+    def parse(self, completion):
+        answer = extract_answer(completion)
+        return answer if answer is not None and parse_box(answer) else None  # the format is a box
+
+    def iou(self, answer: str | None, example: Example) -> float:
+        box = parse_box(answer) if answer is not None else None
+        return box_iou(box, parse_box(example.answer)) if box else 0.0
+
+    def accuracy(self, answer, example):
+        return float(self.iou(answer, example) >= 0.5)
+
+    def score(self, completion, example):
+        answer = self.parse(completion)
+        iou = self.iou(answer, example)
+        return iou + FORMAT_BONUS * float(answer is not None), float(iou >= 0.5)  # continuous reward
+
+
+NAMES = ["dax", "wug", "blick", "fep", "toma", "zup"]  # made-up class names: only the prompt tells them
+
+
+class FewShotTask(Task):
+    name = "fewshot"
+    description = "in-context: two shapes named with made-up words, then name a third image's shape"
+    labels = NAMES
+
+    def sample(self, rng):
+        shapes, names = rng.sample(SHAPES, 2), rng.sample(NAMES, 2)
+        k = rng.randrange(2)  # the query's class
+        images = [shape_image(rng, s) for s in shapes + [shapes[k]]]
+        prompt = (f"{IMAGE}This is a {names[0]}.\n{IMAGE}This is a {names[1]}.\n"
+                  f"{IMAGE}What is this? Answer as <answer>name</answer>.")
+        return Example(prompt, images, names[k], {"shapes": shapes})
+
+
+class DotsSumTask(Task):
+    name = "dots-sum"
+    description = "chain of thought: count red and blue dots, answer the sum as <think>..</think><answer>N</answer>"
+    labels = [str(n) for n in range(2, 8)]
+
+    def counts(self, rng: random.Random) -> tuple[int, int]:
+        total = int(rng.choice(self.labels))  # the sum is uniform, so no answer is a free win
+        red = rng.randint(1, total - 1)
+        return red, total - red
+
+    def sample(self, rng):
+        red, blue = self.counts(rng)
+        image, draw = blank()
+        for i, c in enumerate(place_dots(rng, red + blue)):
+            draw_dot(draw, c, COLORS["red"] if i < red else COLORS["blue"])
+        prompt = f"{IMAGE}Count the red dots and the blue dots. Answer as <think>r red, b blue</think><answer>sum</answer>."
+        return Example(prompt, [image], str(red + blue), {"red": red, "blue": blue})
+
+    def random_completion(self, rng):
+        red, blue = self.counts(rng)
+        return f"<think>{red} red, {blue} blue</think><answer>{red + blue}</answer>"
+
+    def parse(self, completion):
+        m = THINK_ANSWER_RE.match(completion)
+        return m.group(2).strip() if m else None
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [ColorTask(), ShapeTask(), CountTask(), PositionTask(), CompareTask(),
+                                              GroundingTask(), FewShotTask(), DotsSumTask()]}
 
 
 def get_task(name: str) -> Task:
+    """A toy task by name, or a dataset when `name` is a path ending in .jsonl."""
+    if name.endswith(".jsonl"):
+        return JsonlTask(name)
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)} or a .jsonl file")
     return TASKS[name]
 
 
@@ -112,3 +328,280 @@ def tokenizer_corpus(n_per_task: int = 20, seed: int = 0) -> list[str]:
         for _ in range(n_per_task):
             texts += [task.sample(rng).prompt.replace(IMAGE, ""), task.random_completion(rng)]
     return texts
+
+
+def blind_baseline(task: Task, n: int = 500, seed: int = 0) -> float:
+    """Accuracy of the best constant answer (the majority answer, judged by the task's own
+    `accuracy`): what a policy can reach without looking at the images."""
+    rng = random.Random(seed)
+    examples = [task.sample(rng) for _ in range(n)]
+    candidates = dict.fromkeys(ex.answer for ex in examples)
+    return max(sum(task.accuracy(c, ex) for ex in examples) / n for c in candidates)
+
+
+# ----------------------------------------------------------------------------------------
+# Answer grading for real datasets: <answer>/\boxed{} extraction, normalisation, values
+# ----------------------------------------------------------------------------------------
+ANSWER_ANYWHERE_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+CHOICE_RE = re.compile(r"^\(?([a-e])\)?(?:[.):\s]|$)", re.IGNORECASE)
+LATEX_NOISE = ["\\left", "\\right", "\\!", "\\,", "\\;", "^{\\circ}", "^\\circ", "°", "$"]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, nested braces included; None if none is closed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + len("\\boxed{"):i]
+    return None
+
+
+def final_answer(completion: str) -> str | None:
+    """The last <answer>...</answer> (or a \\boxed{} inside it), else the last \\boxed{}; None if neither."""
+    tagged = ANSWER_ANYWHERE_RE.findall(completion)
+    boxed = last_boxed(tagged[-1] if tagged else completion)
+    if boxed is not None:
+        return boxed.strip()
+    return tagged[-1].strip() if tagged else None
+
+
+def unwrap(s: str) -> str:
+    s = TEXT_RE.sub(r"\1", s)
+    for noise in LATEX_NOISE:
+        s = s.replace(noise, "")
+    return s.strip()
+
+
+def normalize(s: str) -> str:
+    """Comparable text: no LaTeX spacing, $, \\text{}, degrees, spaces, case, trailing '.'."""
+    s = unwrap(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return re.sub(r"\s+", "", s).lower().rstrip(".")
+
+
+def choice_letter(s: str) -> str | None:
+    """"B", "(B)", "B.", "B) 12" -> "b"."""
+    m = CHOICE_RE.match(unwrap(s))
+    return m.group(1).lower() if m else None
+
+
+OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+       ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _eval(node) -> float:
+    """Arithmetic on numbers, sqrt() and pi only: a whitelist walk, never eval()."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+        a, b = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow) and abs(b) > 64:
+            raise ValueError("exponent too large")
+        return OPS[type(node.op)](a, b)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in OPS:
+        return OPS[type(node.op)](_eval(node.operand))
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "sqrt" and len(node.args) == 1 and not node.keywords:
+        return math.sqrt(_eval(node.args[0]))
+    if isinstance(node, ast.Name) and node.id == "pi":
+        return math.pi
+    raise ValueError("not arithmetic")
+
+
+def to_value(s: str) -> float | None:
+    """Value of a normalised answer: 5, 5.0, 1,000, 1/2, \\frac{1}{2}, 2\\sqrt{3}, 3\\pi; None otherwise."""
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d*)?", s):
+        s = s.replace(",", "")
+    try:
+        v = float(s)
+        return v if math.isfinite(v) else None
+    except ValueError:
+        pass
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
+    while True:  # innermost first, so \frac{\sqrt{3}}{2} and nested fractions resolve outwards
+        t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s))
+        if t == s:
+            break
+        s = t
+    s = s.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
+    s = s.replace("{", "(").replace("}", ")")
+    s = re.sub(r"(?<=[\d.)])(?=[a-z(])|(?<=pi)(?=[\d(a-z])", "*", s)  # implicit products: 2sqrt(3), 3pi, pi2
+    if not re.fullmatch(r"(?:[\d.+\-*/()]|sqrt|pi)+", s):
+        return None
+    try:
+        v = _eval(ast.parse(s, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    return v if isinstance(v, float) and math.isfinite(v) else None
+
+
+def answers_match(pred: str | None, truth: str) -> bool:
+    """Is the extracted answer `pred` the ground truth `truth`? Letters for multiple choice,
+    else normalised text, else values within rel 1e-6 (else math_verify when installed)."""
+    if pred is None:
+        return False
+    letter = choice_letter(truth)
+    if letter is not None and len(normalize(truth).strip("().")) == 1:  # truth is a choice A-E
+        return choice_letter(pred) == letter
+    p, t = normalize(pred), normalize(truth)
+    if "=" not in t:
+        p = re.sub(r"^[a-z]\w*=", "", p)  # "x = 5" answers "5"
+    if p == t:
+        return True
+    a, b = to_value(p), to_value(t)
+    if a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
+        return True
+    if math_verify is not None:
+        try:
+            return bool(math_verify.verify(math_verify.parse(f"${truth}$"), math_verify.parse(f"${pred}$")))
+        except Exception:  # its parser and timeouts may raise anything; the plain verdict stands
+            return False
+    return False
+
+
+def grade(completion: str, answer: str) -> float:
+    """1.0 when the completion's final answer (<answer>/\\boxed{}) matches `answer`, else 0.0."""
+    return float(answers_match(final_answer(completion), answer))
+
+
+# ----------------------------------------------------------------------------------------
+# JSONL datasets: ms-swift {"messages", "images", "solution"} or EasyR1 {"problem", "answer", "images"}
+# ----------------------------------------------------------------------------------------
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the one-line message names the file, line and problem."""
+
+
+def message_text(content) -> str | None:
+    """A chat message's text; list content (OpenAI style parts) gets "<image>" per image part."""
+    if isinstance(content, str) or content is None:
+        return content
+    return "".join(p.get("text", "") if p.get("type") == "text" else IMAGE for p in content if isinstance(p, dict))
+
+
+def read_row(line: str, where: str, root: Path, seen: set) -> dict:
+    """Validate one JSONL line into a light row {prompt, images (paths), answer, where}."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: a row must be a JSON object")
+    if "messages" in row:  # ms-swift: the (last) user message is the prompt; an assistant message is ignored
+        users = [m for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = message_text(users[-1].get("content")) if users else None
+    else:
+        prompt = row.get("problem")
+    if not isinstance(prompt, str):
+        raise DatasetError(f"{where}: no prompt (a user message or a 'problem' field)")
+    answer = row.get("solution", row.get("answer"))
+    if answer is None or not str(answer).strip():
+        raise DatasetError(f"{where}: no answer field ('solution' or 'answer')")
+    images = row.get("images")
+    images = [images] if isinstance(images, (str, dict)) else images
+    if not images or not isinstance(images, list):
+        raise DatasetError(f"{where}: no image field ('images')")
+    paths = []
+    for im in images:
+        p = im.get("path") if isinstance(im, dict) else im
+        if not isinstance(p, str):
+            raise DatasetError(f"{where}: an image entry is not a path: {im!r}"[:200])
+        path = Path(p) if Path(p).is_absolute() else root / p
+        if path not in seen:
+            if not path.is_file():
+                raise DatasetError(f"{where}: image not found: {path}")
+            try:
+                with Image.open(path):  # reads the header only; pixels are decoded at sample time
+                    pass
+            except Exception as e:
+                raise DatasetError(f"{where}: not a readable image: {path} ({type(e).__name__})") from None
+            seen.add(path)
+        paths.append(str(path))
+    marks = prompt.count(IMAGE)
+    if marks == 0:
+        prompt = IMAGE * len(paths) + prompt
+    elif marks != len(paths):
+        raise DatasetError(f"{where}: the prompt has {marks} '<image>' marks but the row has {len(paths)} images")
+    answer = str(answer)
+    return {"prompt": prompt, "images": paths, "answer": final_answer(answer) or answer.strip(), "where": where}
+
+
+class JsonlTask(Task):
+    """A JSONL dataset as a task. Every row is validated up front (images by header only);
+    rows stay light dicts and images are loaded when a row is sampled."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None):
+        path = Path(path)
+        self.name, self.description = path.name, f"JSONL dataset {path}"
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found")
+        root = Path(image_root) if image_root is not None else path.parent
+        self.rows, seen = [], set()
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    self.rows.append(read_row(line, f"{path}:{n}", root, seen))
+        if not self.rows:
+            raise DatasetError(f"{path}: empty file, no rows")
+        self.labels = sorted({r["answer"] for r in self.rows})
+
+    def sample(self, rng):
+        row = rng.choice(self.rows)
+        images = []
+        for p in row["images"]:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        return Example(row["prompt"], images, row["answer"], {"where": row["where"]})
+
+    def parse(self, completion):
+        return final_answer(completion)  # format: an <answer>...</answer> or \boxed{} anywhere
+
+    def accuracy(self, answer, example):
+        return float(answers_match(answer, example.answer))
+
+
+def export(task: Task, out_dir: str | Path, n: int, fmt: str = "swift", seed: int = 0) -> Path:
+    """Write n examples of `task` as out_dir/data.jsonl (relative image paths) + out_dir/images/*.png."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with open(out / "data.jsonl", "w", encoding="utf-8") as f:
+        for i in range(n):
+            ex = task.sample(rng)
+            images = [f"images/{i:06d}_{j}.png" for j in range(len(ex.images))]
+            for im, rel in zip(ex.images, images):
+                im.save(out / rel)
+            if fmt == "swift":
+                row = {"images": images, "messages": [{"role": "user", "content": ex.prompt}], "solution": ex.answer}
+            else:
+                row = {"problem": ex.prompt, "answer": ex.answer, "images": images}
+            f.write(json.dumps(row) + "\n")
+    return out / "data.jsonl"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="List the toy tasks, or export one as a JSONL dataset.")
+    p.add_argument("--list", action="store_true", help="print every task, its description and its blind baseline")
+    p.add_argument("--export", metavar="DIR", help="write DIR/data.jsonl and DIR/images/*.png")
+    p.add_argument("--task", default="color", choices=list(TASKS), help="toy task to export")
+    p.add_argument("--n", type=int, default=100, help="number of examples to export")
+    p.add_argument("--format", default="swift", choices=["swift", "easyr1"],
+                   help="swift: {images, messages, solution}; easyr1: {problem, answer, images}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example stream")
+    args = p.parse_args(argv)
+    if args.list:
+        print(f"{'task':10s} {'classes':>7s} {'blind':>6s}  description")
+        for t in TASKS.values():
+            print(f"{t.name:10s} {len(t.labels) or '-':>7} {blind_baseline(t):6.3f}  {t.description}")
+    elif args.export:
+        path = export(TASKS[args.task], args.export, args.n, args.format, args.seed)
+        print(f"wrote {args.n} {args.task} examples to {path}")
+    else:
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()

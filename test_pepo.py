@@ -1,0 +1,1186 @@
+"""Tests for pepo.py, vppo.py and tasks.py on toy inputs. Expected values are worked out by hand
+in the comments. Run: python -m pytest -q test_pepo.py"""
+
+import hashlib
+import json
+import math
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import pepo
+import tasks
+import vppo
+from tasks import FORMAT_BONUS as FB
+from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer, grade
+from vppo import (blacken_patches, ceil_count, entropy_top_mask, gaussian_blur, gaussian_noise, perturb_image, resize_for_model,
+                  solid_grey, token_gradient_mask, token_visual_dependency, token_visual_kl, trajectory_advantage_scale)
+from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO / DAPO math
+# ---------------------------------------------------------------------------------------
+def test_grpo_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-4)
+    adv = grpo_advantages(r, 4)
+    assert torch.allclose(adv[:4], expected)
+    assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: exactly 0
+    assert torch.allclose(grpo_advantages(r, 4, scale="none")[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_grpo_advantages_flat_group_is_exactly_zero_for_any_value():
+    r = torch.full((6,), 0.1)  # 0.1 is not exact in binary: mean - r need not be 0 without the guard
+    assert torch.equal(grpo_advantages(r, 3), torch.zeros(6))
+    assert torch.equal(grpo_advantages(r, 3, scale="none"), torch.zeros(6))
+
+
+def test_token_entropy():
+    assert torch.allclose(token_entropy(torch.zeros(1, 1, 4)), torch.tensor([[math.log(4)]]))
+    extreme = torch.tensor([[[1e4, -1e4, -1e4]]])
+    h = token_entropy(extreme)
+    assert torch.isfinite(h).all() and h.abs().item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# PEPO
+# ---------------------------------------------------------------------------------------
+def toy_hidden():
+    # T = 4: positions 0, 1 are image tokens; the completion is the last L = 2 positions.
+    h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
+    vision = torch.tensor([[True, True, False, False]])
+    return h, vision
+
+
+@pytest.mark.parametrize("score,expected", [
+    ("cosine", [0.5, 1 / math.sqrt(2)]),       # h2 = v0: (1 + 0) / 2; h3: (cos45 + cos45) / 2
+    ("dot", [0.5, 1.0]),                       # h2: (1 + 0) / 2; h3: (1 + 1) / 2
+    ("l2", [-math.sqrt(2) / 2, -1.0]),         # h2: -(0 + sqrt2) / 2; h3: -(1 + 1) / 2
+    ("l1", [-1.0, -1.0]),                      # h2: -(0 + 2) / 2; h3: -(1 + 1) / 2
+])
+def test_perception_prior_by_hand(score, expected):
+    h, vision = toy_hidden()
+    prior = perception_prior([h], vision, 2, score)
+    assert torch.allclose(prior, torch.tensor([expected]), atol=1e-6)
+    # averaging over layers: a second layer scaled by 3 gives (1 + 3) / 2 = 2x for dot, 1x for cosine
+    two = perception_prior([h, 3 * h], vision, 2, score)
+    factor = {"cosine": 1.0, "dot": 5.0, "l2": 2.0, "l1": 2.0}[score]  # dot scales by 3^2 on h.v
+    assert torch.allclose(two, torch.tensor([expected]) * factor, atol=1e-5)
+
+
+def test_perception_prior_matches_similarity_matrix_loop():
+    torch.manual_seed(0)
+    B, T, D, L = 3, 9, 5, 4
+    layers = [torch.randn(B, T, D) for _ in range(3)]
+    vision = torch.zeros(B, T, dtype=torch.bool)
+    vision[0, 1:4] = True
+    vision[1, 2:6] = True  # row 2 has no image tokens
+    fast = perception_prior(layers, vision, L, "cosine")
+    slow = torch.zeros(B, L)
+    for b in range(B):
+        if not vision[b].any():
+            continue
+        for h in layers:
+            sim = torch.nn.functional.cosine_similarity(h[b, -L:, None, :], h[b, None, vision[b], :], dim=-1)  # [L, N]
+            slow[b] += sim.mean(1) / len(layers)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert torch.equal(fast[2], torch.zeros(L))
+
+
+def test_pepo_weights_by_hand():
+    prior = torch.tensor([[0.0, 1.0]])
+    entropy = torch.tensor([[1.0, 0.0]])
+    mask = torch.ones(1, 2)
+    # V^ = [0, 1], H^ = [1, 0]: fused = [1, 1], its mean 1, so the gate is 1 everywhere
+    # w = 2 * softmax([0, 1] / 1.8)
+    e = torch.exp(torch.tensor([0.0, 1 / 1.8]))
+    assert torch.allclose(pepo_token_weights(prior, entropy, mask), 2 * e / e.sum(), atol=1e-6)
+
+
+def test_pepo_weights_gate_uses_entropy():
+    prior = torch.tensor([[1.0, 1.0]])
+    entropy = torch.tensor([[0.0, 2.0]])  # H^ = [0, 1], fused - mean = [-0.5, 0.5]
+    g = 1 + 0.05 * torch.tanh(torch.tensor([-0.5, 0.5]))
+    e = torch.exp(g / 1.8)
+    assert torch.allclose(pepo_token_weights(prior, entropy, torch.ones(1, 2)), 2 * e / e.sum(), atol=1e-6)
+
+
+def test_pepo_weights_mean_one_padding_zero_and_edge_rows():
+    torch.manual_seed(0)
+    prior = torch.randn(4, 6, requires_grad=True)
+    entropy = torch.rand(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float)
+    w = pepo_token_weights(prior, entropy, mask)
+    assert torch.isfinite(w).all() and not w.requires_grad
+    assert torch.allclose((w * mask).sum(1)[:3] / mask.sum(1)[:3], torch.ones(3), atol=1e-6)
+    assert torch.equal(w[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert w[2, 0].item() == pytest.approx(1.0)  # a single valid token gets weight 1
+    ties = pepo_token_weights(torch.ones(1, 3), torch.ones(1, 3), torch.ones(1, 3))
+    assert torch.allclose(ties, torch.ones(1, 3))  # all tied: uniform weights
+
+
+def test_pepo_ramp():
+    assert [pepo_ramp(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------
+# Loss: each aggregation against its formula written out
+# ---------------------------------------------------------------------------------------
+def loss_inputs():
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.5, -0.5, 0.0], [0.1, 0.0, 0.0]])  # ratios e^0.5 = 1.65 (clipped), e^-0.5 = 0.61
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    return logp, old, adv, mask
+
+
+def per_token_by_hand(logp, old, adv, lo, hi, w=None):
+    out = torch.zeros_like(logp)
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            r = math.exp(logp[i, t] - old[i, t])
+            a = adv[i].item()
+            out[i, t] = -min(r * a, min(max(r, 1 - lo), 1 + hi) * a) * (1 if w is None else w[i, t])
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_policy_loss_matches_formula(loss_type):
+    logp, old, adv, mask = loss_inputs()
+    w = torch.tensor([[2.0, 0.5, 1.0], [1.0, 1.0, 1.0]])
+    per = per_token_by_hand(logp, old, adv, 0.2, 0.28, w)
+    if loss_type == "grpo":
+        expected = ((per[0] * mask[0]).sum() / 3 + per[1, 0]) / 2
+    elif loss_type == "dapo":
+        expected = (per * mask).sum() / 4
+    else:
+        expected = (per * mask).sum() / (2 * 3)
+    loss, stats = policy_loss(logp, old, adv, mask, loss_type, 0.2, 0.28, token_weights=w)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(1 / 4)  # only token (0, 0): r = 1.65 > 1.28 with A > 0
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_policy_loss_kl_and_token_advantages():
+    logp, old, adv, mask = loss_inputs()
+    ref = torch.full_like(logp, -0.2)
+    d = ref - logp
+    kl = torch.exp(d) - d - 1  # k3
+    per = per_token_by_hand(logp, old, adv, 0.2, 0.2) + 0.1 * kl
+    loss, stats = policy_loss(logp, old, adv, mask, "dapo", ref_logp=ref, beta=0.1)
+    assert loss.item() == pytest.approx(((per * mask).sum() / 4).item(), abs=1e-6)
+    assert stats["kl"] == pytest.approx(((kl * mask).sum() / 4).item(), abs=1e-6)
+    # [B, L] advantages equal to the broadcast [B] ones give the same loss
+    loss2, _ = policy_loss(logp, old, adv[:, None].expand(2, 3), mask, "dapo", ref_logp=ref, beta=0.1)
+    assert loss2.item() == pytest.approx(loss.item())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_give_the_whole_batch_gradient(loss_type):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, requires_grad=True)
+    old = logits.detach() - 0.1
+    adv, mask = torch.tensor([1.0, -1.0, 0.5, 2.0]), (torch.rand(4, 5) > 0.3).float()
+    whole, _ = policy_loss(logits, old, adv, mask, loss_type)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type)[0] * pepo.loss_share(loss_type, mask[s], mask)
+                for s in (slice(0, 1), slice(1, 4)))
+    (g_parts,) = torch.autograd.grad(total, logits)
+    assert torch.allclose(g_whole, g_parts, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Flags and presets
+# ---------------------------------------------------------------------------------------
+def test_presets_and_explicit_override():
+    a = pepo.parse_args(["--algo", "dapo", "--clip-high", "0.3"])
+    assert (a.loss_type, a.clip_low, a.clip_high, a.beta, a.dynamic_sampling, a.pepo) == ("dapo", 0.2, 0.3, 0.0, True, False)
+    g = pepo.parse_args(["--algo", "pepo_g"])
+    assert (g.loss_type, g.clip_high, g.beta, g.dynamic_sampling, g.pepo) == ("grpo", 0.2, 0.001, False, True)
+    v = pepo.parse_args(["--algo", "vppo", "--no-dynamic-sampling"])
+    assert (v.vppo, v.entropy_penalty, v.clip_high, v.dynamic_sampling) == (True, 0.06, 0.28, False)
+
+
+# ---------------------------------------------------------------------------------------
+# Model plumbing on tiny checkpoints built here
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The built-in tiny Qwen2.5-VL, built once (format warm-up included)."""
+    return pepo.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny_init"), tasks.get_task("color"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny):
+    model, tok, ip = pepo.load_policy(tiny)
+    return model, pepo.VLHelper(tok, ip, model.config)
+
+
+def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
+    """A tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint written with save_pretrained."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tid = tok.convert_tokens_to_ids
+    ids = dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+               vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
+    rope = dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        config = Qwen2VLConfig(text_config=dict(text, rope_parameters=rope), **ids,
+                               vision_config=dict(vision, depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2))
+    elif kind == "qwen2_5_vl":
+        config = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope), **ids,
+                                  vision_config=dict(vision, depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                     out_hidden_size=64, window_size=112, fullatt_block_indexes=[0]))
+    else:  # Qwen3-VL: 16-pixel patches, interleaved M-RoPE, deepstack features
+        config = Qwen3VLConfig(text_config=dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True)), **ids,
+                               vision_config=dict(vision, patch_size=16, depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                  out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0]))
+    patch = config.vision_config.patch_size
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2).save_pretrained(out)
+    return str(out)
+
+
+def run(tmp_path, tiny, *flags):
+    """pepo.main on a copy of the prebuilt tiny model, with small batches."""
+    shutil.copytree(tiny, tmp_path / "tiny_init", dirs_exist_ok=True)
+    argv = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--eval-size", "4", "--output-dir", str(tmp_path), *flags]
+    return pepo.main(argv)
+
+
+def test_completion_mask_runs_to_first_end_token(loaded):
+    _, vl = loaded
+    end, pad = vl.end_ids[0], vl.pad_id
+    prompts = {k: torch.zeros(2, 3, dtype=torch.long) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    b = vl.with_completions(prompts, [[7, end, 7, end], [7, 7, 7, 7]])
+    assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert b["truncated"].tolist() == [False, True]
+    assert b["attention_mask"][:, 3:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_sampling_never_emits_placeholders(loaded):
+    model, vl = loaded
+    task = tasks.get_task("color")
+    prompts = vl.encode_prompts([task.sample(random.Random(i)) for i in range(4)])
+    bias = torch.zeros(model.config.text_config.vocab_size)
+    bias[vl.suppress_ids] = 50.0  # make every placeholder / vision token by far the likeliest
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    try:
+        completions = pepo.generate(model, vl, prompts, 6, 1.0)
+        from transformers import GenerationConfig
+        raw = model.generate(**{k: prompts[k] for k in pepo.MODEL_KEYS}, generation_config=GenerationConfig(
+            do_sample=True, max_new_tokens=2, pad_token_id=vl.pad_id, eos_token_id=vl.end_ids))
+    finally:
+        handle.remove()
+    assert not torch.isin(completions, torch.tensor(vl.suppress_ids)).any()
+    assert torch.isin(raw[:, prompts["input_ids"].shape[1]:], torch.tensor(vl.suppress_ids)).all()  # the bias works
+
+
+def test_multi_image_prompt_has_one_token_per_feature(loaded):
+    model, vl = loaded
+    ex = tasks.get_task("fewshot").sample(random.Random(0))
+    assert len(ex.images) >= 3 and ex.prompt.count(tasks.IMAGE) == len(ex.images)
+    p = vl.encode_prompts([ex, ex])
+    n_tokens = int((p["input_ids"] == model.config.image_token_id).sum())
+    assert n_tokens == int(p["image_grid_thw"].prod(-1).sum()) // vl.ip.merge_size**2
+    assert p["image_grid_thw"].shape[0] == 2 * len(ex.images)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"])
+    feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+    assert sum(f.shape[0] for f in feats) == n_tokens
+
+
+def test_perturbed_pass_changes_only_pixels(loaded):
+    model, vl = loaded
+    rows = [tasks.get_task("fewshot").sample(random.Random(i)) for i in range(2)]
+    batch = vl.with_completions(vl.encode_prompts(rows), [[5, vl.end_ids[0]]] * 2)
+    batch["examples"] = rows
+    pert = pepo.perturbed_pixels(vl, batch, "blacken", torch.Generator().manual_seed(0))
+    assert pert.shape == batch["pixel_values"].shape and not torch.equal(pert, batch["pixel_values"])
+    perturbed_images = [[vppo.perturb_image(im, "blacken", vl.ip, torch.Generator().manual_seed(0)) for im in ex.images] for ex in rows]
+    assert torch.equal(vl.encode_prompts(rows, images=perturbed_images)["input_ids"], vl.encode_prompts(rows)["input_ids"])
+    with torch.no_grad():
+        clean = pepo.forward(model, batch)[0]
+        other = pepo.forward(model, dict(batch, pixel_values=pert))[0]
+    assert not torch.allclose(clean, other)
+
+
+METRIC_KEYS = {"step", "reward", "accuracy", "completion_len", "entropy", "loss", "clip_frac", "seconds"}
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
+def test_end_to_end_each_algo(tmp_path, tiny, algo):
+    summary = run(tmp_path, tiny, "--algo", algo)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        if "skipped" in m:  # dynamic sampling may find no group with signal in a 2-prompt batch
+            continue
+        assert METRIC_KEYS <= set(m)
+        assert ("kl" in m) == (algo in ("grpo", "pepo_g"))
+        assert ("pepo_w_p50" in m) == algo.startswith("pepo")
+        assert ("tas_mean" in m) == (algo == "vppo")
+        assert all(math.isfinite(v) for v in m.values())
+    assert {"algo", "task", "model", "steps", "seconds", "accuracy_before", "accuracy_after"} <= set(summary)
+    assert (tmp_path / "checkpoint" / "config.json").exists() and (tmp_path / "checkpoint" / "tokenizer.json").exists()
+    assert (tmp_path / "checkpoint" / "preprocessor_config.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["algo"] == algo
+
+
+def test_entropy_top_rule_keeps_a_fifth_of_tokens(tmp_path, tiny):
+    run(tmp_path, tiny, "--algo", "dapo", "--token-rule", "entropy_top", "--no-dynamic-sampling")
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
+    ckpt = make_checkpoint(kind, tiny, tmp_path / kind)
+    for algo in ("pepo_g", "vppo"):
+        out = tmp_path / algo
+        summary = pepo.main(["--model", ckpt, "--algo", algo, "--task", "fewshot", "--steps", "2", "--prompts-per-step", "2",
+                             "--group-size", "2", "--eval-size", "2", "--max-new-tokens", "4", "--no-dynamic-sampling",
+                             "--micro-batch-size", "3", "--output-dir", str(out)])
+        assert summary["model"] == ckpt and summary["steps"] == 2
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_only_writes_eval_json(tmp_path, tiny):
+    result = run(tmp_path, tiny, "--eval-only", "--eval-samples", "2")
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == result and 0.0 <= saved["accuracy"] <= 1.0 and 0.0 <= saved["avg@2"] <= 1.0
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("fmt", ["swift", "easyr1"])
+def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
+    data = tasks.export(tasks.get_task("color"), tmp_path / "data", 6, fmt=fmt)
+    summary = run(tmp_path / "run", tiny, "--data", str(data), "--no-dynamic-sampling") if (tmp_path / "run").mkdir() is None else None
+    assert summary["task"] == data.name and summary["steps"] == 2
+
+
+def test_task_list(capsys):
+    pepo.main(["--task", "list"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in tasks.TASKS)
+
+
+# ======================================================================================
+# VPPO (vppo.py)
+# ======================================================================================
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Pixels in 1..255, so a blacked-out pixel (0) can never be mistaken for an unchanged one."""
+    x = torch.randint(1, 256, (h, w, 3), generator=seeded(seed), dtype=torch.uint8)
+    return Image.fromarray(x.numpy())
+
+
+def blocks(a: np.ndarray, p: int) -> np.ndarray:
+    """[H, W, 3] with H, W multiples of p -> [H/p, W/p, p*p*3], one row per block."""
+    H, W, C = a.shape
+    return a.reshape(H // p, p, W // p, p, C).transpose(0, 2, 1, 3, 4).reshape(H // p, W // p, -1)
+
+
+# ----------------------------------------------------------------------------------------
+# token_visual_dependency (k3) and token_visual_kl (exact)
+# ----------------------------------------------------------------------------------------
+def test_dependency_zero_when_equal():
+    logp = torch.tensor([[-0.1, -2.3, -7.0], [0.0, -30.0, -1e-4]])
+    assert torch.equal(token_visual_dependency(logp, logp.clone()), torch.zeros(2, 3))
+
+
+def test_dependency_hand_values():
+    logp = torch.tensor([[-1.0, -1.0, -3.0]])
+    logp_pert = torch.tensor([[-2.0, -0.5, -1.0]])
+    # d = -1 -> e^-1 + 1 - 1 = 0.367879 ; d = 0.5 -> e^0.5 - 1.5 = 0.148721 ; d = 2 -> e^2 - 3 = 4.389056
+    expected = torch.tensor([[math.exp(-1), math.exp(0.5) - 1.5, math.exp(2) - 3]])
+    assert torch.allclose(token_visual_dependency(logp, logp_pert), expected, atol=1e-6)
+    assert abs(expected[0, 0].item() - 0.3679) < 1e-4
+
+
+def test_dependency_clamps():
+    logp = torch.tensor([[0.0, 0.0, -50.0, 0.0, float("-inf")]])
+    logp_pert = torch.tensor([[5.0, -15.0, 0.0, float("-inf"), 0.0]])
+    # d = 5 -> e^5 - 6 = 142.4 -> 10 ; d = -15 -> 14 -> 10 ; d = 50 -> clamp 20 -> e^20 - 21 -> 10
+    # d = -inf -> clamp -20 -> 19 -> 10 ; d = +inf -> clamp 20 (without it: inf - inf = nan) -> 10
+    s = token_visual_dependency(logp, logp_pert)
+    assert torch.equal(s, torch.full((1, 5), 10.0))
+    # just below the S cap the value is untouched: d = 2.5 -> e^2.5 - 3.5 = 8.6825
+    s = token_visual_dependency(torch.tensor([[0.0]]), torch.tensor([[2.5]]))
+    assert abs(s.item() - (math.exp(2.5) - 3.5)) < 1e-5 and s.item() < 10
+
+
+def test_dependency_detached_float32():
+    logp = torch.randn(2, 4, requires_grad=True)
+    s = token_visual_dependency(logp.bfloat16(), (logp * 0.5).bfloat16())
+    assert s.dtype == torch.float32 and not s.requires_grad and (s >= 0).all()
+
+
+def test_kl_hand_value_two_classes():
+    # p = (1/2, 1/2), q = softmax(0, ln 3) = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    logits = torch.tensor([[[0.0, 0.0]]])
+    logits_pert = torch.tensor([[[0.0, math.log(3.0)]]])
+    kl = token_visual_kl(logits, logits_pert)
+    assert kl.shape == (1, 1)
+    assert abs(kl.item() - 0.5 * math.log(4 / 3)) < 1e-6  # 0.143841
+
+
+def test_kl_zero_for_identical_and_nonnegative():
+    logits = torch.randn(3, 5, 11, generator=seeded(0)) * 4
+    logits_pert = torch.randn(3, 5, 11, generator=seeded(1)) * 4
+    assert torch.equal(token_visual_kl(logits, logits.clone()), torch.zeros(3, 5))
+    kl = token_visual_kl(logits, logits_pert)
+    assert kl.shape == (3, 5) and (kl > 0).all()
+    # same numbers as torch's own KL: kl_div(log q, log p) = sum p (log p - log q)
+    lp, lq = torch.log_softmax(logits, -1), torch.log_softmax(logits_pert, -1)
+    ref = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl, ref, atol=1e-5)
+    # bf16 logits in, float32 out, no graph
+    kl16 = token_visual_kl(logits.bfloat16().requires_grad_(), logits_pert.bfloat16())
+    assert kl16.dtype == torch.float32 and not kl16.requires_grad
+
+
+def test_kl_finite_for_huge_and_infinite_logits():
+    # p = (1, 0) exactly in float32, log p = (0, -2e4); log q = (-2e4, 0) -> KL = 1 * (0 - (-2e4)) = 2e4
+    kl = token_visual_kl(torch.tensor([[[1e4, -1e4]]]), torch.tensor([[[-1e4, 1e4]]]))
+    assert torch.isfinite(kl).all() and abs(kl.item() - 2e4) < 1
+    # a masked-out (-inf) vocabulary entry in both: 0 * (-inf - -inf) must count as 0, not nan
+    kl = token_visual_kl(torch.tensor([[[0.0, 0.0, float("-inf")]]]), torch.tensor([[[0.0, math.log(3.0), float("-inf")]]]))
+    assert abs(kl.item() - 0.5 * math.log(4 / 3)) < 1e-6
+
+
+def test_k3_is_unbiased_estimate_of_exact_kl():
+    # averaged over tokens sampled from p, k3 (unclamped range here) matches the exact KL
+    lp = torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 0.5]), -1)
+    lq = torch.log_softmax(torch.tensor([0.0, 0.3, -0.5, 0.2]), -1)
+    y = torch.multinomial(lp.exp(), 200_000, replacement=True, generator=seeded(0))
+    k3 = token_visual_dependency(lp[y][None], lq[y][None]).mean()
+    exact = token_visual_kl(lp[None, None], lq[None, None])
+    assert abs(k3.item() - exact.item()) < 3e-3
+
+
+# ----------------------------------------------------------------------------------------
+# token_gradient_mask, ceil_count, entropy_top_mask
+# ----------------------------------------------------------------------------------------
+def test_ceil_count_is_exact():
+    # the float traps: float32 tensor math 0.3 * 50 = 15.000001 -> naive ceil 16; float64 (0.1 * 3) * 10 -> 4
+    assert torch.ceil(0.3 * torch.tensor([50])).item() == 16 and math.ceil(0.1 * 3 * 10) == 4
+    assert ceil_count(0.3, torch.tensor([50])).item() == 15 and ceil_count(0.1 * 3, torch.tensor([10])).item() == 3
+    assert ceil_count(0.4, torch.tensor([5])).item() == 2  # T_i = 5, top_frac = 0.4 -> 2 tokens
+    n = torch.arange(0, 2000)
+    assert torch.equal(ceil_count(0.4, n), (2 * n + 4) // 5)  # ceil(2n/5) in integers
+    assert torch.equal(ceil_count(0.3, n), (3 * n + 9) // 10)
+    assert torch.equal(ceil_count(0.2, n), (n + 4) // 5)
+    assert torch.equal(ceil_count(1.0, n), n) and torch.equal(ceil_count(0.0, n), torch.zeros_like(n))
+    with pytest.raises(ValueError):
+        ceil_count(1.5, n)
+
+
+def test_gradient_mask_keeps_top_per_row():
+    dep = torch.tensor([
+        [0.1, 0.5, 0.3, 0.9, 0.2, 0.0],   # T=5 -> ceil(2.0) = 2 -> positions 3 (0.9) and 1 (0.5)
+        [5.0, 1.0, 9.0, 2.0, 3.0, 7.0],   # T=3 (positions 0, 1, 3) -> ceil(1.2) = 2 -> 0 (5.0), 3 (2.0); padding 9, 7 ignored
+        [4.0, 4.0, 4.0, 4.0, 4.0, 4.0],   # T=0 -> nothing
+        [0.0, 0.0, 0.0, 0.0, 0.0, 8.0],   # T=1 -> ceil(0.4) = 1 -> position 0 even though its score is 0
+    ])
+    mask = torch.tensor([
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0],
+    ])
+    expected = torch.tensor([
+        [0, 1, 0, 1, 0, 0],
+        [1, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0],
+    ], dtype=torch.float32)
+    out = token_gradient_mask(dep, mask, top_frac=0.4)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert torch.equal(token_gradient_mask(dep, mask.bool()), expected)  # bool mask works the same
+    assert torch.equal(token_gradient_mask(dep, mask.float()), expected)
+
+
+def test_gradient_mask_ties_keep_exactly_k():
+    dep = torch.ones(3, 10)
+    mask = torch.zeros(3, 10)
+    mask[0, :10] = 1   # T=10 -> 4
+    mask[1, :5] = 1    # T=5  -> 2
+    mask[2, :3] = 1    # T=3  -> ceil(1.2) = 2
+    out = token_gradient_mask(dep, mask, top_frac=0.4)
+    assert out.sum(1).tolist() == [4.0, 2.0, 2.0]
+    assert (out <= mask).all()  # never padding
+    # ties broken by position: the earliest tokens win
+    assert out[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_gradient_mask_random_matches_definition():
+    g = seeded(3)
+    dep = torch.rand(16, 37, generator=g)
+    lengths = torch.randint(0, 38, (16,), generator=g)
+    mask = torch.arange(37)[None] < lengths[:, None]
+    out = token_gradient_mask(dep, mask, top_frac=0.4)
+    for i in range(16):  # slow reference, loop is fine in a test
+        T = int(lengths[i])
+        k = (2 * T + 4) // 5
+        assert out[i].sum().item() == k
+        kept = set(torch.nonzero(out[i]).flatten().tolist())
+        assert kept == set(dep[i, :T].topk(k).indices.tolist())
+
+
+def test_entropy_top_mask_over_batch():
+    ent = torch.tensor([
+        [0.5, 2.0, 0.1, 9.0, 0.0],
+        [1.5, 0.2, 3.0, 8.0, 7.0],
+    ])
+    mask = torch.tensor([
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0],
+    ])
+    # N = 6 -> ceil(1.2) = 2 over the whole batch -> 3.0 (row 1) and 2.0 (row 0); padding 9.0, 8.0, 7.0 ignored
+    expected = torch.tensor([
+        [0, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+    ], dtype=torch.float32)
+    assert torch.equal(entropy_top_mask(ent, mask, top_frac=0.2), expected)
+    assert torch.equal(entropy_top_mask(ent, torch.zeros(2, 5)), torch.zeros(2, 5))
+
+
+def test_entropy_top_mask_counts():
+    ent = torch.rand(4, 25, generator=seeded(5))
+    mask = torch.ones(4, 25)
+    mask[1, 10:] = 0  # N = 85 -> ceil(17.0) = 17
+    out = entropy_top_mask(ent, mask, top_frac=0.2)
+    assert out.sum().item() == 17 and (out <= mask).all()
+    assert out[mask.bool()].sum() == 17
+    threshold = ent[out.bool()].min()
+    assert (ent[mask.bool() & ~out.bool()] < threshold).all()  # every kept token beats every dropped one
+    # 0.3 * 50 = 15.000001 in float32: exactly 15 tokens, not 16
+    assert entropy_top_mask(torch.rand(2, 25, generator=seeded(6)), torch.ones(2, 25), top_frac=0.3).sum().item() == 15
+
+
+# ----------------------------------------------------------------------------------------
+# trajectory_advantage_scale
+# ----------------------------------------------------------------------------------------
+def test_tas_hand_values():
+    # row means 0, 1, 2, 3 -> n = 0, 1/3, 2/3, 1, mean(n) = 1/2 -> alpha = 0.9 + 0.2 n
+    dep = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 3.0], [3.0, 3.0]])
+    alpha = trajectory_advantage_scale(dep, torch.ones(4, 2), min_scale=0.9)
+    assert torch.allclose(alpha, torch.tensor([0.9, 0.9 + 0.2 / 3, 0.9 + 0.4 / 3, 1.1]), atol=1e-6)
+
+
+def test_tas_mean_one_and_min_for_random_scores():
+    g = seeded(7)
+    for min_scale in (0.9, 0.5, 0.0):
+        dep = torch.rand(12, 20, generator=g) * 3
+        mask = torch.rand(12, 20, generator=g) > 0.3
+        alpha = trajectory_advantage_scale(dep, mask, min_scale=min_scale)
+        assert alpha.shape == (12,)
+        assert abs(alpha.mean().item() - 1.0) < 1e-6
+        assert abs(alpha.min().item() - min_scale) < 1e-6
+        # the order of alpha follows the order of mean dependency
+        s = (dep * mask).sum(1) / mask.sum(1)
+        assert torch.equal(alpha.argsort(), s.argsort())
+
+
+def test_tas_flat_scores_give_ones():
+    assert torch.equal(trajectory_advantage_scale(torch.full((5, 7), 0.3), torch.ones(5, 7)), torch.ones(5))
+    # differences below 1e-6 count as flat
+    dep = torch.tensor([[1.0], [1.0 + 5e-7]])
+    assert torch.equal(trajectory_advantage_scale(dep, torch.ones(2, 1)), torch.ones(2))
+
+
+def test_tas_rows_without_valid_tokens():
+    # means: row 0 (2+2)/2 = 2, row 2 = 1; row 1 has no valid token (its 50s are padding): alpha 1,
+    # and it takes no part in min/max/mean. Over rows 0, 2: n = 1, 0, mean(n) = 1/2 -> alpha = 1.1, 0.9
+    dep = torch.tensor([[2.0, 2.0, 99.0], [50.0, 50.0, 50.0], [1.0, 0.0, 2.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    alpha = trajectory_advantage_scale(dep, mask)
+    assert torch.allclose(alpha, torch.tensor([1.1, 1.0, 0.9]), atol=1e-6)
+    assert not alpha.requires_grad
+    assert torch.equal(trajectory_advantage_scale(dep, torch.zeros(3, 3)), torch.ones(3))  # no valid tokens at all
+
+
+# ----------------------------------------------------------------------------------------
+# Image perturbations
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(28, 28), (30, 17), (1, 1), (15, 29), (281, 140)])
+def test_blacken_keeps_size_and_blocks_are_all_or_nothing(size):
+    img = random_image(*size)
+    out = blacken_patches(img, patch_size=14, prob=0.5, generator=seeded(1))
+    assert out.size == img.size and out.mode == "RGB"
+    # pad to whole blocks with a sentinel pattern; every 14x14 block (partial edge blocks included)
+    # is either all black or identical to the original
+    a, b = np.array(img), np.array(out)
+    H, W = a.shape[:2]
+    ph, pw = -H % 14, -W % 14
+    a = np.pad(a, ((0, ph), (0, pw), (0, 0)))
+    b = np.pad(b, ((0, ph), (0, pw), (0, 0)))
+    black = (blocks(b, 14) == 0).all(-1)
+    same = (blocks(b, 14) == blocks(a, 14)).all(-1)
+    assert (black ^ same).all()
+
+
+def test_blacken_fraction_about_half():
+    img = Image.new("RGB", (280, 280), (255, 255, 255))
+    fractions = []
+    for seed in range(30):
+        b = blocks(np.array(blacken_patches(img, 14, 0.5, seeded(seed))), 14)  # 20 x 20 blocks
+        black = (b == 0).all(-1)
+        assert (black | (b == 255).all(-1)).all()
+        fractions.append(black.mean())
+    assert abs(np.mean(fractions) - 0.5) < 0.05  # 12000 blocks: std of the mean is 0.005
+    assert len({f for f in fractions}) > 1  # different seeds, different masks
+
+
+def test_blacken_prob_extremes_and_determinism():
+    img = random_image(50, 33)
+    assert np.array_equal(np.array(blacken_patches(img, 14, 0.0)), np.array(img))
+    assert (np.array(blacken_patches(img, 14, 1.0)) == 0).all()
+    a = np.array(blacken_patches(img, 14, 0.5, seeded(42)))
+    b = np.array(blacken_patches(img, 14, 0.5, seeded(42)))
+    assert np.array_equal(a, b)
+    g = seeded(42)
+    first, second = np.array(blacken_patches(img, 14, 0.5, g)), np.array(blacken_patches(img, 14, 0.5, g))
+    assert np.array_equal(first, a) and not np.array_equal(first, second)  # fresh mask each call
+
+
+def test_other_perturbations():
+    img = random_image(40, 30)
+    grey = np.array(solid_grey(img))
+    assert grey.shape == (30, 40, 3) and (grey == 128).all()
+    blur = gaussian_blur(img)
+    assert blur.size == img.size and np.array(blur).std() < np.array(img).std() / 3  # iid pixels mostly averaged away
+    noisy = gaussian_noise(Image.new("RGB", (200, 200), (128, 128, 128)), sigma=10.0, generator=seeded(0))
+    diff = np.array(noisy).astype(float) - 128
+    assert noisy.size == (200, 200) and abs(diff.mean()) < 0.5 and abs(diff.std() - 10) < 0.5
+    loud = np.array(gaussian_noise(img, generator=seeded(0)))  # sigma 189: clipped to the valid range
+    assert loud.min() == 0 and loud.max() == 255
+    assert np.array_equal(loud, np.array(gaussian_noise(img, generator=seeded(0))))
+
+
+PROCESSORS = {
+    "patch14": Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+    "patch16": Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, min_pixels=64 * 64, max_pixels=128 * 128),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+@pytest.mark.parametrize("kind", ["blacken", "noise", "blur", "grey"])
+def test_perturb_image_keeps_processor_grid(name, kind):
+    proc = PROCESSORS[name]
+    assert proc.patch_size == (14 if name == "patch14" else 16)
+    factor = proc.patch_size * proc.merge_size
+    for w, h in [(100, 60), (300, 200), (37, 211), (56, 56)]:
+        img = random_image(w, h, seed=w)
+        out = perturb_image(img, kind, proc, generator=seeded(0))
+        assert out.width % factor == 0 and out.height % factor == 0
+        assert out.size == resize_for_model(img, proc).size
+        assert 56 * 56 <= out.width * out.height <= 2 * 128 * 128
+        a, b = proc(img, return_tensors="pt"), proc(out, return_tensors="pt")
+        assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+        assert a["pixel_values"].shape == b["pixel_values"].shape
+        t, gh, gw = a["image_grid_thw"][0].tolist()
+        assert (t, gh * proc.patch_size, gw * proc.patch_size) == (1, out.height, out.width)
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_perturb_blacken_aligns_with_encoder_patches(name):
+    proc = PROCESSORS[name]
+    p = proc.patch_size
+    img = random_image(300, 200)
+    resized = np.array(resize_for_model(img, proc))
+    out = np.array(perturb_image(img, "blacken", proc, generator=seeded(0)))
+    black = (blocks(out, p) == 0).all(-1)
+    same = (blocks(out, p) == blocks(resized, p)).all(-1)
+    assert (black ^ same).all() and 0 < black.mean() < 1
+
+
+def test_resize_for_model_is_a_fixed_point():
+    proc = PROCESSORS["patch14"]
+    once = resize_for_model(random_image(300, 200), proc)
+    assert once.size == (112, 84)  # 300x200 -> beta = sqrt(60000/12544); floor(200/2.187/28)*28 = 84, floor(300/2.187/28)*28 = 112
+    assert resize_for_model(once, proc).size == once.size
+
+
+def test_elongated_corner_case_and_fix():
+    # 800x40 with max_pixels = 112*112: smart_resize -> 476x28 (28 x 476 > 12544, height pinned at 28);
+    # a second pass gives 448x28, so the raw original gets 34 patch columns but the perturbed image 32
+    proc = PROCESSORS["patch14"]
+    img = random_image(800, 40)
+    out = perturb_image(img, "blacken", proc, generator=seeded(0))
+    assert out.size == (476, 28)
+    grid = lambda im: proc(im, return_tensors="pt")["image_grid_thw"].tolist()
+    assert grid(img) == [[1, 2, 34]] and grid(out) == [[1, 2, 32]]
+    # the documented fix: use resize_for_model(img) as the clean image, then both always agree
+    assert grid(resize_for_model(img, proc)) == grid(out)
+
+
+def test_resized_clean_image_is_a_no_op_for_the_processor():
+    proc = PROCESSORS["patch16"]
+    img = random_image(300, 200)
+    a, b = proc(img, return_tensors="pt"), proc(resize_for_model(img, proc), return_tensors="pt")
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+
+
+def test_perturb_image_unknown_kind():
+    with pytest.raises(ValueError, match="sparkle"):
+        perturb_image(random_image(30, 30), "sparkle", PROCESSORS["patch14"])
+
+
+# ======================================================================================
+# Tasks, grading and datasets (tasks.py)
+# ======================================================================================
+CLASSIFIERS = ["color", "shape", "count", "position", "compare", "fewshot"]  # plain <answer>label</answer> tasks
+
+
+@pytest.fixture(autouse=True)
+def plain_grader(monkeypatch):
+    monkeypatch.setattr(tasks, "math_verify", None)  # the plain fallback must pass on its own
+
+
+# ---------------------------------------------------------------------------------------
+# Pixel helpers: read the answer back from the image, independently of the generator
+# ---------------------------------------------------------------------------------------
+def pixels(image: Image.Image, match) -> set[tuple[int, int]]:
+    px = image.load()
+    return {(x, y) for x in range(image.width) for y in range(image.height) if match(px[x, y])}
+
+
+def components(points: set) -> int:
+    """Number of 4-connected blobs."""
+    todo, n = set(points), 0
+    while todo:
+        n += 1
+        stack = [todo.pop()]
+        while stack:
+            x, y = stack.pop()
+            for q in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if q in todo:
+                    todo.remove(q)
+                    stack.append(q)
+    return n
+
+
+def ink(image):
+    return pixels(image, lambda p: p != (255, 255, 255))
+
+
+def bbox(points):
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def shape_of(image) -> str:
+    """Filled fraction of the bounding box: square 1, circle pi/4 = 0.79, triangle 1/2."""
+    pts = ink(image)
+    x1, y1, x2, y2 = bbox(pts)
+    fill = len(pts) / ((x2 - x1 + 1) * (y2 - y1 + 1))
+    return "square" if fill > 0.92 else "circle" if fill > 0.65 else "triangle"
+
+
+def samples(name, n, seed=0):
+    rng = random.Random(seed)
+    return [tasks.TASKS[name].sample(rng) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# Generators: the answer is really what the image shows
+# ---------------------------------------------------------------------------------------
+def test_every_task_prompt_has_one_mark_per_image_of_112px():
+    for name in tasks.TASKS:
+        for ex in samples(name, 20):
+            assert ex.prompt.count(IMAGE) == len(ex.images) >= 1
+            assert all(im.size == (112, 112) and im.mode == "RGB" for im in ex.images)
+    assert all(len(ex.images) == 3 for ex in samples("fewshot", 5))
+
+
+def test_color_answer_is_the_shape_colour():
+    for ex in samples("color", 30):
+        colours = {ex.images[0].getpixel(p) for p in ink(ex.images[0])}
+        assert colours == {tasks.COLORS[ex.answer]}
+
+
+def test_shape_answer_matches_fill_ratio():
+    for ex in samples("shape", 60):
+        assert shape_of(ex.images[0]) == ex.answer
+        x1, y1, x2, y2 = bbox(ink(ex.images[0]))
+        assert x2 - x1 >= 28 and y2 - y1 >= 28  # big enough for the tiny model's 28 px tokens
+
+
+def test_count_answer_is_number_of_blobs():
+    for ex in samples("count", 60):
+        assert components(ink(ex.images[0])) == int(ex.answer)
+
+
+def test_dots_sum_counts_red_and_blue_blobs():
+    for ex in samples("dots-sum", 60):
+        im = ex.images[0]
+        red = components(pixels(im, lambda p: p == tasks.COLORS["red"]))
+        blue = components(pixels(im, lambda p: p == tasks.COLORS["blue"]))
+        assert (red, blue) == (ex.meta["red"], ex.meta["blue"]) and red + blue == int(ex.answer)
+        assert red >= 1 and blue >= 1
+
+
+def test_position_is_unambiguous():
+    for ex in samples("position", 80):
+        x1, y1, x2, y2 = bbox(ink(ex.images[0]))
+        dx, dy = (x1 + x2) / 2 - 55.5, (y1 + y2) / 2 - 55.5  # box centre relative to the image centre
+        main, across = (dx, dy) if abs(dx) > abs(dy) else (dy, dx)
+        where = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
+        assert where == ex.answer
+        assert abs(main) >= 27 and abs(across) <= 13  # by construction: >= 28 and <= 12 (+ rounding)
+
+
+def test_compare_segments_and_labels():
+    for ex in samples("compare", 40):
+        im = ex.images[0]
+        seg = pixels(im, lambda p: p == (30, 30, 30))
+        length = {}
+        for label, y in ex.meta["rows"].items():
+            row = [x for x, yy in seg if yy == y]
+            length[label] = max(row) - min(row)
+            # The letter drawn left of the row is the one claimed: redraw it alone and compare.
+            ref = Image.new("RGB", im.size, "white")
+            ImageDraw.Draw(ref).text((4, y - 13), label, fill="black", font=tasks.FONT)
+            crop = (0, max(0, y - 16), 24, min(112, y + 16))
+            assert im.crop(crop).tobytes() == ref.crop(crop).tobytes()
+        assert length == ex.meta["lengths"]
+        longer, shorter = sorted(length.values(), reverse=True)
+        assert longer >= 1.25 * shorter and length[ex.answer] == longer
+
+
+def test_grounding_answer_is_the_drawn_box():
+    for ex in samples("grounding", 40):
+        drawn = bbox(ink(ex.images[0]))
+        truth = tasks.parse_box(ex.answer)
+        assert box_iou(drawn, truth) > 0.9  # Pillow's boxes are inclusive: off by at most a pixel
+
+
+def test_fewshot_query_has_the_named_class():
+    for ex in samples("fewshot", 40):
+        names = re.findall(r"This is a (\w+)\.", ex.prompt)
+        support, query = [shape_of(im) for im in ex.images[:2]], shape_of(ex.images[2])
+        assert len(names) == 2 and names[0] != names[1] and support[0] != support[1]
+        assert ex.answer == names[support.index(query)]
+        # Each name comes right after its image, the query image last.
+        assert ex.prompt.index(names[0]) < ex.prompt.index(IMAGE, 1) < ex.prompt.index(names[1]) < ex.prompt.rindex(IMAGE)
+
+
+def test_same_seed_same_bytes_and_answer():
+    for name, task in tasks.TASKS.items():
+        a, b = task.sample(random.Random(7)), task.sample(random.Random(7))
+        assert (a.prompt, a.answer) == (b.prompt, b.answer)
+        assert [im.tobytes() for im in a.images] == [im.tobytes() for im in b.images]
+        others = {task.sample(random.Random(s)).images[0].tobytes() for s in range(5)}
+        assert len(others) > 1, name
+
+
+def test_color_task_unchanged():
+    # sha256 of the seed-0 image from the original tasks.py (commit c9b4c62): the default run depends on it.
+    ex = tasks.TASKS["color"].sample(random.Random(0))
+    assert ex.prompt == "<image>What colour is the shape? Answer as <answer>colour</answer>."
+    assert ex.answer == "yellow" and tasks.TASKS["color"].labels == ["red", "green", "blue", "yellow"]
+    assert hashlib.sha256(ex.images[0].tobytes()).hexdigest() == "02efbdcc6a4a98e7c1430c578dc2f9e5ec01bc7ff4b74a798c3a7398853ac68b"
+
+
+def test_labels_are_balanced():
+    for name in CLASSIFIERS + ["dots-sum"]:
+        task = tasks.TASKS[name]
+        answers = [ex.answer for ex in samples(name, 1200, seed=3)]
+        assert set(answers) == set(task.labels)
+        expected = len(answers) / len(task.labels)
+        assert all(abs(answers.count(lab) - expected) < 0.2 * expected for lab in task.labels), name
+
+
+# ---------------------------------------------------------------------------------------
+# Verifiers
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_verifier(name):
+    task = tasks.TASKS[name]
+    for ex in samples(name, 5):
+        a, wrong = ex.answer, next(lab for lab in task.labels if lab != ex.answer)
+        assert task.score(f"<answer>{a}</answer>", ex) == pytest.approx((1 + FB, 1))
+        assert task.score(f"  <answer> {a.upper()} </answer>\n", ex) == pytest.approx((1 + FB, 1))  # case, spaces
+        assert task.score(f"<answer>{wrong}</answer>", ex) == pytest.approx((FB, 0))
+        assert task.score(a, ex) == (0, 0)  # missing tags
+        assert task.score(f"<answer>{a}", ex) == (0, 0)  # unclosed
+        assert task.score(f"I think <answer>{a}</answer>", ex) == (0, 0)  # extra text before
+        assert task.score(f"<answer>{a}</answer> done", ex) == (0, 0)  # extra text after
+        assert task.score(f"<answer>{a} or {wrong}</answer>", ex) == pytest.approx((FB, 0))  # hedging
+
+
+def test_dots_sum_verifier():
+    task = tasks.TASKS["dots-sum"]
+    ex = Example("", [], "5", {"red": 2, "blue": 3})
+    assert task.score("<think>2 red, 3 blue</think><answer>5</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>whatever</think>\n<answer> 5 </answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>2 red, 2 blue</think><answer>4</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<answer>5</answer>", ex) == (0, 0)  # missing think
+    assert task.score("<think>2 red, 3 blue</think>5", ex) == (0, 0)  # missing answer tags
+    assert task.score("<think>x</think><answer>5</answer> ok", ex) == (0, 0)  # extra text
+    assert task.score("<answer>5</answer><think>x</think>", ex) == (0, 0)  # wrong order
+
+
+def test_iou_by_hand():
+    assert box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == pytest.approx(25 / 175)  # overlap 5x5, union 100+100-25
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [0, 0, 5, 10]) == pytest.approx(0.5)  # half inside
+    assert box_iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges
+    assert box_iou([10, 10, 0, 0], [0, 0, 10, 10]) == 0.0  # inverted box has no area
+
+
+def test_grounding_verifier_and_continuous_reward():
+    task = tasks.TASKS["grounding"]
+    ex = Example("", [], "[10,10,50,50]", {"box": (10, 10, 50, 50)})
+    assert task.score("<answer>[10,10,50,50]</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<answer>[ 10, 10 , 50,50 ]</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<answer>[60,60,100,100]</answer>", ex) == pytest.approx((FB, 0))  # well-formed, disjoint
+    for bad in ["<answer>[10,10,50]</answer>", "<answer>box</answer>", "[10,10,50,50]", "<answer>[10,10,50,50]</answer>!"]:
+        assert task.score(bad, ex) == (0, 0)
+    # Shift right by d: IoU = (40-d)*40 / (2*1600 - (40-d)*40) = (40-d)/(40+d).
+    rewards = []
+    for d in [0, 4, 8, 13, 14, 20, 30]:
+        reward, acc = task.score(f"<answer>[{10 + d},10,{50 + d},50]</answer>", ex)
+        assert reward == pytest.approx((40 - d) / (40 + d) + FB)
+        assert acc == float((40 - d) / (40 + d) >= 0.5)  # d=13: 27/53=0.509 -> 1; d=14: 26/54=0.481 -> 0
+        rewards.append(reward)
+    assert all(a > b for a, b in zip(rewards, rewards[1:]))  # strictly decreasing: continuous, not 0/1
+
+
+def test_random_completions_are_well_formatted():
+    for name, task in tasks.TASKS.items():
+        rng = random.Random(0)
+        ex = task.sample(rng)
+        for _ in range(30):
+            c = task.random_completion(rng)
+            assert task.parse(c) is not None, (name, c)
+            assert task.score(c, ex)[0] >= FB - 1e-9
+    c = tasks.TASKS["dots-sum"].random_completion(random.Random(1))
+    r, b, s = map(int, re.fullmatch(r"<think>(\d) red, (\d) blue</think><answer>(\d+)</answer>", c).groups())
+    assert r + b == s
+
+
+def test_random_completions_fit_the_tiny_model():
+    # The tiny model's tokenizer (pepo.build_tiny_model) is a 512-token byte BPE on this corpus;
+    # completions plus <|im_end|> must fit max_new_tokens = 24.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    corpus = tasks.tokenizer_corpus()
+    assert len(corpus) == 2 * 20 * len(tasks.TASKS)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for task in tasks.TASKS.values():
+        rng = random.Random(0)
+        assert max(len(bpe.encode(task.random_completion(rng) + "<|im_end|>").ids) for _ in range(100)) <= 24
+
+
+def test_blind_baselines():
+    expected = {"color": 1 / 4, "shape": 1 / 3, "count": 1 / 6, "position": 1 / 4, "compare": 1 / 2,
+                "fewshot": 1 / 6, "dots-sum": 1 / 6}
+    for name, p in expected.items():
+        assert abs(blind_baseline(tasks.TASKS[name]) - p) < 0.08, name
+    t0 = time.time()
+    b = blind_baseline(tasks.TASKS["grounding"])
+    assert time.time() - t0 < 2.0 and 0.0 < b < 0.2  # no single box fits most shapes
+
+
+def test_blind_baseline_is_majority_accuracy():
+    class Skewed(tasks.Task):  # answers "x" 3 times in 4
+        labels = ["x", "y"]
+
+        def sample(self, rng):
+            return Example("", [], "x" if rng.random() < 0.75 else "y")
+
+    assert abs(blind_baseline(Skewed(), n=400) - 0.75) < 0.06
+
+
+# ---------------------------------------------------------------------------------------
+# Grading for real datasets
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("completion, truth", [
+    ("<answer>0.5</answer>", "\\frac{1}{2}"),
+    ("<answer>\\dfrac{1}{2}</answer>", "0.5"),
+    ("<answer>1/2</answer>", "\\frac{1}{2}"),
+    ("<answer>5</answer>", "5.0"),
+    ("<answer>(B)</answer>", "B"),
+    ("<answer>B.</answer>", "B"),
+    ("<answer>B) 12</answer>", "B"),
+    ("<answer> b </answer>", "(B)"),
+    ("<answer>$60^\\circ$</answer>", "60"),
+    ("<answer>60°</answer>", "60"),
+    ("<answer>\\text{12}.</answer>", "12"),
+    ("<answer>x = 5</answer>", "5"),
+    ("<answer>\\sqrt{2}</answer>", "\\sqrt 2"),
+    ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # by value: 3.4641...
+    ("<answer>\\frac{\\sqrt{3}}{2}</answer>", "0.8660254037844386"),
+    ("<answer>1,000</answer>", "1000"),
+    ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
+    ("<answer>0.50000001</answer>", "1/2"),  # within rel 1e-6
+])
+def test_grade_correct(completion, truth):
+    assert grade(completion, truth) == 1.0
+
+
+@pytest.mark.parametrize("completion, truth", [
+    ("<answer>7</answer>", "8"),
+    ("<answer>C</answer>", "B"),
+    ("<answer>Bob</answer>", "B"),
+    ("<answer>B</answer>", "5"),
+    ("<answer>0.501</answer>", "\\frac{1}{2}"),
+    ("<answer>2\\sqrt{2}</answer>", "2\\sqrt{3}"),
+    ("the answer is 5", "5"),  # nothing to extract
+    ("\\boxed{5", "5"),  # unclosed box
+])
+def test_grade_wrong(completion, truth):
+    assert grade(completion, truth) == 0.0
+
+
+def test_answer_extraction():
+    assert final_answer("so \\boxed{\\frac{1}{2}} done") == "\\frac{1}{2}"  # nested braces
+    assert final_answer("\\boxed{1} then \\boxed{\\sqrt{\\frac{a}{b}}}") == "\\sqrt{\\frac{a}{b}}"  # last wins
+    assert final_answer("<answer>3</answer> no, <answer> 4 </answer>") == "4"  # last wins, stripped
+    assert final_answer("<think>\\boxed{9}</think><answer>x is \\boxed{7}</answer>") == "7"  # box inside the answer
+    assert final_answer("just text") is None
+    assert grade("Thinking... \\boxed{\\dfrac{3}{4}}", "0.75") == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# JSONL datasets
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["swift", "easyr1"])
+@pytest.mark.parametrize("name", ["fewshot", "count"])
+def test_export_roundtrip(tmp_path, fmt, name):
+    path = tasks.export(tasks.TASKS[name], tmp_path, n=6, fmt=fmt, seed=5)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 6 and all(not p.startswith("/") for r in rows for p in r["images"])  # relative paths
+    assert ("messages" in rows[0]) == (fmt == "swift")
+    want = samples(name, 6, seed=5)
+    ds = JsonlTask(path)
+    assert ds.name == "data.jsonl" and len(ds.rows) == 6
+    assert ds.labels == sorted({ex.answer for ex in want})
+    for row, ex in zip(ds.rows, want):
+        assert row["prompt"] == ex.prompt and row["answer"] == ex.answer
+        assert row["prompt"].count(IMAGE) == len(row["images"]) == len(ex.images)
+        loaded = [Image.open(p).convert("RGB") for p in row["images"]]
+        assert [im.tobytes() for im in loaded] == [im.tobytes() for im in ex.images]  # PNG is lossless
+    ex = ds.sample(random.Random(0))
+    assert all(im.mode == "RGB" and im.size == (112, 112) for im in ex.images)
+    assert ds.score(f"<answer>{ex.answer}</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert ds.score(f"so \\boxed{{{ex.answer}}}", ex) == pytest.approx((1 + FB, 1))
+
+
+def write_png(path, color="red"):
+    Image.new("RGB", (8, 8), color).save(path)
+
+
+def test_jsonl_formats_and_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    write_png(tmp_path / "imgs" / "a.png")
+    write_png(tmp_path / "b.png", "blue")
+    rows = [
+        # ms-swift with an assistant message (ignored) and a tagged solution
+        {"images": ["imgs/a.png"], "messages": [{"role": "user", "content": "<image>\nFind x."},
+                                                 {"role": "assistant", "content": "<answer>99</answer>"}],
+         "solution": "<think>...</think><answer>\\frac{1}{2}</answer>"},
+        # EasyR1 with no mark: one is prepended per image; an absolute path
+        {"problem": "Which is bigger?", "answer": "B", "images": ["imgs/a.png", str(tmp_path / "b.png")]},
+        {"problem": "A <image> then <image>", "answer": 3, "images": ["imgs/a.png", "b.png"]},  # marks stay put
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # trailing blank line is fine
+    ds = JsonlTask(tmp_path / "d.jsonl")
+    assert [r["prompt"] for r in ds.rows] == ["<image>\nFind x.", "<image><image>Which is bigger?", "A <image> then <image>"]
+    assert [r["answer"] for r in ds.rows] == ["\\frac{1}{2}", "B", "3"]
+    ex = Example(ds.rows[0]["prompt"], [], ds.rows[0]["answer"])
+    assert ds.score("x = 0.5 so <answer>0.5</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert ds.score("<answer>0.4</answer>", ex) == pytest.approx((FB, 0))
+    assert ds.score("0.5", ex) == (0, 0)
+    # image_root overrides the JSONL's folder for relative paths
+    other = tmp_path / "other"
+    (other / "imgs").mkdir(parents=True)
+    write_png(other / "imgs" / "a.png", "green")
+    write_png(other / "b.png", "green")
+    ds2 = JsonlTask(tmp_path / "d.jsonl", image_root=other)
+    assert ds2.rows[0]["images"] == [str(other / "imgs" / "a.png")]
+    assert tasks.get_task(str(tmp_path / "d.jsonl")).name == "d.jsonl"
+
+
+def dataset_error(tmp_path, lines) -> str:
+    (tmp_path / "bad.jsonl").write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(DatasetError) as e:
+        JsonlTask(tmp_path / "bad.jsonl")
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.jsonl" in msg
+    return msg
+
+
+def test_dataset_errors(tmp_path):
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "fake.png").write_text("not an image")
+    ok = json.dumps({"problem": "<image>Q", "answer": "1", "images": ["ok.png"]})
+
+    with pytest.raises(DatasetError, match="file not found"):
+        JsonlTask(tmp_path / "missing.jsonl")
+    assert "empty" in dataset_error(tmp_path, [])
+    assert "empty" in dataset_error(tmp_path, ["", "  "])
+    msg = dataset_error(tmp_path, [ok, '{"problem": "<image>Q", "answer":'])
+    assert "bad.jsonl:2" in msg and "not valid JSON" in msg
+    msg = dataset_error(tmp_path, [ok, ok, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})])
+    assert "bad.jsonl:3" in msg and "answer" in msg
+    msg = dataset_error(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "<image>Q"}], "images": ["ok.png"]})])
+    assert "bad.jsonl:1" in msg and "solution" in msg
+    msg = dataset_error(tmp_path, [ok, json.dumps({"problem": "<image>Q", "answer": "1"})])
+    assert "bad.jsonl:2" in msg and "image" in msg
+    msg = dataset_error(tmp_path, [json.dumps({"problem": "<image>Q", "answer": "1", "images": ["nope/x.png"]})])
+    assert "bad.jsonl:1" in msg and "image not found" in msg and str(tmp_path / "nope" / "x.png") in msg
+    msg = dataset_error(tmp_path, [ok, json.dumps({"problem": "<image>Q", "answer": "1", "images": ["fake.png"]})])
+    assert "bad.jsonl:2" in msg and "not a readable image" in msg and str(tmp_path / "fake.png") in msg
+    msg = dataset_error(tmp_path, [json.dumps({"problem": "<image><image>Q", "answer": "1", "images": ["ok.png"]})])
+    assert "bad.jsonl:1" in msg and "2 '<image>' marks" in msg and "1 images" in msg
+    assert issubclass(DatasetError, ValueError)
+
+
+def test_validation_reads_headers_only(tmp_path):
+    # A truncated PNG has a valid header: construction accepts it (nothing decoded), sampling fails.
+    full = tmp_path / "full.png"
+    Image.new("RGB", (64, 64), "red").save(full)
+    (tmp_path / "cut.png").write_bytes(full.read_bytes()[:60])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "answer": "1", "images": ["cut.png"]}) + "\n")
+    ds = JsonlTask(tmp_path / "d.jsonl")
+    with pytest.raises(OSError):
+        ds.sample(random.Random(0))
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+def test_cli_list_and_export(tmp_path, capsys):
+    tasks.main(["--list"])
+    out = capsys.readouterr().out
+    for name, task in tasks.TASKS.items():
+        assert re.search(rf"^{re.escape(name)}\s+\S+\s+0\.\d{{3}}\s+{re.escape(task.description)}$", out, re.M)
+    tasks.main(["--export", str(tmp_path / "fs"), "--task", "fewshot", "--n", "3", "--format", "easyr1", "--seed", "1"])
+    rows = [json.loads(line) for line in (tmp_path / "fs" / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["images"]) == 3 and r["problem"].count(IMAGE) == 3 for r in rows)
+    assert len(list((tmp_path / "fs" / "images").glob("*.png"))) == 9

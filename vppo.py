@@ -1,0 +1,238 @@
+"""VPPO building blocks: image perturbations, token visual dependency, and the two ways it shapes the update.
+
+VPPO (arXiv 2510.09285, "Visually-Perceptive Policy Optimization") measures how much each
+completion token depends on the image: run the policy once on the real image I and once on a
+perturbed copy I' (random patches blacked out), and compare the two next-token distributions.
+That per-token dependency S is then used twice:
+  * Trajectory Advantage Shaping (TAS): rescale each completion's advantage by its mean S.
+  * Token Gradient Filtering (TGF): only the top 40% most image-dependent tokens of each
+    completion get a gradient.
+
+Also here: the high-entropy-minority token mask (arXiv 2506.01939) used as a baseline.
+
+Shapes: B = completions, L = completion length, V = vocab.  The tensor functions are pure and
+return detached tensors: the scores decide *which* tokens and *how much*, never carry gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+
+# ----------------------------------------------------------------------------------------
+# Image perturbations (VPPO ablation: blackening patches works best; noise, blur, grey are worse)
+# ----------------------------------------------------------------------------------------
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL -> uint8 [H, W, 3].  Alpha / palette / greyscale become RGB, as the Qwen-VL processor does anyway."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+
+def _to_image(x: torch.Tensor) -> Image.Image:
+    """uint8 [H, W, 3] -> PIL RGB."""
+    return Image.fromarray(x.contiguous().numpy())
+
+
+def blacken_patches(image: Image.Image, patch_size: int = 14, prob: float = 0.5, generator: torch.Generator | None = None) -> Image.Image:
+    """Black out each non-overlapping patch_size x patch_size block independently with probability `prob`.
+
+    Partial blocks at the right / bottom edges are blocks too.  Output has the same size (and is RGB).
+    With patch_size = the vision encoder's patch size and an image already at model resolution
+    (see `resize_for_model`) every blacked block is exactly one encoder patch: VPPO (arXiv 2510.09285).
+    """
+    x = _to_tensor(image)
+    H, W = x.shape[:2]
+    grid = (math.ceil(H / patch_size), math.ceil(W / patch_size))
+    keep = torch.rand(grid, generator=generator) >= prob  # rand in [0, 1): prob=0 keeps all, prob=1 keeps none
+    keep = keep.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)[:H, :W]
+    return _to_image(x * keep[..., None])
+
+
+def gaussian_noise(image: Image.Image, sigma: float = 189.0, generator: torch.Generator | None = None) -> Image.Image:
+    """Add N(0, sigma^2) noise on the 0-255 scale, clip and round back to uint8.  Same size."""
+    x = _to_tensor(image).float()
+    noise = torch.randn(x.shape, generator=generator) * sigma
+    return _to_image((x + noise).clamp(0, 255).round().to(torch.uint8))
+
+
+def gaussian_blur(image: Image.Image, radius: float = 6) -> Image.Image:
+    """PIL Gaussian blur with the given radius.  Same size."""
+    return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius))
+
+
+def solid_grey(image: Image.Image, value: int = 128) -> Image.Image:
+    """Replace the whole image with one grey level: removes all visual information.  Same size."""
+    return Image.new("RGB", image.size, (value, value, value))
+
+
+def resize_for_model(image: Image.Image, image_processor) -> Image.Image:
+    """Resize (bicubic) to exactly the size the Qwen-VL image processor would pick.
+
+    The processor snaps H and W to multiples of patch_size * merge_size inside [min_pixels, max_pixels]
+    (smart_resize).  Perturbing *after* this resize makes perturbation blocks coincide with encoder
+    patches, and the processor then leaves the size unchanged, so I and I' give the same grid
+    and the same number of image tokens.  patch_size is read from the processor: 14 for
+    Qwen2/2.5-VL, 16 for Qwen3-VL.
+
+    Corner case: smart_resize is not idempotent when max_pixels is small and the image very
+    elongated (aspect > max_pixels / factor^2, e.g. > 16:1 for max_pixels = 112*112, never for the
+    default 28*28*1280): one side is pinned at `factor` and a second pass shrinks the other.
+    Feeding the processor resize_for_model(image) as the *clean* image too makes I and I' the same
+    size, hence the same grid, always; otherwise it changes nothing (pixel_values are bit-identical).
+    """
+    ip = image_processor
+    # transformers 5.x keeps the pixel limits in `size` (shortest_edge = min pixels, longest_edge = max pixels)
+    height, width = smart_resize(
+        image.height, image.width, factor=ip.patch_size * ip.merge_size,
+        min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"],
+    )
+    if (width, height) == image.size:
+        return image.copy()
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+PERTURBATIONS = ("blacken", "noise", "blur", "grey")
+
+
+def perturb_image(image: Image.Image, kind: str, image_processor, generator: torch.Generator | None = None) -> Image.Image:
+    """Resize to model resolution, then perturb.  kind in PERTURBATIONS; "blacken" is VPPO's default.
+
+    The result's size equals the model-resolution size, so the processor yields the same
+    image_grid_thw for I and I' and the two forward passes line up token for token
+    (see `resize_for_model` for the one corner case and its fix).
+    """
+    image = resize_for_model(image, image_processor)
+    if kind == "blacken":
+        return blacken_patches(image, patch_size=image_processor.patch_size, prob=0.5, generator=generator)
+    if kind == "noise":
+        return gaussian_noise(image, generator=generator)
+    if kind == "blur":
+        return gaussian_blur(image)
+    if kind == "grey":
+        return solid_grey(image)
+    raise ValueError(f"unknown perturbation kind {kind!r}; expected one of {PERTURBATIONS}")
+
+
+# ----------------------------------------------------------------------------------------
+# Token visual dependency
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def token_visual_dependency(logp: torch.Tensor, logp_perturbed: torch.Tensor) -> torch.Tensor:
+    """Per-token visual dependency S = KL(pi(.|I) || pi(.|I')), k3 estimate on the sampled token.  [B, L] -> [B, L]
+
+    VPPO (arXiv 2510.09285): with r = pi(y|I') / pi(y|I) and d = log r, k3 = r - 1 - log r >= 0
+    is an unbiased, low-variance estimate of the KL when y ~ pi(.|I).  d is clamped to [-20, 20]
+    so exp cannot overflow; S is clamped to [0, 10] so one outlier token cannot dominate.
+    """
+    d = (logp_perturbed.detach().float() - logp.detach().float()).clamp(-20.0, 20.0)
+    return (d.exp() - d - 1.0).clamp(0.0, 10.0)
+
+
+@torch.no_grad()
+def token_visual_kl(logits: torch.Tensor, logits_perturbed: torch.Tensor) -> torch.Tensor:
+    """Exact per-token KL(pi(.|I) || pi(.|I')) = sum_v p(v) (log p(v) - log p'(v)).  [B, L, V] -> [B, L]
+
+    Goes beyond the original VPPO code, which only uses the sampled-token k3 estimate
+    (`token_visual_dependency`): this is the full-vocabulary value, noise-free but needing both
+    [B, L, V] logit tensors (float32 copies: mind the memory for V ~ 150k; chunk over L if needed).
+    log_softmax keeps it finite for logits like +-1e4; terms with p(v) = 0 count as 0
+    (so -inf logits are fine); clamped at >= 0 against rounding.
+    """
+    lp = torch.log_softmax(logits.detach().float(), dim=-1)
+    lq = torch.log_softmax(logits_perturbed.detach().float(), dim=-1)
+    p = lp.exp()
+    terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Token masks and trajectory scale
+# ----------------------------------------------------------------------------------------
+def ceil_count(frac: float, n: torch.Tensor) -> torch.Tensor:
+    """ceil(frac * n) for integer counts n [any shape] -> int64, exact.
+
+    Float products can land just above an integer: in float32 (what `0.3 * int_tensor` gives)
+    0.3 * 50 = 15.000001, whose ceil is 16; in float64 e.g. (0.1 * 3) * 10 = 3.0000000000000004.
+    So frac is read as the nearest fraction with denominator <= 1e6 (0.4 -> 2/5, 0.3 -> 3/10) and
+    the ceiling is taken in integer arithmetic: k is the mathematically correct ceiling.
+    """
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"top_frac must be in [0, 1], got {frac}")
+    q = Fraction(frac).limit_denominator(10**6)
+    n = n.long()
+    return (n * q.numerator + q.denominator - 1) // q.denominator
+
+
+def _keep_top_k(score: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row keep the k[i] valid entries with the highest score.  score, valid [R, N], k [R] -> [R, N] float 0/1
+
+    Exactly k[i] entries are kept even with ties: rank by a stable sort (ties go to the earlier
+    position) and keep rank < k.  Valid scores are made finite (NaN -> lowest) and padding -inf,
+    so padding always ranks after every valid entry.
+    """
+    lowest = torch.finfo(torch.float32).min
+    score = score.detach().float().nan_to_num(nan=lowest).masked_fill(~valid, float("-inf"))
+    order = score.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(score.shape[1], device=score.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[i, j] = place of token j in row i
+    return ((rank < k[:, None]) & valid).float()
+
+
+def token_gradient_mask(dependency: torch.Tensor, mask: torch.Tensor, top_frac: float = 0.4) -> torch.Tensor:
+    """Token Gradient Filtering, VPPO (arXiv 2510.09285).  dependency, mask [B, L] -> [B, L] float 0/1
+
+    Per completion i keep the k_i = ceil(top_frac * T_i) valid tokens with the highest visual
+    dependency (T_i = valid tokens of row i); padding and rows with T_i = 0 get 0.
+    """
+    valid = mask.bool()
+    k = ceil_count(top_frac, valid.sum(dim=1))
+    return _keep_top_k(dependency, valid, k)
+
+
+@torch.no_grad()
+def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9) -> torch.Tensor:
+    """Trajectory Advantage Shaping, VPPO (arXiv 2510.09285).  dependency, mask [B, L] -> alpha [B]
+
+    S_i = mean dependency over the valid tokens of completion i; rows with none get alpha 1
+    and take no part in the normalisation,
+    n_i = min-max normalised S over the batch, alpha_i = min_scale + n_i (1 - min_scale) / mean(n).
+    So the least image-dependent completion gets min_scale, and
+    mean(alpha) = min_scale + (1 - min_scale) mean(n) / mean(n) = 1: the average advantage
+    magnitude is unchanged (over rows with valid tokens), only shifted towards visually
+    grounded completions. Here the batch is the whole rollout batch (their code: a mini-batch).
+    A flat batch (max - min <= 1e-6) gets alpha = 1 everywhere.
+    """
+    m = mask.float()
+    has = m.sum(dim=1) > 0  # rows with no valid token (e.g. overlong-filtered) keep alpha = 1
+    s = (dependency.detach().float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    if not has.any():
+        return torch.ones_like(s)
+    lo, hi = s[has].min(), s[has].max()
+    if hi - lo <= 1e-6:
+        return torch.ones_like(s)
+    n = ((s - lo) / (hi - lo)).clamp(0.0, 1.0)  # the max entry is 1, so mean(n) >= 1/B > 0
+    return torch.where(has, min_scale + n * (1.0 - min_scale) / n[has].mean(), torch.ones_like(s))
+
+
+def entropy_top_mask(entropy: torch.Tensor, mask: torch.Tensor, top_frac: float = 0.2) -> torch.Tensor:
+    """High-entropy minority (arXiv 2506.01939).  entropy, mask [B, L] -> [B, L] float 0/1
+
+    Over the whole batch keep the ceil(top_frac * N_valid) valid tokens with the highest entropy;
+    0 elsewhere, on padding, and everywhere when N_valid = 0.
+    """
+    valid = mask.bool().reshape(1, -1)
+    k = ceil_count(top_frac, valid.sum(dim=1))
+    return _keep_top_k(entropy.reshape(1, -1), valid, k).reshape(entropy.shape)
+
+
+if __name__ == "__main__":  # `python vppo.py [flags]` = `python pepo.py --algo vppo [flags]`
+    import sys
+
+    import pepo
+
+    pepo.main(["--algo", "vppo", *sys.argv[1:]])

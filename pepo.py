@@ -466,7 +466,7 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
 # Rollouts and evaluation
 # ----------------------------------------------------------------------------------------
 def rollout(model, vl, task, examples, group_size, args, device, autocast):
-    """G completions per example -> batch dict (on device) plus rewards/accuracy [B]."""
+    """G completions per example -> batch dict (CPU tensors) with rewards and accuracy [B]."""
     rows = [ex for ex in examples for _ in range(group_size)]
     prompts = to_device(vl.encode_prompts(rows), device)
     model.eval()

@@ -623,6 +623,7 @@ def main(argv=None):
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
+    metrics_file.close()
 
     after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     print(f"accuracy after RL: {after['accuracy']:.3f}")

@@ -392,6 +392,10 @@ class VLHelper:
         return dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=(input_ids == self.image_token_id).long(),
                     pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
 
+    def decode(self, completions: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Completion text up to and including the end token (special tokens dropped)."""
+        return self.tok.batch_decode([c[m.bool()] for c, m in zip(completions, mask)], skip_special_tokens=True)
+
     def with_completions(self, prompts: dict, completions) -> dict:
         """Append completions ([B, L] tensor or lists of ids) to left-padded prompts. The
         completion mask runs up to and including the first end token; a completion with no
@@ -473,7 +477,7 @@ def rollout(model, vl, task, examples, group_size, args, device, autocast):
     with autocast:
         completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature)
     batch = vl.with_completions({k: v.cpu() for k, v in prompts.items()}, completions)
-    texts = vl.tok.batch_decode([c[m.bool()] for c, m in zip(completions, batch["completion_mask"])], skip_special_tokens=True)
+    texts = vl.decode(completions, batch["completion_mask"])
     scores = [task.score(t, ex) for t, ex in zip(texts, rows)]
     batch["rewards"] = torch.tensor([s[0] for s in scores])
     batch["accuracy"] = torch.tensor([s[1] for s in scores])
@@ -547,7 +551,7 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
             with autocast:
                 comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode)
             mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
-            texts = vl.tok.batch_decode([c[m.bool()] for c, m in zip(comp, mask)], skip_special_tokens=True)
+            texts = vl.decode(comp, mask)
             accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
             (greedy if greedy_mode else sampled).extend(accs)
     out = {"accuracy": sum(greedy) / len(greedy)}
@@ -591,15 +595,14 @@ def main(argv=None):
             p.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-
     before = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     if args.eval_only:
         result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
         (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
         return result
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     print(f"accuracy before RL: {before['accuracy']:.3f}")
     metrics_file = open(out_dir / "metrics.jsonl", "w")
 

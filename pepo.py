@@ -61,6 +61,7 @@ class Args:
     max_new_tokens: int = arg(24, "completion length limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
     lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
+    lr_schedule: str = arg("constant", "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it", choices=["constant", "cosine"])
     ppo_epochs: int = arg(1, "updates per rollout batch; 1 is on-policy (ratio = 1)")
     micro_batch_size: int = arg(0, "completions per forward/backward (gradient accumulation); 0 = whole batch")
     max_grad_norm: float = arg(1.0, "gradient clipping")
@@ -227,6 +228,13 @@ def pepo_ramp(step: int, total_steps: int) -> float:
     return min(1.0, step / max(1, total_steps))
 
 
+def learning_rate(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
+    """Learning rate of `step` (1-based): constant, or cosine from `base` down to 0 at the last step."""
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total_steps)))
+
+
 def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2, clip_high=0.2, token_weights=None, ref_logp=None, beta=0.0):
     """Clipped surrogate with optional token weights and k3 KL.  -> (loss, stats)
 
@@ -326,7 +334,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int =
     # Format warm-up: supervised on random labels, so it never sees a correct answer.
     rng = random.Random(seed + 17)
     vl = VLHelper(tokenizer, image_processor, config)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if ".visual." not in n], lr=2e-3)
     for _ in range(warmup_steps):
         examples = [task.sample(rng) for _ in range(32)]
         targets = [tokenizer(task.random_completion(rng) + "<|im_end|>").input_ids for _ in examples]
@@ -611,6 +619,8 @@ def main(argv=None):
     bar = tqdm(range(1, args.steps + 1), desc=args.algo, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
+        for group in optimizer.param_groups:  # a pure function of the step, so resuming needs only the step
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.lr_schedule)
         # 1. Rollouts: G samples per prompt from the current (= old) policy.
         batch, seen, dropped = collect_rollouts(model, vl, task, train_rng, args, device, autocast)
         all_rewards = torch.cat([b["rewards"] for b in seen])

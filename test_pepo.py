@@ -1161,14 +1161,19 @@ def test_dataset_errors(tmp_path):
     assert issubclass(DatasetError, ValueError)
 
 
-def test_validation_reads_headers_only(tmp_path):
-    # A truncated PNG has a valid header: construction accepts it (nothing decoded), sampling fails.
-    full = tmp_path / "full.png"
-    Image.new("RGB", (64, 64), "red").save(full)
-    (tmp_path / "cut.png").write_bytes(full.read_bytes()[:60])
-    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "answer": "1", "images": ["cut.png"]}) + "\n")
+def test_truncated_images(tmp_path):
+    # A truncated PNG has a valid header but broken checksums: rejected up front (verify, no decoding).
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    msg = dataset_error(tmp_path, [json.dumps({"problem": "Q", "answer": "1", "images": ["cut.png"]})])
+    assert "bad.jsonl:1" in msg and "not a readable image" in msg and str(tmp_path / "cut.png") in msg
+    # A truncated JPEG passes verify (header only); decoding it at sample time names the row and path.
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:2000])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "answer": "1", "images": ["cut.jpg"]}) + "\n")
     ds = JsonlTask(tmp_path / "d.jsonl")
-    with pytest.raises(OSError):
+    with pytest.raises(DatasetError, match=r"d\.jsonl:1: not a readable image: .*cut\.jpg"):
         ds.sample(random.Random(0))
 
 

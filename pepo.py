@@ -239,6 +239,8 @@ def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: i
 
 def masked_minmax(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
     """Per-row min-max normalisation over valid tokens.  [B, L] -> [B, L] in [0, 1], 0 on padding"""
+    if x.shape[1] == 0:  # min/max over an empty dim would raise
+        return torch.zeros_like(x)
     big = torch.finfo(x.dtype).max
     lo = x.masked_fill(mask == 0, big).min(dim=1, keepdim=True).values
     hi = x.masked_fill(mask == 0, -big).max(dim=1, keepdim=True).values

@@ -49,6 +49,8 @@ def test_token_entropy():
     extreme = torch.tensor([[[1e4, -1e4, -1e4]]])
     h = token_entropy(extreme)
     assert torch.isfinite(h).all() and h.abs().item() < 1e-6
+    # a -inf logit has p = 0 and adds 0 (not 0 * -inf = nan): two equal survivors give log 2
+    assert torch.allclose(token_entropy(torch.tensor([[[0.0, 0.0, float("-inf")]]])), torch.tensor([[math.log(2)]]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1189,3 +1191,80 @@ def test_cli_list_and_export(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "fs" / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["images"]) == 3 and r["problem"].count(IMAGE) == 3 for r in rows)
     assert len(list((tmp_path / "fs" / "images").glob("*.png"))) == 9
+
+
+# ======================================================================================
+# Robustness (issue 6): degenerate batches, bad input, non-finite steps, checkpoints and resume
+# ======================================================================================
+DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token", "no_image_tokens", "extreme_logits"]
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_update_math_stays_finite_on_degenerate_batches(case):
+    """Every pure function of the update, chained as train_step chains them: no nan/inf in
+    advantages, weights, masks, loss or gradient, and the values the degenerate case implies."""
+    g = seeded(0)
+    B, V, T, D = 4, 6, 9, 5  # 2 groups of 2; T prompt positions before the L completion positions
+    L = {"empty_completions": 0, "single_token": 1}.get(case, 3)
+    logits = torch.randn(B, L, V, generator=g)
+    old_logits = logits - 0.3 * torch.randn(B, L, V, generator=g)
+    hidden = [torch.randn(B, T + L, D, generator=g) for _ in range(2)]
+    if case == "extreme_logits":  # one-hot at +-1e4; the old and reference policies put -+1e4 where this one puts +-1e4
+        logits = torch.full_like(logits, -1e4).scatter(-1, logits.argmax(-1, keepdim=True), 1e4)
+        old_logits, hidden = -logits, [h * 1e4 for h in hidden]
+    logits.requires_grad_()
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    rewards = torch.full((B,), 0.1) if case == "flat_rewards" else torch.tensor([1.0, 0.0, 0.2, 0.7])
+    mask = torch.zeros(B, L) if case == "no_end_token" else torch.ones(B, L)  # no end token: overlong filter masks all
+    if L > 1 and case != "no_end_token":
+        mask[1, -1] = 0  # one padded position
+    vision = torch.zeros(B, T + L, dtype=torch.bool)
+    if case != "no_image_tokens":
+        vision[:, 1:5] = True
+
+    adv = grpo_advantages(rewards, 2)
+    entropy, logp = token_entropy(logits), pepo.token_logprobs(logits, tokens)
+    old = pepo.token_logprobs(old_logits, tokens)  # also the reference and the perturbed-image pass
+    prior = perception_prior(hidden, vision, L)
+    w = pepo_token_weights(prior, entropy, mask)
+    dep, kl = token_visual_dependency(logp, old), token_visual_kl(logits, old_logits)
+    keep, tas = token_gradient_mask(dep, mask), trajectory_advantage_scale(dep, mask)
+    top = entropy_top_mask(entropy, mask)
+    for t in (adv, entropy, logp, prior, pepo.masked_minmax(prior, mask), w, dep, kl, keep, tas, top):
+        assert torch.isfinite(t).all()
+    assert prior.shape == w.shape == keep.shape == (B, L)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        for beta in (0.0, 0.1):
+            loss, stats = policy_loss(logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta)
+            (grad,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
+            grad = torch.zeros_like(logits) if grad is None else grad
+            assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(math.isfinite(v) for v in stats.values())
+            if case in ("flat_rewards", "empty_completions", "no_end_token") and beta == 0:
+                assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))  # nothing to learn
+    if case == "flat_rewards":
+        assert torch.equal(adv, torch.zeros(B))
+    if case == "single_token":
+        assert torch.equal(w, torch.ones(B, 1)) and torch.equal(keep, torch.ones(B, 1))  # ceil(0.4 * 1) = 1 kept
+    if case == "no_end_token":
+        assert torch.equal(w, torch.zeros(B, L)) and torch.equal(keep, torch.zeros(B, L)) and torch.equal(tas, torch.ones(B))
+    if case == "no_image_tokens":
+        assert torch.equal(prior, torch.zeros(B, L)) and torch.allclose(w, mask)  # prior 0: uniform weights
+    if case == "extreme_logits":
+        assert entropy.max().item() < 1e-6  # one-hot distributions
+
+
+def test_masked_minmax_all_padding_row_is_zero():
+    x = torch.tensor([[3.0, 1.0, 2.0], [-1e4, 5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 0: (x - 1) / (3 - 1) on valid tokens; row 1 has none: 0, not (x - max) / floor * 0 = nan
+    assert torch.equal(pepo.masked_minmax(x, mask), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_policy_loss_far_off_ratio_is_clamped_not_inf():
+    # log-ratio 30 (and -30 to the reference): exp is taken of 20, so the loss is large but finite
+    logp, old, ref = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-30.0]]), torch.tensor([[-30.0]])
+    loss, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), "dapo", ref_logp=ref, beta=0.1)
+    d = torch.tensor(-20.0)
+    assert loss.item() == pytest.approx(math.exp(20) + 0.1 * (torch.exp(d) - d - 1).item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all()

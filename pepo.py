@@ -486,7 +486,7 @@ def set_rng_states(states: dict, train_rng: random.Random, perturb_gen: torch.Ge
     random.setstate(states["python"])
     train_rng.setstate(states["task"])
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
+    if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     perturb_gen.set_state(states["vppo"])
 
@@ -755,6 +755,9 @@ def main(argv=None):
     except (UsageError, tasks.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): stop now, checkpoints stay as they were
+        print("\ninterrupted; the last saved checkpoint, if any, is intact", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:  # train() catches SIGINT/SIGTERM to stop cleanly; give the caller its handlers back
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -847,7 +850,8 @@ def train(args: Args):
         else:
             m["skipped"] = 1  # dynamic sampling found no group with signal
         m["seconds"] = time.time() - t0
-        metrics_file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}) + "\n")
+        m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null: valid JSON
+        metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
         if step < args.steps and (stop.name or (args.save_every and step % args.save_every == 0)):

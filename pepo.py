@@ -24,8 +24,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -98,6 +101,8 @@ class Args:
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update pass (GPU)")
     freeze_vision: bool = arg(False, "do not train the vision encoder")
     output_dir: str = arg("runs/pepo", "metrics.jsonl, summary.json and checkpoint/ go here")
+    save_every: int = arg(0, "also write the resumable checkpoint/ every K steps (it is always written at the end and on SIGINT/SIGTERM)")
+    resume: str = arg(None, "continue the run in this output folder from its checkpoint/, with the run's saved settings", type=str)
 
 
 PRESETS = {
@@ -111,8 +116,17 @@ PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
 PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06}
 
 
+class UsageError(Exception):
+    """Bad input the user can fix: main prints `error: <message>` as one line and exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see python pepo.py --help)")
+
+
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type in ("bool", bool):  # --x / --no-x; None keeps the preset
@@ -120,11 +134,46 @@ def parse_args(argv=None) -> Args:
         else:
             typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
             p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta.get("choices"))
-    args = Args(**vars(p.parse_args(argv)))
+    given = vars(p.parse_args(argv))
+    args = Args(**given)
+    if args.resume:  # the saved run's settings; only the device may change
+        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v != p.get_default(k) and k not in ("resume", "device")]
+        if changed:
+            raise UsageError(f"--resume continues a run with its saved settings; leave out {', '.join(changed)}")
+        saved = json.loads((find_checkpoint(args.resume) / TRAINER_JSON).read_text())["args"]
+        names = {f.name for f in dataclasses.fields(Args)}
+        args = Args(**{**{k: v for k, v in saved.items() if k in names}, "resume": args.resume, "device": args.device,
+                       "output_dir": args.resume})
     for key, value in PRESETS[args.algo].items():  # explicit flags win over the preset
         if getattr(args, key) is None:
             setattr(args, key, value)
+    check_args(args)
     return args
+
+
+def check_args(args: Args) -> None:
+    """Refuse settings that would crash later or silently train nothing, before anything is loaded."""
+    if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
+        raise UsageError(f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl")
+    rules = [
+        (args.group_size >= 2, f"--group-size {args.group_size}: advantages compare completions of one prompt, so use at least 2"),
+        (args.steps >= 1, f"--steps {args.steps}: use at least 1"),
+        (args.prompts_per_step >= 1, f"--prompts-per-step {args.prompts_per_step}: use at least 1"),
+        (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: use at least 1"),
+        (args.temperature > 0, f"--temperature {args.temperature}: logits are divided by it, use a value > 0"),
+        (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: use at least 1"),
+        (args.micro_batch_size >= 0, f"--micro-batch-size {args.micro_batch_size}: use 0 (whole batch) or more"),
+        (args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: use at least 1"),
+        (args.eval_size >= 1, f"--eval-size {args.eval_size}: use at least 1"),
+        (args.eval_samples >= 0, f"--eval-samples {args.eval_samples}: use 0 (off) or more"),
+        (args.save_every >= 0, f"--save-every {args.save_every}: use 0 (off) or more"),
+        (0 <= args.vppo_top_frac <= 1, f"--vppo-top-frac {args.vppo_top_frac}: use a fraction in [0, 1]"),
+        (0 <= args.length_penalty_cache < args.max_new_tokens,
+         f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UsageError(message)
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,9 +195,11 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]"""
+    """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]
+    Entries with p = 0 (e.g. -inf logits) add 0, not 0 * -inf = nan."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,15 +223,14 @@ def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: i
     n_vis = vm.sum(dim=1)  # [B]
     total = 0.0
     for h in hidden_states:
-        h = h.float()
+        h = F.normalize(h.float(), dim=-1) if score == "cosine" else h.float()
+        comp = h[:, h.shape[1] - completion_len:]  # not h[:, -L:], which is every position when L = 0
         if score in ("cosine", "dot"):
-            if score == "cosine":
-                h = F.normalize(h, dim=-1)
             v_mean = torch.einsum("btd,bt->bd", h, vm) / n_vis.clamp(min=1).unsqueeze(-1)
-            total = total + torch.einsum("bld,bd->bl", h[:, -completion_len:], v_mean)
+            total = total + torch.einsum("bld,bd->bl", comp, v_mean)
         elif score in ("l2", "l1"):  # distances need every pair; these options are ablations
             p = 2.0 if score == "l2" else 1.0
-            dist = torch.cdist(h[:, -completion_len:], h, p=p)  # [B, L, T]
+            dist = torch.cdist(comp, h, p=p)  # [B, L, T]
             total = total - (dist * vm.unsqueeze(1)).sum(-1) / n_vis.clamp(min=1).unsqueeze(-1)
         else:
             raise ValueError(f"unknown score {score!r}; choose cosine, dot, l2 or l1")
@@ -189,11 +239,14 @@ def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: i
 
 
 def masked_minmax(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
-    """Per-row min-max normalisation over valid tokens.  [B, L] -> [B, L] in [0, 1]"""
+    """Per-row min-max normalisation over valid tokens.  [B, L] -> [B, L] in [0, 1], 0 on padding"""
+    if x.shape[1] == 0:  # min/max over an empty dim would raise
+        return torch.zeros_like(x)
     big = torch.finfo(x.dtype).max
     lo = x.masked_fill(mask == 0, big).min(dim=1, keepdim=True).values
     hi = x.masked_fill(mask == 0, -big).max(dim=1, keepdim=True).values
-    return ((x - lo) / (hi - lo).clamp(min=floor)) * mask
+    # where, not * mask: in an all-padding row (x - big) / floor is -inf, and -inf * 0 = nan
+    return torch.where(mask > 0, (x - lo) / (hi - lo).clamp(min=floor), torch.zeros_like(x))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -215,6 +268,8 @@ def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.T
     gradient flow through them; on-policy that gradient sums to zero within a row).
     """
     prior, entropy, mask = prior.float(), entropy.float(), mask.float()
+    if mask.shape[1] == 0:  # empty completions: nothing to weight (max over an empty dim would raise)
+        return torch.zeros_like(mask)
     fused = masked_minmax(prior, mask) + masked_minmax(entropy, mask)
     gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
     z = (prior * gate / temperature).masked_fill(mask == 0, float("-inf"))
@@ -243,15 +298,17 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2
       KL_t = exp(ref - logp) - (ref - logp) - 1                      (k3, unbiased, >= 0)
     Aggregation: grpo = mean over each row's tokens then over rows; dapo = mean over all
     valid tokens; dr_grpo = sum / (B * L).
+    Log-ratios are clamped to [-20, 20] before exp (as verl does for the KL): far-off tokens,
+    e.g. from logits like +-1e4, give large finite values instead of inf, and inf * 0 = nan.
     """
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
     per_token = -surrogate if token_weights is None else -surrogate * token_weights
     kl = None
     if ref_logp is not None and beta > 0:
-        d = ref_logp - logp
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1
         per_token = per_token + beta * kl
     if loss_type == "grpo":
@@ -259,7 +316,7 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2
     elif loss_type == "dapo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+        loss = (per_token * mask).sum() / max(1, mask.numel())
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
@@ -286,14 +343,66 @@ END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def load_policy(path: str):
-    """(model, tokenizer, image_processor) from a folder or hub id, the same way for every checkpoint."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")  # "Qwen/Qwen2.5-VL-3B-Instruct"
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)  # Pillow backend without torchvision
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+
+def check_model_source(name: str) -> bool:
+    """Fail fast on a --model that cannot be found. Returns True when a hub id has to come from
+    the local cache because the hub cannot be reached (then loading skips the network)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {name}: no config.json in it; pass a folder written by save_pretrained "
+                             "(a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint), a hub id or 'tiny'")
+        return False
+    if not HUB_ID.match(name):
+        raise UsageError(f"--model {name}: no such folder; pass a save_pretrained folder, a hub id such as "
+                         "Qwen/Qwen2.5-VL-3B-Instruct, or 'tiny'")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    offline = constants.HF_HUB_OFFLINE
+    if not offline:
+        try:  # one quick probe: without network from_pretrained retries for about a minute
+            get_session().head(constants.ENDPOINT, timeout=5)
+        except Exception:
+            offline = True
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        raise UsageError(f"--model {name}: not a local folder and not in the download cache, and {why}; "
+                         f"download it where there is network (hf download {name}) or pass a local folder")
+    return offline
+
+
+def load_policy(path: str, local_files_only: bool = False):
+    """(model, tokenizer, image_processor) from a folder or hub id, the same way for every checkpoint.
+    Anything that is not a Qwen-VL checkpoint whose tokenizer has the image token raises UsageError."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    kw = dict(local_files_only=local_files_only)
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+        if getattr(config, "vision_config", None) is None or getattr(config, "image_token_id", None) is None:
+            raise UsageError(f"--model {path}: a {config.model_type} model with no vision tower or image token, not a "
+                             "Qwen-VL checkpoint; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model")
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        if tokenizer.convert_tokens_to_ids("<|image_pad|>") != config.image_token_id:
+            raise UsageError(f"--model {path}: its tokenizer has no <|image_pad|> token with the config's image_token_id "
+                             f"{config.image_token_id}; use the tokenizer saved with the Qwen-VL model")
+        image_processor = AutoImageProcessor.from_pretrained(path, **kw)  # Pillow backend without torchvision
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:  # missing or broken files, architectures transformers does not know
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UsageError(f"--model {path}: cannot be loaded as a Qwen-VL checkpoint ({first})") from None
     return model, tokenizer, image_processor
+
+
+def answer_budget(task: tasks.Task, tokenizer, n: int = 200) -> int:
+    """Tokens that the longest well-formatted answer of `task` takes, end token included: with a
+    smaller --max-new-tokens some answers can never be given in full."""
+    rng = random.Random(0)
+    texts = {task.random_completion(rng) for _ in range(n)} | {f"<answer>{label}</answer>" for label in task.labels}
+    return 1 + max(len(ids) for ids in tokenizer(sorted(texts), add_special_tokens=False).input_ids)
 
 
 def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int = 60) -> str:
@@ -348,19 +457,91 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int =
     return path
 
 
-def save_atomic(path: str, *objects) -> None:
-    """save_pretrained every object into a temporary folder, then swap it in by renames,
-    so a crash never leaves a half-written checkpoint at `path` (the old one stays as .old)."""
+def save_atomic(path: str, *objects, state: dict | None = None) -> None:
+    """save_pretrained every object (and a training `state`, see save_training_state) into a
+    temporary folder, then swap it in by renames, so a crash never leaves a half-written
+    checkpoint at `path`: until the new one is complete the old one stays, as `path` or, for
+    the instant between the two renames, as `path`.old (find_checkpoint looks there too)."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     for obj in objects:
         obj.save_pretrained(tmp)
+    if state is not None:
+        torch.save({k: state[k] for k in ("optimizer", "rng")}, tmp / TRAINER_PT)
+        small = {k: v for k, v in state.items() if k not in ("optimizer", "rng")}
+        (tmp / TRAINER_JSON).write_text(json.dumps(small, indent=1))  # last: marks the folder complete
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Resumable training state: checkpoint/ = save_pretrained files + trainer.json + trainer_state.pt
+# ----------------------------------------------------------------------------------------
+TRAINER_JSON, TRAINER_PT = "trainer.json", "trainer_state.pt"
+
+
+def rng_states(train_rng: random.Random, perturb_gen: torch.Generator) -> dict:
+    """Every random stream the training loop draws from."""
+    return {"python": random.getstate(), "task": train_rng.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], "vppo": perturb_gen.get_state()}
+
+
+def set_rng_states(states: dict, train_rng: random.Random, perturb_gen: torch.Generator) -> None:
+    random.setstate(states["python"])
+    train_rng.setstate(states["task"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    perturb_gen.set_state(states["vppo"])
+
+
+def save_training_state(path, model, tokenizer, image_processor, optimizer, step, args, rngs, metrics_bytes, before) -> None:
+    """Everything a resumed run needs to continue exactly: weights, tokenizer and image processor
+    (save_pretrained), optimizer moments, step, RNG streams, the length of metrics.jsonl up to
+    this step and the accuracy before RL. The PEPO ramp and any step-based schedule follow from
+    step and args.steps. Written atomically (save_atomic)."""
+    state = {"step": step, "steps": args.steps, "pepo_lambda": pepo_ramp(step, args.steps), "metrics_bytes": metrics_bytes,
+             "eval_before": before, "args": dataclasses.asdict(args), "optimizer": optimizer.state_dict(), "rng": rngs}
+    save_atomic(path, model, tokenizer, image_processor, state=state)
+
+
+def find_checkpoint(run_dir: str) -> Path:
+    """The run's newest complete checkpoint folder: checkpoint/, or checkpoint.old/ when a save was
+    cut off between its two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(run_dir) / name / TRAINER_JSON).is_file():
+            return Path(run_dir) / name
+    raise UsageError(f"--resume {run_dir}: no resumable checkpoint ({Path(run_dir) / 'checkpoint' / TRAINER_JSON} is missing); "
+                     "pass the --output-dir of a run that saved one (at the end, every --save-every steps, or on SIGINT/SIGTERM)")
+
+
+def load_training_state(run_dir: str) -> tuple[Path, dict]:
+    """(checkpoint folder, state) of a run, for --resume."""
+    path = find_checkpoint(run_dir)
+    state = json.loads((path / TRAINER_JSON).read_text())
+    state.update(torch.load(path / TRAINER_PT, weights_only=True))
+    return path, state
+
+
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal only asks the loop to stop after the current step
+    (it then saves a checkpoint); a second one interrupts at once. main() restores the handlers."""
+
+    def __init__(self):
+        self.name = None
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{self.name}: finishing this step, then saving a checkpoint (send it again to stop at once)", file=sys.stderr)
 
 
 class VLHelper:
@@ -548,20 +729,23 @@ def select_groups(batch: dict, keep: torch.Tensor, group_size: int, pad_id: int)
 
 @torch.no_grad()
 def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0, batch_size: int = 64) -> dict:
-    """Greedy accuracy; with samples=K also avg@K at the sampling temperature."""
+    """Greedy accuracy; with samples=K also avg@K at the sampling temperature. Sampling uses
+    its own seeded torch RNG (forked), so evaluating never shifts the training streams."""
     model.eval()
     greedy, sampled = [], []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
-            rows = [ex for ex in chunk for _ in range(k)]
-            prompts = to_device(vl.encode_prompts(rows), device)
-            with autocast:
-                comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode)
-            mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
-            texts = vl.decode(comp, mask)
-            accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
-            (greedy if greedy_mode else sampled).extend(accs)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
+                rows = [ex for ex in chunk for _ in range(k)]
+                prompts = to_device(vl.encode_prompts(rows), device)
+                with autocast:
+                    comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode)
+                mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
+                texts = vl.decode(comp, mask)
+                accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
+                (greedy if greedy_mode else sampled).extend(accs)
     out = {"accuracy": sum(greedy) / len(greedy)}
     if samples:
         out[f"avg@{samples}"] = sum(sampled) / len(sampled)
@@ -572,7 +756,22 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
 # Training
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
-    args = parse_args(argv)
+    """Command line entry. Bad input ends in one line `error: ...` on stderr and exit status 2."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train(parse_args(argv))
+    except (UsageError, tasks.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): stop now, checkpoints stay as they were
+        print("\ninterrupted; the last saved checkpoint, if any, is intact", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:  # train() catches SIGINT/SIGTERM to stop cleanly; give the caller its handlers back
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def train(args: Args):
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # keep the console to our own tqdm bar
@@ -580,11 +779,17 @@ def main(argv=None):
         for t in tasks.TASKS.values():
             print(f"{t.name:12s} {t.description}")
         return
-    task = tasks.JsonlTask(args.data, args.image_root) if args.data else tasks.get_task(args.task)
+    task = tasks.JsonlTask(args.data, args.image_root) if args.data else tasks.get_task(args.task)  # checks every row
     out_dir = Path(args.output_dir)
+    offline = args.model != "tiny" and check_model_source(args.model)
+    ckpt, state = load_training_state(args.resume) if args.resume else (None, None)
+    metrics_path = out_dir / "metrics.jsonl"
+    if state and (not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]):
+        raise UsageError(f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint (step {state['step']}); "
+                         "restore it, or start a new run")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Seeding: python (task stream), torch (init, sampling).
+    # Seeding: python (task stream), torch (init, sampling); reseeded right before step 1.
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_rng = random.Random(args.seed)
@@ -595,7 +800,11 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t_start = time.time()
     model_path = build_tiny_model(str(out_dir / "tiny_init"), task, args.seed) if args.model == "tiny" else args.model
-    model, tokenizer, image_processor = load_policy(model_path)
+    model, tokenizer, image_processor = load_policy(str(ckpt) if state else model_path, offline)
+    need = answer_budget(task, tokenizer)
+    if args.max_new_tokens < need:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is too small for task {task.name}: its longest well-formatted "
+                         f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more")
     model.to(device)
     vl = VLHelper(tokenizer, image_processor, model.config)
     if args.freeze_vision:
@@ -603,20 +812,38 @@ def main(argv=None):
             p.requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    before = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    before = state["eval_before"] if state else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     if args.eval_only:
         result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
         (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
         return result
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    ref_model = None
+    if args.beta > 0:  # the frozen initial policy; a resumed run loads it again from the initial weights
+        ref_model = (load_policy(model_path, offline)[0].to(device) if state else copy.deepcopy(model)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        os.truncate(metrics_path, state["metrics_bytes"])  # lines after the checkpoint's step are done again
     print(f"accuracy before RL: {before['accuracy']:.3f}")
-    metrics_file = open(out_dir / "metrics.jsonl", "w")
+    metrics_file = open(metrics_path, "a" if state else "w")
+
+    def save(step):  # the resumable checkpoint/ of this step
+        save_training_state(out_dir / "checkpoint", model, tokenizer, image_processor, optimizer, step, args,
+                            rng_states(train_rng, perturb_gen), metrics_path.stat().st_size, before)
+
+    # The training streams start here, after building, loading and evaluating (which therefore never
+    # shift them); a resumed run continues them from the checkpoint.
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if state:
+        set_rng_states(state["rng"], train_rng, perturb_gen)
+    stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
 
     from tqdm import tqdm
 
-    bar = tqdm(range(1, args.steps + 1), desc=args.algo, dynamic_ncols=True)
+    step = state["step"] if state else 0
+    bar = tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, desc=args.algo, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         for group in optimizer.param_groups:  # a pure function of the step, so resuming needs only the step
@@ -633,14 +860,23 @@ def main(argv=None):
         else:
             m["skipped"] = 1  # dynamic sampling found no group with signal
         m["seconds"] = time.time() - t0
+        m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null: valid JSON
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
+        if step < args.steps and (stop.name or (args.save_every and step % args.save_every == 0)):
+            save(step)
+        if stop.name:
+            break
     metrics_file.close()
+    if step < args.steps:  # stopped by a signal, after saving this step
+        print(f"{stop.name}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
+              f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)
+        return {"stopped_at_step": step, "signal": stop.name}
 
     after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     print(f"accuracy after RL: {after['accuracy']:.3f}")
-    save_atomic(str(out_dir / "checkpoint"), model, tokenizer, image_processor)
+    save(args.steps)
     summary = {"algo": args.algo, "task": task.name, "model": args.model, "steps": args.steps,
                "seconds": round(time.time() - t_start, 1), "accuracy_before": before["accuracy"],
                "accuracy_after": after["accuracy"], "eval_before": before, "eval_after": after, "args": dataclasses.asdict(args)}
@@ -722,9 +958,10 @@ def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autoc
 
     # 4. Update: clipped surrogate, micro-batched with exact loss scaling.
     model.train()
+    skipped = 0
     for _ in range(args.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        step_stats, row = [], 0
+        step_stats, row, finite = [], 0, True
         for mb in parts:
             sl = slice(row, row + mb["input_ids"].shape[0])
             row = sl.stop
@@ -738,12 +975,19 @@ def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autoc
             if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the batch's valid tokens
                 loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / mask.sum().clamp(min=1))
             loss.backward()
+            finite = finite and bool(torch.isfinite(loss))
             step_stats.append((share, s))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
+        if finite and torch.isfinite(grad_norm):
+            optimizer.step()
+        else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
     for key in step_stats[0][1]:
         stats[key] = sum(share * s[key] for share, s in step_stats)
     stats["grad_norm"] = grad_norm.item()
+    stats["nonfinite_skipped"] = skipped
     return stats
 
 

@@ -487,23 +487,23 @@ def read_row(line: str, where: str, root: Path, seen: set) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
+        raise DatasetError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
     if not isinstance(row, dict):
-        raise DatasetError(f"{where}: a row must be a JSON object")
+        raise DatasetError(f"{where}: a row must be a JSON object; write one JSON object per line")
     if "messages" in row:  # ms-swift: the (last) user message is the prompt; an assistant message is ignored
         users = [m for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
         prompt = message_text(users[-1].get("content")) if users else None
     else:
         prompt = row.get("problem")
     if not isinstance(prompt, str):
-        raise DatasetError(f"{where}: no prompt (a user message or a 'problem' field)")
+        raise DatasetError(f"{where}: no prompt; add a user message ('messages') or a 'problem' field")
     answer = row.get("solution", row.get("answer"))
     if answer is None or not str(answer).strip():
-        raise DatasetError(f"{where}: no answer field ('solution' or 'answer')")
+        raise DatasetError(f"{where}: no answer field; add the ground truth as 'solution' or 'answer'")
     images = row.get("images")
     images = [images] if isinstance(images, (str, dict)) else images
     if not images or not isinstance(images, list):
-        raise DatasetError(f"{where}: no image field ('images')")
+        raise DatasetError(f"{where}: no image field; add 'images', a list of image paths")
     paths = []
     for im in images:
         p = im.get("path") if isinstance(im, dict) else im
@@ -512,32 +512,34 @@ def read_row(line: str, where: str, root: Path, seen: set) -> dict:
         path = Path(p) if Path(p).is_absolute() else root / p
         if path not in seen:
             if not path.is_file():
-                raise DatasetError(f"{where}: image not found: {path}")
+                raise DatasetError(f"{where}: image not found: {path}; fix the path or set --image-root")
             try:
-                with Image.open(path):  # reads the header only; pixels are decoded at sample time
-                    pass
+                with Image.open(path) as im:  # header, and for PNG the chunk checksums: no pixels are decoded
+                    im.verify()
             except Exception as e:
-                raise DatasetError(f"{where}: not a readable image: {path} ({type(e).__name__})") from None
+                raise DatasetError(f"{where}: not a readable image: {path} ({str(e) or type(e).__name__}); replace or drop it") from None
             seen.add(path)
         paths.append(str(path))
     marks = prompt.count(IMAGE)
     if marks == 0:
         prompt = IMAGE * len(paths) + prompt
     elif marks != len(paths):
-        raise DatasetError(f"{where}: the prompt has {marks} '<image>' marks but the row has {len(paths)} images")
+        raise DatasetError(f"{where}: the prompt has {marks} '<image>' marks but the row has {len(paths)} images; "
+                           "use one mark per image, or none")
     answer = str(answer)
     return {"prompt": prompt, "images": paths, "answer": final_answer(answer) or answer.strip(), "where": where}
 
 
 class JsonlTask(Task):
-    """A JSONL dataset as a task. Every row is validated up front (images by header only);
-    rows stay light dicts and images are loaded when a row is sampled."""
+    """A JSONL dataset as a task. Every row is validated up front (images by header and, for PNG,
+    checksums); rows stay light dicts and images are decoded when a row is sampled, where a
+    file that still fails (e.g. a truncated JPEG) raises DatasetError with its row and path."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None):
         path = Path(path)
         self.name, self.description = path.name, f"JSONL dataset {path}"
         if not path.is_file():
-            raise DatasetError(f"{path}: file not found")
+            raise DatasetError(f"{path}: {'a folder' if path.is_dir() else 'file not found'}; pass a JSONL file (--data)")
         root = Path(image_root) if image_root is not None else path.parent
         self.rows, seen = [], set()
         with open(path, encoding="utf-8") as f:
@@ -545,15 +547,18 @@ class JsonlTask(Task):
                 if line.strip():
                     self.rows.append(read_row(line, f"{path}:{n}", root, seen))
         if not self.rows:
-            raise DatasetError(f"{path}: empty file, no rows")
+            raise DatasetError(f"{path}: empty file, no rows; write one JSON object per line (python tasks.py --export shows the format)")
         self.labels = sorted({r["answer"] for r in self.rows})
 
     def sample(self, rng):
         row = rng.choice(self.rows)
         images = []
         for p in row["images"]:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+            try:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            except OSError as e:
+                raise DatasetError(f"{row['where']}: not a readable image: {p} ({e}); replace or drop it") from None
         return Example(row["prompt"], images, row["answer"], {"where": row["where"]})
 
     def parse(self, completion):

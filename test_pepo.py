@@ -4,10 +4,15 @@ in the comments. Run: python -m pytest -q test_pepo.py"""
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +54,8 @@ def test_token_entropy():
     extreme = torch.tensor([[[1e4, -1e4, -1e4]]])
     h = token_entropy(extreme)
     assert torch.isfinite(h).all() and h.abs().item() < 1e-6
+    # a -inf logit has p = 0 and adds 0 (not 0 * -inf = nan): two equal survivors give log 2
+    assert torch.allclose(token_entropy(torch.tensor([[[0.0, 0.0, float("-inf")]]])), torch.tensor([[math.log(2)]]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,11 +263,14 @@ def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
     return str(out)
 
 
+def run_argv(tmp_path, *flags) -> list[str]:
+    return ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--eval-size", "4", "--output-dir", str(tmp_path), *flags]
+
+
 def run(tmp_path, tiny, *flags):
     """pepo.main on a copy of the prebuilt tiny model, with small batches."""
     shutil.copytree(tiny, tmp_path / "tiny_init", dirs_exist_ok=True)
-    argv = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--eval-size", "4", "--output-dir", str(tmp_path), *flags]
-    return pepo.main(argv)
+    return pepo.main(run_argv(tmp_path, *flags))
 
 
 def test_completion_mask_runs_to_first_end_token(loaded):
@@ -1161,14 +1171,19 @@ def test_dataset_errors(tmp_path):
     assert issubclass(DatasetError, ValueError)
 
 
-def test_validation_reads_headers_only(tmp_path):
-    # A truncated PNG has a valid header: construction accepts it (nothing decoded), sampling fails.
-    full = tmp_path / "full.png"
-    Image.new("RGB", (64, 64), "red").save(full)
-    (tmp_path / "cut.png").write_bytes(full.read_bytes()[:60])
-    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "answer": "1", "images": ["cut.png"]}) + "\n")
+def test_truncated_images(tmp_path):
+    # A truncated PNG has a valid header but broken checksums: rejected up front (verify, no decoding).
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    msg = dataset_error(tmp_path, [json.dumps({"problem": "Q", "answer": "1", "images": ["cut.png"]})])
+    assert "bad.jsonl:1" in msg and "not a readable image" in msg and str(tmp_path / "cut.png") in msg
+    # A truncated JPEG passes verify (header only); decoding it at sample time names the row and path.
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:2000])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "Q", "answer": "1", "images": ["cut.jpg"]}) + "\n")
     ds = JsonlTask(tmp_path / "d.jsonl")
-    with pytest.raises(OSError):
+    with pytest.raises(DatasetError, match=r"d\.jsonl:1: not a readable image: .*cut\.jpg"):
         ds.sample(random.Random(0))
 
 
@@ -1184,3 +1199,329 @@ def test_cli_list_and_export(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "fs" / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["images"]) == 3 and r["problem"].count(IMAGE) == 3 for r in rows)
     assert len(list((tmp_path / "fs" / "images").glob("*.png"))) == 9
+
+
+# ======================================================================================
+# Robustness (issue 6): degenerate batches, bad input, non-finite steps, checkpoints and resume
+# ======================================================================================
+DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token", "no_image_tokens", "extreme_logits"]
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_update_math_stays_finite_on_degenerate_batches(case):
+    """Every pure function of the update, chained as train_step chains them: no nan/inf in
+    advantages, weights, masks, loss or gradient, and the values the degenerate case implies."""
+    g = seeded(0)
+    B, V, T, D = 4, 6, 9, 5  # 2 groups of 2; T prompt positions before the L completion positions
+    L = {"empty_completions": 0, "single_token": 1}.get(case, 3)
+    logits = torch.randn(B, L, V, generator=g)
+    old_logits = logits - 0.3 * torch.randn(B, L, V, generator=g)
+    hidden = [torch.randn(B, T + L, D, generator=g) for _ in range(2)]
+    if case == "extreme_logits":  # one-hot at +-1e4; the old and reference policies put -+1e4 where this one puts +-1e4
+        logits = torch.full_like(logits, -1e4).scatter(-1, logits.argmax(-1, keepdim=True), 1e4)
+        old_logits, hidden = -logits, [h * 1e4 for h in hidden]
+    logits.requires_grad_()
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    rewards = torch.full((B,), 0.1) if case == "flat_rewards" else torch.tensor([1.0, 0.0, 0.2, 0.7])
+    mask = torch.zeros(B, L) if case == "no_end_token" else torch.ones(B, L)  # no end token: overlong filter masks all
+    if L > 1 and case != "no_end_token":
+        mask[1, -1] = 0  # one padded position
+    vision = torch.zeros(B, T + L, dtype=torch.bool)
+    if case != "no_image_tokens":
+        vision[:, 1:5] = True
+
+    adv = grpo_advantages(rewards, 2)
+    entropy, logp = token_entropy(logits), pepo.token_logprobs(logits, tokens)
+    old = pepo.token_logprobs(old_logits, tokens)  # also the reference and the perturbed-image pass
+    prior = perception_prior(hidden, vision, L)
+    w = pepo_token_weights(prior, entropy, mask)
+    dep, kl = token_visual_dependency(logp, old), token_visual_kl(logits, old_logits)
+    keep, tas = token_gradient_mask(dep, mask), trajectory_advantage_scale(dep, mask)
+    top = entropy_top_mask(entropy, mask)
+    for t in (adv, entropy, logp, prior, pepo.masked_minmax(prior, mask), w, dep, kl, keep, tas, top):
+        assert torch.isfinite(t).all()
+    assert prior.shape == w.shape == keep.shape == (B, L)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        for beta in (0.0, 0.1):
+            loss, stats = policy_loss(logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta)
+            (grad,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
+            grad = torch.zeros_like(logits) if grad is None else grad
+            assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(math.isfinite(v) for v in stats.values())
+            if case in ("flat_rewards", "empty_completions", "no_end_token") and beta == 0:
+                assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))  # nothing to learn
+    if case == "flat_rewards":
+        assert torch.equal(adv, torch.zeros(B))
+    if case == "single_token":
+        assert torch.equal(w, torch.ones(B, 1)) and torch.equal(keep, torch.ones(B, 1))  # ceil(0.4 * 1) = 1 kept
+    if case == "no_end_token":
+        assert torch.equal(w, torch.zeros(B, L)) and torch.equal(keep, torch.zeros(B, L)) and torch.equal(tas, torch.ones(B))
+    if case == "no_image_tokens":
+        assert torch.equal(prior, torch.zeros(B, L)) and torch.allclose(w, mask)  # prior 0: uniform weights
+    if case == "extreme_logits":
+        assert entropy.max().item() < 1e-6  # one-hot distributions
+
+
+def test_masked_minmax_all_padding_row_is_zero():
+    x = torch.tensor([[3.0, 1.0, 2.0], [-1e4, 5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 0: (x - 1) / (3 - 1) on valid tokens; row 1 has none: 0, not (x - max) / floor * 0 = nan
+    assert torch.equal(pepo.masked_minmax(x, mask), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_policy_loss_far_off_ratio_is_clamped_not_inf():
+    # log-ratio 30 (and -30 to the reference): exp is taken of 20, so the loss is large but finite
+    logp, old, ref = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-30.0]]), torch.tensor([[-30.0]])
+    loss, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), "dapo", ref_logp=ref, beta=0.1)
+    d = torch.tensor(-20.0)
+    assert loss.item() == pytest.approx(math.exp(20) + 0.1 * (torch.exp(d) - d - 1).item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all()
+
+
+def usage_error(capsys, *argv) -> str:
+    """pepo.main(argv) must exit with status 2 and print exactly one line, `error: ...`, to stderr."""
+    capsys.readouterr()  # drop earlier output
+    with pytest.raises(SystemExit) as e:
+        pepo.main(list(argv))
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was built or loaded before the input was checked")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--algo", "ppo"], "error: argument --algo: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'pepo_g', 'pepo_d', 'vppo')"),
+    (["--task", "colour"], "error: unknown --task 'colour'; choose from color, shape,"),
+    (["--group-size", "1"], "error: --group-size 1: advantages compare completions of one prompt, so use at least 2"),
+    (["--steps", "0"], "error: --steps 0: use at least 1"),
+    (["--steps", "-3"], "error: --steps -3: use at least 1"),
+    (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
+    (["--model", "/no/such/model"], "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id"),
+    (["--resume", "/no/such/run"], "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)"),
+    (["--resume", "/no/such/run", "--steps", "3", "--lr", "0.1"], "error: --resume continues a run with its saved settings; leave out --steps, --lr"),
+])
+def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    assert usage_error(capsys, *argv).startswith(expected)
+
+
+OK_ROW = json.dumps({"problem": "<image>Q", "answer": "1", "images": ["ok.png"]})
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (None, "{d}/bad.jsonl: file not found; pass a JSONL file (--data)"),
+    ([], "{d}/bad.jsonl: empty file, no rows; write one JSON object per line"),
+    ([OK_ROW, '{"problem": "<image>Q", "answer":'], "{d}/bad.jsonl:2: not valid JSON (Expecting value); write one JSON object per line"),
+    ([OK_ROW, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})], "{d}/bad.jsonl:2: no answer field; add the ground truth"),
+    ([OK_ROW, json.dumps({"problem": "<image>Q", "answer": "1"})], "{d}/bad.jsonl:2: no image field; add 'images'"),
+    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["x.png"]})], "{d}/bad.jsonl:2: image not found: {d}/x.png; fix the path or set --image-root"),
+    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["fake.png"]})], "{d}/bad.jsonl:2: not a readable image: {d}/fake.png ("),
+])
+def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkeypatch, lines, expected):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "fake.png").write_text("not an image")
+    if lines is not None:
+        (tmp_path / "bad.jsonl").write_text("".join(line + "\n" for line in lines))
+    msg = usage_error(capsys, "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "out"))
+    assert msg.startswith("error: " + expected.format(d=tmp_path))
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "d.jsonl").write_text(OK_ROW + "\n" + OK_ROW + "\n" + "{oops\n")
+    proc = subprocess.run([sys.executable, "pepo.py", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "out")],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"error: {tmp_path}/d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes); "
+                                        "write one JSON object per line"]
+
+
+def test_bad_model_folders_exit_2(tmp_path, tiny, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    (tmp_path / "empty").mkdir()
+    msg = usage_error(capsys, "--model", str(tmp_path / "empty"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/empty: no config.json in it; pass a folder written by save_pretrained")
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    msg = usage_error(capsys, "--model", str(tmp_path / "text_only"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint")
+    # a Qwen-VL config whose image_token_id the tokenizer does not hold (config and tokenizer only: it fails before weights)
+    shutil.copytree(tiny, tmp_path / "no_image_token", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((tmp_path / "no_image_token" / "config.json").read_text())
+    (tmp_path / "no_image_token" / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
+    msg = usage_error(capsys, "--model", str(tmp_path / "no_image_token"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5")
+    shutil.copytree(tiny, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    msg = usage_error(capsys, "--model", str(tmp_path / "no_weights"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/no_weights: cannot be loaded as a Qwen-VL checkpoint (")
+
+
+@pytest.mark.parametrize("offline_env", [True, False])
+def test_hub_id_without_network_fails_fast(capsys, monkeypatch, offline_env):
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils as hub_utils
+
+    class NoNetwork:
+        def head(self, *args, **kwargs):
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setattr(hub_utils, "get_session", lambda: NoNetwork())  # this test must not depend on the network
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    t0 = time.time()
+    msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")
+    why = "HF_HUB_OFFLINE is set" if offline_env else f"{hub_constants.ENDPOINT} cannot be reached"
+    assert msg == (f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
+                   "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder")
+    assert time.time() - t0 < 5  # from_pretrained alone retries for about a minute
+
+
+def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):
+    shutil.copytree(tiny, tmp_path / "tiny_init")
+    _, tok, _ = pepo.load_policy(tiny)
+    for name in ("color", "grounding"):  # the budget is the longest answer plus the end token
+        task, rng = tasks.get_task(name), random.Random(1)
+        longest = max(len(tok(task.random_completion(rng) + "<|im_end|>").input_ids) for _ in range(300))
+        assert pepo.answer_budget(task, tok) == longest
+    assert pepo.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
+    msg = usage_error(capsys, "--output-dir", str(tmp_path), "--max-new-tokens", "3")
+    assert msg == ("error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
+                   "with the end token; use --max-new-tokens 4 or more")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_nonfinite_loss_skips_the_optimizer_step(tmp_path, tiny, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    real = pepo.policy_loss
+    monkeypatch.setattr(pepo, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("nan"), s))(*real(*a, **k)))
+    run(tmp_path / "nan", tiny, "--algo", "grpo") if (tmp_path / "nan").mkdir() is None else None
+    metrics = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nonfinite_skipped"] for m in metrics] == [1, 1]
+    assert all(m["grad_norm"] is None for m in metrics)  # nan is written as null: metrics.jsonl stays valid JSON
+    assert capsys.readouterr().err.count("non-finite loss or gradient norm, optimizer step skipped") == 2
+    init = load_file(tmp_path / "nan" / "tiny_init" / "model.safetensors")
+    weights = lambda d: load_file(tmp_path / d / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(init[k], v) for k, v in weights("nan").items())  # weights never updated
+    assert torch.load(tmp_path / "nan" / "checkpoint" / pepo.TRAINER_PT, weights_only=True)["optimizer"]["state"] == {}  # nor Adam
+    monkeypatch.setattr(pepo, "policy_loss", real)  # the same run with a finite loss does move the weights
+    run(tmp_path / "ok", tiny, "--algo", "grpo") if (tmp_path / "ok").mkdir() is None else None
+    assert [json.loads(line)["nonfinite_skipped"] for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()] == [0, 0]
+    assert not all(torch.equal(init[k], v) for k, v in weights("ok").items())
+
+
+# Checkpoints and resume. These flags draw on every random stream (task stream, sampling, VPPO
+# masks, avg@K evaluation) and use the PEPO ramp and a KL reference model.
+RESUME_FLAGS = ["--algo", "vppo", "--pepo", "--beta", "0.01", "--eval-samples", "2", "--steps", "5"]
+
+
+def metrics_without_time(path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tiny):
+    """(metrics without timing, summary) of one uninterrupted 5-step run."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = run(out, tiny, *RESUME_FLAGS)
+    metrics = metrics_without_time(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5] and sum("kl" in m and "tas_mean" in m for m in metrics) >= 2
+    return metrics, summary
+
+
+def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, uninterrupted):
+    summary = run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "2")
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
+    assert (summary["eval_before"], summary["eval_after"]) == (uninterrupted[1]["eval_before"], uninterrupted[1]["eval_after"])
+    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
+    assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 1.0)
+    assert state["metrics_bytes"] == (tmp_path / "metrics.jsonl").stat().st_size
+
+
+def test_sigterm_mid_run_saves_and_resume_matches_uninterrupted(tmp_path, tiny, uninterrupted):
+    shutil.copytree(tiny, tmp_path / "tiny_init")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads, same float sums
+    proc = subprocess.Popen([sys.executable, "pepo.py", *run_argv(tmp_path, *RESUME_FLAGS, "--save-every", "1")],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before step 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err
+    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
+    assert 2 <= state["step"] < 5 and state["pepo_lambda"] == state["step"] / 5
+    assert f"SIGTERM: stopped after step {state['step']} of 5; checkpoint in {tmp_path}/checkpoint" in err
+    assert len(metrics.read_text().splitlines()) == state["step"] and not (tmp_path / "summary.json").exists()
+    summary = pepo.main(["--resume", str(tmp_path)])
+    assert metrics_without_time(metrics) == uninterrupted[0]
+    assert summary["eval_after"] == uninterrupted[1]["eval_after"]
+
+
+def test_sigint_finishes_the_step_saves_and_resume_is_exact(tmp_path, tiny, uninterrupted, monkeypatch):
+    real, calls = pepo.collect_rollouts, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pepo, "collect_rollouts", ctrl_c_in_step_2)
+    assert run(tmp_path, tiny, *RESUME_FLAGS) == {"stopped_at_step": 2, "signal": "SIGINT"}  # no --save-every needed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main gave the handler back
+    assert json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())["step"] == 2
+    pepo.main(["--resume", str(tmp_path)])
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
+
+
+class Killed(BaseException):
+    """Stands in for a kill: nothing in pepo catches it."""
+
+
+@pytest.mark.parametrize("when", ["writing", "swapping"])
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uninterrupted, monkeypatch, capsys, when):
+    count = []
+    if when == "writing":  # dies inside the step-2 save: weights written to checkpoint.tmp, trainer state not
+        real_save = torch.save
+
+        def save(*args, **kwargs):
+            count.append(1)
+            if len(count) == 2:
+                raise Killed
+            return real_save(*args, **kwargs)
+        monkeypatch.setattr(torch, "save", save)
+    else:  # dies between the step-2 save's renames: checkpoint/ is already checkpoint.old/, the new one still .tmp
+        real_rename = Path.rename
+
+        def rename(self, target):
+            if self.name.endswith(".tmp"):
+                count.append(1)
+                if len(count) == 2:
+                    raise Killed
+            return real_rename(self, target)
+        monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(Killed):
+        run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "1")
+    ckpt = pepo.find_checkpoint(str(tmp_path))
+    assert ckpt.name == {"writing": "checkpoint", "swapping": "checkpoint.old"}[when]
+    assert json.loads((ckpt / pepo.TRAINER_JSON).read_text())["step"] == 1
+    assert pepo.load_policy(str(ckpt))[0].config.image_token_id is not None  # the previous checkpoint loads
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # step 2 was logged, not saved
+    os.rename(tmp_path / "metrics.jsonl", tmp_path / "kept")
+    assert "metrics.jsonl is missing or shorter than at the checkpoint (step 1)" in usage_error(capsys, "--resume", str(tmp_path))
+    os.rename(tmp_path / "kept", tmp_path / "metrics.jsonl")
+    pepo.main(["--resume", str(tmp_path)])
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]  # step 2 done again, written once
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint"]

@@ -713,6 +713,28 @@ def test_perturb_blacken_aligns_with_encoder_patches(name):
     assert (black ^ same).all() and 0 < black.mean() < 1
 
 
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_blacken_pixel_values_equals_processing_a_blackened_image(name):
+    proc = PROCESSORS[name]
+    p = proc.patch_size
+    img = resize_for_model(random_image(300, 200), proc)  # what encode_prompts feeds the processor
+    clean = proc(img, return_tensors="pt")["pixel_values"]
+    all_black = vppo.blacken_pixel_values(clean, proc, 1.0)
+    assert torch.allclose(all_black, proc(Image.new("RGB", img.size), return_tensors="pt")["pixel_values"], atol=1e-6)
+    assert torch.equal(vppo.blacken_pixel_values(clean, proc, 0.0), clean)
+    # one pixel_values row is one patch: blackening patch (2, 3) of the image changes exactly one row, to black
+    one = img.copy()
+    ImageDraw.Draw(one).rectangle((3 * p, 2 * p, 4 * p - 1, 3 * p - 1), fill=(0, 0, 0))
+    pv = proc(one, return_tensors="pt")["pixel_values"]
+    changed = (pv != clean).any(dim=1).nonzero().view(-1)
+    assert len(changed) == 1 and torch.allclose(pv[changed], all_black[changed], atol=1e-6)
+    # random masks: every row is either clean or black, about half black, fresh per call
+    g = seeded(0)
+    a, b = vppo.blacken_pixel_values(clean, proc, 0.5, g), vppo.blacken_pixel_values(clean, proc, 0.5, g)
+    is_black, is_clean = (a == all_black).all(1), (a == clean).all(1)
+    assert (is_black | is_clean).all() and 0.3 < is_black.float().mean() < 0.7 and not torch.equal(a, b)
+
+
 def test_resize_for_model_is_a_fixed_point():
     proc = PROCESSORS["patch14"]
     once = resize_for_model(random_image(300, 200), proc)

@@ -37,7 +37,7 @@ ALGOS = {  # table row -> pepo.py flags
 # into 60 minutes with 2 single-threaded workers on a 2-core CPU; --quick checks the pipeline in < 5 minutes.
 BUDGETS = {
     "full": dict(tasks=["color", "dots-sum"], seeds=[1, 2, 3], steps=100, prompts_per_step=8, group_size=8, eval_every=10, eval_size=100),
-    "quick": dict(tasks=["color", "dots-sum"], seeds=[1], steps=12, prompts_per_step=4, group_size=8, eval_every=4, eval_size=32),
+    "quick": dict(tasks=["color", "dots-sum"], seeds=[1], steps=6, prompts_per_step=8, group_size=8, eval_every=3, eval_size=50),
 }
 
 
@@ -171,7 +171,7 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     b = config["budget"]
     table = markdown_table(summary, algos, threshold)
     md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {b['steps']} steps of {b['prompts_per_step']} prompts x "
-          f"{b['group_size']} samples; mean ± std over seeds {b['seeds']}. Steps to {threshold:g}: median over seeds of the "
+          f"{b['group_size']} samples; mean ± sample std over seeds {b['seeds']}. Steps to {threshold:g}: median over seeds of the "
           f"first evaluation (every {b['eval_every']} steps) at or above it, (seeds that reached it / seeds).\n\n{table}\n")
     (results / "learning.md").write_text(md)
     plot_learning(results / "learning.png", runs, algos, threshold)
@@ -183,7 +183,7 @@ def learn(opt) -> None:
     from multiprocessing import get_context
 
     budget = dict(BUDGETS["quick" if opt.quick else "full"])
-    for key in ("tasks", "seeds", "steps"):
+    for key in ("tasks", "seeds", "steps", "prompts_per_step"):
         if getattr(opt, key) is not None:
             budget[key] = getattr(opt, key)
     algos = opt.algos or list(ALGOS)
@@ -212,22 +212,31 @@ def learn(opt) -> None:
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
         for b in pool.map(_job, builds):
             print(f"  built {b['task']} seed {b['seed']} ({b['seconds']:.0f} s)", flush=True)
-        futures = []
+        futures = {}
         for j in todo:
             Path(j["out"]).mkdir(parents=True, exist_ok=True)
+            (Path(j["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
             (Path(j["out"]) / "job.json").write_text(json.dumps(j["argv"]))
-            futures.append(pool.submit(_job, j))
+            futures[pool.submit(_job, j)] = j
         for i, f in enumerate(as_completed(futures), 1):
-            j = f.result()  # a failed run raises here; its log says why
+            j = futures[f]
+            head = f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}:"
+            try:
+                seconds = f.result()["seconds"]
+            except Exception as e:  # one failed run should not cost the other 35; its log says why
+                print(f"{head} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
+                continue
             s = json.loads((Path(j["out"]) / "summary.json").read_text())
-            print(f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}: "
-                  f"{s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({j['seconds']:.0f} s, {time.time() - t_start:.0f} s total)", flush=True)
-    results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs]
+            print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s, {time.time() - t_start:.0f} s total)", flush=True)
+    results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)]
+    if not results:
+        sys.exit("learn: no run finished; see the logs")
     config = {"budget": budget, "algos": {a: ALGOS[a] for a in algos}, "extra_flags": opt.extra, "workers": opt.workers,
               "threshold": opt.threshold, "quick": opt.quick, "wall_seconds": round(time.time() - t_start, 1),
               "machine": machine(), "command": " ".join(sys.argv)}
-    md = write_learning(Path(opt.results_dir), results, config, algos, opt.threshold)
-    print(md + f"\nwall time {config['wall_seconds']:.0f} s; wrote {opt.results_dir}/learning.json, learning.md, learning.png")
+    out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
+    md = write_learning(out, results, config, algos, opt.threshold)
+    print(md + f"\nwall time {config['wall_seconds']:.0f} s; wrote {out}/learning.json, learning.md, learning.png")
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def overhead(opt) -> dict:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # GRPO's KL reference: the initial policy
     examples = [task.sample(random.Random(1000 + i)) for i in range(opt.prompts)]
     algos = ["grpo", "pepo_g", "dapo", "pepo_d", "vppo"]
-    times = {a: {"rollout": [], "scoring": [], "update": [], "step": []} for a in algos}
+    times = {a: {"rollout": [], "scoring": [], "update": [], "step": [], "step_cpu": []} for a in algos}
     rollout_ids = {}
     for rep in range(opt.warmup + opt.repeats):
         for algo in algos:  # interleaved, so a slow phase of the machine hits every algorithm alike
@@ -260,31 +269,34 @@ def overhead(opt) -> dict:
             model.load_state_dict(initial)  # every algorithm starts from the same weights ...
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
             torch.manual_seed(rep)  # ... and samples the same rollouts
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             batch = pepo.rollout(model, vl, task, examples, opt.group_size, args, torch.device("cpu"), nullcontext())
             t1 = time.perf_counter()
             stats = pepo.train_step(model, ref_model if args.beta > 0 else None, optimizer, vl, batch, 1, args,
                                     torch.device("cpu"), nullcontext(), torch.Generator().manual_seed(rep))
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             rollout_ids.setdefault(rep, set()).add(hash(batch["completion_ids"].numpy().tobytes()))
             if rep >= opt.warmup:
-                for key, value in (("rollout", t1 - t0), ("scoring", stats["time_scoring"]), ("update", stats["time_update"]), ("step", t2 - t0)):
+                for key, value in (("rollout", t1 - t0), ("scoring", stats["time_scoring"]), ("update", stats["time_update"]), ("step", t2 - t0), ("step_cpu", c2 - c0)):
                     times[algo][key].append(value)
     med = {a: {k: round(statistics.median(v), 4) for k, v in t.items()} for a, t in times.items()}
-    full = lambda a: med[a]["step"]
-    train = lambda a: med[a]["scoring"] + med[a]["update"]
+    pairs = [("pepo_g", "grpo"), ("pepo_d", "dapo"), ("vppo", "dapo")]
+    # ratio = median over repeats of the two algorithms' times in the same round (paired: robust to a busy machine)
+    paired = lambda a, b, f: round(statistics.median(f(a, i) / f(b, i) for i in range(opt.repeats)), 3)
+    full = lambda a, i: times[a]["step"][i]
+    train = lambda a, i: times[a]["scoring"][i] + times[a]["update"][i]
+    cpu = lambda a, i: times[a]["step_cpu"][i]  # CPU seconds of this process: hardly moved by other jobs on the machine
     result = {
         "seconds": med,
-        "ratios": {"pepo_g/grpo": round(full("pepo_g") / full("grpo"), 3), "pepo_d/dapo": round(full("pepo_d") / full("dapo"), 3),
-                   "vppo/dapo": round(full("vppo") / full("dapo"), 3)},
-        "ratios_without_rollout": {"pepo_g/grpo": round(train("pepo_g") / train("grpo"), 3),
-                                   "pepo_d/dapo": round(train("pepo_d") / train("dapo"), 3),
-                                   "vppo/dapo": round(train("vppo") / train("dapo"), 3)},
+        "ratios": {f"{a}/{b}": paired(a, b, full) for a, b in pairs},
+        "ratios_without_rollout": {f"{a}/{b}": paired(a, b, train) for a, b in pairs},
+        "ratios_cpu_time": {f"{a}/{b}": paired(a, b, cpu) for a, b in pairs},
         "targets": {"pepo_g/grpo": 1.05, "vppo/dapo": 1.35},
         "same_rollouts": all(len(ids) == 1 for ids in rollout_ids.values()),
         "config": {"task": opt.task, "prompts": opt.prompts, "group_size": opt.group_size, "repeats": opt.repeats,
-                   "warmup": opt.warmup, "statistic": "median", "model": "tiny Qwen2.5-VL (pepo.build_tiny_model)",
-                   "note": "fixed rollout batch per repeat (no dynamic-sampling refills); step = rollout + scoring + update",
+                   "warmup": opt.warmup, "statistic": "median; ratios: median of per-round ratios", "model": "tiny Qwen2.5-VL (pepo.build_tiny_model)",
+                   "note": "fixed rollout batch per repeat (no dynamic-sampling refills); step = rollout + scoring + update "
+                           "(wall seconds); step_cpu = CPU seconds of the same step",
                    "machine": machine()},
     }
     return result
@@ -385,7 +397,8 @@ def heatmap_records(vl, batch: dict, record: dict, step: int, n: int) -> list[di
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} h1{font-size:1.2em}
-.switch label{margin-right:1em;cursor:pointer} .legend{color:#666;font-size:12px;margin:.3em 0 1em}
+input[name=signal]{display:none} .legend{color:#666;font-size:12px;margin:.4em 0 1em} h2{font-size:1em;margin:1.2em 0 .3em}
+.switch label{display:inline-block;margin:0 .4em .3em 0;padding:.2em .7em;border:1px solid #bbb;border-radius:1em;cursor:pointer}
 .rollout{border:1px solid #ddd;border-radius:6px;padding:.6em;margin:.6em 0;display:flex;gap:1em;align-items:flex-start}
 .rollout img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
 .meta{font-size:12px;color:#555;margin-bottom:.4em} .tokens{font:15px ui-monospace,monospace;line-height:2}
@@ -398,15 +411,22 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
     a CSS-only radio switch (no script, no external resource). Colour = the signal min-max
     normalised within each rollout; hover a token for every signal's raw value."""
     names = [k for k in SIGNALS if any(k in r["signals"] for r in records)]
-    css = CSS + "".join(f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n" for k in names)
+    css = CSS + "".join(f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n"
+                        f"#s-{k}:checked~.switch label[for=s-{k}]{{background:#d22;color:#fff;border-color:#d22}}\n" for k in names)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
              f"<h1>Per-token signals: {html.escape(title)}</h1>"]
     for j, k in enumerate(names):  # the radios must precede .rollouts for the ~ selector
         parts.append(f"<input type='radio' name='signal' id='s-{k}'{' checked' if j == 0 else ''}>")
     parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{SIGNALS[k]}</label>" for k in names) + "</div>")
-    parts.append("<div class='legend'>colour: white = lowest, red = highest value within each rollout; hover a token for values</div>")
+    parts.append("<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
+                 "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
+                 "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
+                 "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for every "
+                 "algorithm; only the run's own method acts on them.</div>")
     parts.append("<div class='rollouts'>")
-    for r in records:
+    for j, r in enumerate(records):
+        if j == 0 or r["step"] != records[j - 1]["step"]:
+            parts.append(f"<h2>step {r['step']}{' (start of training)' if j == 0 else ' (end of training)'}</h2>")
         imgs = "".join(f"<img alt='input image' src='data:image/png;base64,{base64.b64encode(b).decode()}'>" for b in r["images"])
         spans = []
         for t, tok in enumerate(r["tokens"]):
@@ -434,16 +454,17 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("learn", help="held-out accuracy vs step for every algorithm, task and seed",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--quick", action="store_true", help="1 seed, 12 short steps: checks the pipeline in under 5 minutes")
+    a.add_argument("--quick", action="store_true", help="1 seed, 6 steps: checks the pipeline in under 5 minutes")
     a.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     a.add_argument("--tasks", nargs="+", default=None, help="override the budget's tasks")
     a.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
     a.add_argument("--steps", type=int, default=None, help="override the budget's RL steps per run")
+    a.add_argument("--prompts-per-step", type=int, default=None, help="override the budget's prompts per step")
     a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms (default: all)")
     a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
     a.add_argument("--threshold", type=float, default=0.8, help="accuracy for the steps-to-threshold column")
     a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")
-    a.add_argument("--results-dir", default="results", help="learning.json, learning.md, learning.png")
+    a.add_argument("--results-dir", default=None, help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)")
     o = sub.add_parser("overhead", help="seconds per training step and phase for each algorithm on the same rollouts",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     o.add_argument("--json", action="store_true", help="print JSON only")

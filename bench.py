@@ -152,9 +152,9 @@ def plot_learning(path: Path, runs: list[dict], algos: list[str], threshold: flo
             curves = list(zip(*[r["eval_accuracy"] for r in rs]))  # per step: one value per seed
             line, = ax.plot(steps, [statistics.mean(c) for c in curves], label=algo, lw=1.6)
             ax.fill_between(steps, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.15, lw=0)
-        ax.axhline(threshold, color="grey", ls=":", lw=1)
+        ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"{threshold:g}")
         seeds = len({r["seed"] for r in runs if r["task"] == task})
-        ax.set(title=f"{task} ({seeds} seeds: mean, min-max band)", xlabel="RL step", ylabel="held-out greedy accuracy", ylim=(0, 1))
+        ax.set(title=f"{task} ({seeds} seed{'s' * (seeds > 1)}: mean, min-max band)", xlabel="RL step", ylabel="held-out greedy accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -212,7 +212,7 @@ def learn(opt) -> None:
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
         for b in pool.map(_job, builds):
             print(f"  built {b['task']} seed {b['seed']} ({b['seconds']:.0f} s)", flush=True)
-        futures = {}
+        futures, t_runs = {}, time.time()
         for j in todo:
             Path(j["out"]).mkdir(parents=True, exist_ok=True)
             (Path(j["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
@@ -227,7 +227,9 @@ def learn(opt) -> None:
                 print(f"{head} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
                 continue
             s = json.loads((Path(j["out"]) / "summary.json").read_text())
-            print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s, {time.time() - t_start:.0f} s total)", flush=True)
+            eta = (time.time() - t_runs) / i * (len(todo) - i) / 60  # rough: runs differ in length
+            print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
+                  f"~{eta:.0f} min left)", flush=True)
     results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)]
     if not results:
         sys.exit("learn: no run finished; see the logs")

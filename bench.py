@@ -462,7 +462,7 @@ def main(argv=None):
     a.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
     a.add_argument("--steps", type=int, default=None, help="override the budget's RL steps per run")
     a.add_argument("--prompts-per-step", type=int, default=None, help="override the budget's prompts per step")
-    a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms (default: all)")
+    a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted")
     a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
     a.add_argument("--threshold", type=float, default=0.8, help="accuracy for the steps-to-threshold column")
     a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")

@@ -103,7 +103,7 @@ def blacken_pixel_values(pixel_values: torch.Tensor, image_processor, prob: floa
     first, then temporal copies and the p x p pixels, rescaled and normalised), so blacking out
     a patch means setting its row to the normalised value of black. This equals running the
     processor on `perturb_image(image, "blacken")` (one independent draw per patch) without a
-    second pass of every image through Pillow and the processor (~0.3 s per 128-image batch here).
+    second pass of every image through Pillow and the processor (0.25 s -> 0.04 s for 128 images, tiny model).
     """
     ip = image_processor
     black = torch.tensor([(0.0 - m) / s for m, s in zip(ip.image_mean, ip.image_std)]) if ip.do_normalize else torch.zeros(len(ip.image_mean))

@@ -1,6 +1,7 @@
 """Tests for pepo.py, vppo.py and tasks.py on toy inputs. Expected values are worked out by hand
 in the comments. Run: python -m pytest -q test_pepo.py"""
 
+import base64
 import hashlib
 import json
 import math
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,21 @@ def test_perception_prior_matches_similarity_matrix_loop():
             slow[b] += sim.mean(1) / len(layers)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert torch.equal(fast[2], torch.zeros(L))
+
+
+@pytest.mark.parametrize("score", ["cosine", "dot", "l2", "l1"])
+def test_perception_prior_matches_bench_reference(score):
+    import bench
+
+    torch.manual_seed(1)
+    B, T, D, L = 3, 12, 6, 5
+    layers = [torch.randn(B, T, D) + torch.randn(D) for _ in range(2)]
+    vision = torch.zeros(B, T, dtype=torch.bool)
+    vision[0, 0:4] = True
+    vision[1, 3:5] = True  # row 2: no image tokens
+    fast, slow = perception_prior(layers, vision, L, score), bench.naive_prior(layers, vision, L, score)
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.equal(fast[2], torch.zeros(L))
+    assert slow[:2].abs().min() > 1e-3  # the comparison is not between zeros
 
 
 def test_pepo_weights_by_hand():
@@ -330,7 +347,7 @@ def test_perturbed_pass_changes_only_pixels(loaded):
     assert not torch.allclose(clean, other)
 
 
-METRIC_KEYS = {"step", "reward", "accuracy", "completion_len", "entropy", "loss", "clip_frac", "seconds"}
+METRIC_KEYS = {"step", "reward", "accuracy", "completion_len", "entropy", "loss", "clip_frac", "seconds", "time_scoring", "time_update"}
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
@@ -355,6 +372,114 @@ def test_end_to_end_each_algo(tmp_path, tiny, algo):
 def test_entropy_top_rule_keeps_a_fifth_of_tokens(tmp_path, tiny):
     run(tmp_path, tiny, "--algo", "dapo", "--token-rule", "entropy_top", "--no-dynamic-sampling")
     assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+class HeatmapParser(HTMLParser):
+    """Collects each rollout's token spans (text, title) and every <img> src of tokens.html."""
+
+    def __init__(self):
+        super().__init__()
+        self.rollouts, self.images, self.radios, self.in_token = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and a.get("class") == "rollout":
+            self.rollouts.append({"step": int(a["data-step"]), "tokens": []})
+        elif tag == "span" and a.get("class") == "tok":
+            self.rollouts[-1]["tokens"].append(["", a["title"]])
+            self.in_token = True
+        elif tag == "img":
+            self.images.append(a["src"])
+        elif tag == "input" and a.get("type") == "radio":
+            self.radios.append(a["id"])
+
+    def handle_endtag(self, tag):
+        self.in_token = self.in_token and tag != "span"
+
+    def handle_data(self, data):
+        if self.in_token:
+            self.rollouts[-1]["tokens"][-1][0] += data
+
+
+def test_visualize_shows_every_token_and_leaves_training_unchanged(tmp_path, tiny, monkeypatch):
+    import bench
+
+    seen, real = [], bench.heatmap_records
+    def spy(vl, batch, record, step, n):  # the masks and token ids the heatmap was built from
+        seen.append((step, batch["completion_mask"][:n].sum(1).long().tolist(),
+                     [vl.tok.decode(c[m.bool()], skip_special_tokens=False) for c, m in zip(batch["completion_ids"][:n], batch["completion_mask"][:n])]))
+        return real(vl, batch, record, step, n)
+    monkeypatch.setattr(bench, "heatmap_records", spy)
+    run(tmp_path / "vis", tiny, "--algo", "grpo", "--visualize", "3")  # GRPO uses neither the prior nor the dependency
+    page = (tmp_path / "vis" / "tokens.html").read_text()
+    parsed = HeatmapParser()
+    parsed.feed(page)
+    assert [s for s, _, _ in seen] == [1, 2]  # the first and the last step
+    assert [r["step"] for r in parsed.rollouts] == [1, 1, 1, 2, 2, 2]
+    expected_counts = [n for _, counts, _ in seen for n in counts]
+    assert [len(r["tokens"]) for r in parsed.rollouts] == expected_counts and all(n > 0 for n in expected_counts)
+    expected_texts = [t for _, _, texts in seen for t in texts]
+    assert ["".join(text for text, _ in r["tokens"]) for r in parsed.rollouts] == expected_texts
+    for r in parsed.rollouts:
+        for _, title in r["tokens"]:
+            values = dict(part.rsplit(" ", 1) for part in title.split(" | "))
+            assert set(values) == set(bench.SIGNALS.values()) and all(math.isfinite(float(v)) for v in values.values())
+    assert len(parsed.images) == 6 and all(src.startswith("data:image/png;base64,") for src in parsed.images)
+    assert base64.b64decode(parsed.images[0].split(",", 1)[1])[:4] == b"\x89PNG"
+    assert parsed.radios == [f"s-{k}" for k in bench.SIGNALS] and "http" not in page and "<script" not in page
+    # --visualize only adds passes for display, --eval-every only evaluates: training stays bit for bit the same
+    summary = run(tmp_path / "plain", tiny, "--algo", "grpo", "--eval-every", "1")
+    vis = [json.loads(line) for line in (tmp_path / "vis" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(vis, plain):
+        assert all(a[k] == b[k] for k in ("reward", "loss", "entropy", "kl", "grad_norm"))
+        assert "eval_accuracy" not in a and 0.0 <= b["eval_accuracy"] <= 1.0
+    assert plain[-1]["eval_accuracy"] == summary["accuracy_after"]  # same model, same greedy evaluation
+
+
+def fake_runs():
+    """Two seeds of two algorithms on one task, with held-out curves worked out by hand."""
+    curve = lambda accs: dict(eval_steps=[0, 10, 20, 30], eval_accuracy=accs, accuracy_before=accs[0], accuracy_after=accs[-1])
+    return [dict(task="color", algo="grpo", seed=1, **curve([0.2, 0.5, 0.8, 0.9])),
+            dict(task="color", algo="grpo", seed=2, **curve([0.2, 0.85, 0.7, 0.7])),
+            dict(task="color", algo="pepo_g", seed=1, **curve([0.2, 0.3, 0.4, 0.5])),
+            dict(task="color", algo="pepo_g", seed=2, **curve([0.2, 0.3, 0.9, 0.6]))]
+
+
+def test_learning_table_by_hand():
+    import bench
+
+    s = bench.summarize(fake_runs(), 0.8)["color"]
+    # grpo: final 0.9, 0.7 -> mean 0.8, sample std 0.1414; reached 0.8 at steps 20 and 10 -> median (lower) 10
+    assert s["grpo"]["final_mean"] == pytest.approx(0.8) and s["grpo"]["final_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert s["grpo"]["steps_to_threshold"] == [20, 10] and s["grpo"]["steps_cell"] == "10 (2/2)"
+    # pepo_g: only seed 2 reached it (step 20); the median of {20, never} counts 'never' as the slower one
+    assert s["pepo_g"]["steps_to_threshold"] == [None, 20] and s["pepo_g"]["steps_cell"] == "20 (1/2)"
+    assert bench.summarize(fake_runs()[2:3], 0.8)["color"]["pepo_g"]["steps_cell"] == "not reached (0/1)"
+    table = bench.markdown_table(bench.summarize(fake_runs(), 0.8), ["grpo", "pepo_g", "vppo"], 0.8).splitlines()
+    assert table[2] == "| grpo | 0.80 ± 0.14 | 10 (2/2) |" and table[4] == "| vppo | — | — |"
+
+
+def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    config = {"budget": dict(steps=30, prompts_per_step=8, group_size=8, seeds=[1, 2], eval_every=10, eval_size=100)}
+    bench.write_learning(tmp_path, fake_runs(), config, ["grpo", "pepo_g"], 0.8)
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    saved = json.loads((tmp_path / "learning.json").read_text())
+    assert saved["config"] == config and len(saved["runs"]) == 4 and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
+    assert "| pepo_g | 0.55 ± 0.07 | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
+    assert not (tmp_path / "learning.png").exists()
+
+
+def test_learning_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")  # optional (requirements-bench.txt); CI does not install it
+    import bench
+
+    assert bench.plot_learning(tmp_path / "learning.png", fake_runs(), ["grpo", "pepo_g"], 0.8)
+    assert (tmp_path / "learning.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -721,6 +846,28 @@ def test_perturb_blacken_aligns_with_encoder_patches(name):
     black = (blocks(out, p) == 0).all(-1)
     same = (blocks(out, p) == blocks(resized, p)).all(-1)
     assert (black ^ same).all() and 0 < black.mean() < 1
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_blacken_pixel_values_equals_processing_a_blackened_image(name):
+    proc = PROCESSORS[name]
+    p = proc.patch_size
+    img = resize_for_model(random_image(300, 200), proc)  # what encode_prompts feeds the processor
+    clean = proc(img, return_tensors="pt")["pixel_values"]
+    all_black = vppo.blacken_pixel_values(clean, proc, 1.0)
+    assert torch.allclose(all_black, proc(Image.new("RGB", img.size), return_tensors="pt")["pixel_values"], atol=1e-6)
+    assert torch.equal(vppo.blacken_pixel_values(clean, proc, 0.0), clean)
+    # one pixel_values row is one patch: blackening patch (2, 3) of the image changes exactly one row, to black
+    one = img.copy()
+    ImageDraw.Draw(one).rectangle((3 * p, 2 * p, 4 * p - 1, 3 * p - 1), fill=(0, 0, 0))
+    pv = proc(one, return_tensors="pt")["pixel_values"]
+    changed = (pv != clean).any(dim=1).nonzero().view(-1)
+    assert len(changed) == 1 and torch.allclose(pv[changed], all_black[changed], atol=1e-6)
+    # random masks: every row is either clean or black, about half black, fresh per call
+    g = seeded(0)
+    a, b = vppo.blacken_pixel_values(clean, proc, 0.5, g), vppo.blacken_pixel_values(clean, proc, 0.5, g)
+    is_black, is_clean = (a == all_black).all(1), (a == clean).all(1)
+    assert (is_black | is_clean).all() and 0.3 < is_black.float().mean() < 0.7 and not torch.equal(a, b)
 
 
 def test_resize_for_model_is_a_fixed_point():

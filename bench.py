@@ -1,0 +1,513 @@
+"""Measure and show: learning curves, per-step cost, perception-prior speed, token heatmaps.
+
+    python bench.py learn [--quick]    # results/learning.{json,md,png}: the papers' table at toy scale
+    python bench.py overhead --json    # seconds per training step and phase, ratios between methods
+    python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
+    python pepo.py --visualize 4 ...   # tokens.html: per-token signals (written by `write_token_heatmap` below)
+
+Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
+Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single-threaded workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+ALGOS = {  # table row -> pepo.py flags
+    "grpo": ["--algo", "grpo"],
+    "pepo_g": ["--algo", "pepo_g"],
+    "dapo": ["--algo", "dapo"],
+    "pepo_d": ["--algo", "pepo_d"],
+    "vppo": ["--algo", "vppo"],
+    "dapo+entropy_top": ["--algo", "dapo", "--token-rule", "entropy_top"],  # high-entropy minority, arXiv 2506.01939
+}
+# Per-run budget, the same for every algorithm. The full budget fits 36 runs (6 algos x 2 tasks x 3 seeds)
+# into 60 minutes with 2 single-threaded workers on a 2-core CPU; --quick checks the pipeline in < 5 minutes.
+BUDGETS = {
+    "full": dict(tasks=["color", "dots-sum"], seeds=[1, 2, 3], steps=100, prompts_per_step=8, group_size=8, eval_every=10, eval_size=100),
+    "quick": dict(tasks=["color", "dots-sum"], seeds=[1], steps=6, prompts_per_step=8, group_size=8, eval_every=3, eval_size=50),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------
+# learn: held-out accuracy vs step for every algorithm, task and seed
+# ----------------------------------------------------------------------------------------
+def _worker_init():
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars from parallel runs
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _job(job: dict) -> dict:
+    """One tiny-model build or one pepo.main run, in a worker process, its output to a log file."""
+    import pepo
+    import tasks
+
+    with open(job["log"], "w") as log, redirect_stdout(log), redirect_stderr(log):
+        t0 = time.time()
+        if job["kind"] == "build":
+            pepo.build_tiny_model(job["path"], tasks.get_task(job["task"]), job["seed"])
+        else:
+            pepo.main(job["argv"])
+    return {**job, "seconds": time.time() - t0}
+
+
+def read_run(out: Path) -> dict:
+    """The curves of one finished run: held-out accuracy at step 0 (before RL), every --eval-every
+    step and the last step, plus the per-step rollout reward and accuracy."""
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps, acc = [0], [summary["accuracy_before"]]
+    for m in metrics:
+        if "eval_accuracy" in m:
+            steps.append(m["step"])
+            acc.append(m["eval_accuracy"])
+    if steps[-1] != summary["steps"]:
+        steps.append(summary["steps"])
+        acc.append(summary["accuracy_after"])
+    return {"eval_steps": steps, "eval_accuracy": acc, "accuracy_before": summary["accuracy_before"],
+            "accuracy_after": summary["accuracy_after"], "seconds": summary["seconds"],
+            "train_reward": [m["reward"] for m in metrics], "train_accuracy": [m["accuracy"] for m in metrics],
+            "step_seconds": [round(m["seconds"], 3) for m in metrics]}
+
+
+def steps_to(steps: list[int], acc: list[float], threshold: float):
+    """First evaluated step whose held-out accuracy is >= threshold, else None."""
+    return next((s for s, a in zip(steps, acc) if a >= threshold), None)
+
+
+def summarize(runs: list[dict], threshold: float) -> dict:
+    """{task: {algo: {final_mean, final_std, steps_to_threshold (per seed), reached, cell texts}}}"""
+    table = {}
+    for r in runs:
+        table.setdefault(r["task"], {}).setdefault(r["algo"], []).append(r)
+    out = {}
+    for task, by_algo in table.items():
+        out[task] = {}
+        for algo, rs in by_algo.items():
+            final = [r["accuracy_after"] for r in rs]
+            reach = [steps_to(r["eval_steps"], r["eval_accuracy"], threshold) for r in rs]
+            hit = sorted(s for s in reach if s is not None)
+            mean, std = statistics.mean(final), (statistics.stdev(final) if len(final) > 1 else 0.0)
+            # median over seeds, a seed that never reached the threshold counting as infinitely slow
+            med = sorted(reach, key=lambda s: float("inf") if s is None else s)[(len(reach) - 1) // 2]
+            to = f"not reached ({len(hit)}/{len(rs)})" if med is None else f"{med} ({len(hit)}/{len(rs)})"
+            out[task][algo] = {"final_mean": mean, "final_std": std, "seeds": len(rs), "steps_to_threshold": reach,
+                               "final_cell": f"{mean:.2f} ± {std:.2f}", "steps_cell": to}
+    return out
+
+
+def markdown_table(summary: dict, algos: list[str], threshold: float) -> str:
+    task_names = list(summary)
+    head = "| algorithm | " + " | ".join(f"{t}: final acc | {t}: steps to {threshold:g}" for t in task_names) + " |"
+    rule = "|---|" + "---|---|" * len(task_names)
+    rows = []
+    for algo in algos:
+        cells = []
+        for t in task_names:
+            s = summary[t].get(algo)
+            cells += [s["final_cell"], s["steps_cell"]] if s else ["—", "—"]
+        rows.append(f"| {algo} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
+
+
+def plot_learning(path: Path, runs: list[dict], algos: list[str], threshold: float) -> bool:
+    """Held-out accuracy vs step, one panel per task: the mean over seeds and its min-max band."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written")
+        return False
+    task_names = list(dict.fromkeys(r["task"] for r in runs))
+    fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
+    for ax, task in zip(axes[0], task_names):
+        for algo in algos:
+            rs = [r for r in runs if r["task"] == task and r["algo"] == algo]
+            if not rs:
+                continue
+            steps = rs[0]["eval_steps"]
+            curves = list(zip(*[r["eval_accuracy"] for r in rs]))  # per step: one value per seed
+            line, = ax.plot(steps, [statistics.mean(c) for c in curves], label=algo, lw=1.6)
+            ax.fill_between(steps, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.15, lw=0)
+        ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"{threshold:g}")
+        seeds = len({r["seed"] for r in runs if r["task"] == task})
+        ax.set(title=f"{task} ({seeds} seed{'s' * (seeds > 1)}: mean, min-max band)", xlabel="RL step", ylabel="held-out greedy accuracy", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_learning(results: Path, runs: list[dict], config: dict, algos: list[str], threshold: float) -> str:
+    """results/learning.json (all curves + config), learning.md (the table), learning.png (if matplotlib)."""
+    results.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs, threshold)
+    (results / "learning.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
+    b = config["budget"]
+    table = markdown_table(summary, algos, threshold)
+    md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {b['steps']} steps of {b['prompts_per_step']} prompts x "
+          f"{b['group_size']} samples; mean ± sample std over seeds {b['seeds']}. Steps to {threshold:g}: median over seeds of the "
+          f"first evaluation (every {b['eval_every']} steps) at or above it, (seeds that reached it / seeds).\n\n{table}\n")
+    (results / "learning.md").write_text(md)
+    plot_learning(results / "learning.png", runs, algos, threshold)
+    return md
+
+
+def learn(opt) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    budget = dict(BUDGETS["quick" if opt.quick else "full"])
+    for key in ("tasks", "seeds", "steps", "prompts_per_step"):
+        if getattr(opt, key) is not None:
+            budget[key] = getattr(opt, key)
+    algos = opt.algos or list(ALGOS)
+    root = Path(opt.runs_dir) / ("quick" if opt.quick else "full")
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    t_start = time.time()
+    builds, runs = [], []
+    for task in budget["tasks"]:
+        for seed in budget["seeds"]:  # one initial model per task and seed, shared by every algorithm
+            model = root / "models" / f"{task}_s{seed}"
+            builds.append(dict(kind="build", task=task, seed=seed, path=str(model), log=str(root / "logs" / f"build_{task}_s{seed}.log")))
+            for algo in algos:
+                out = root / task / algo / f"seed{seed}"
+                argv = [*ALGOS[algo], "--model", str(model), "--task", task, "--seed", str(seed), "--steps", str(budget["steps"]),
+                        "--prompts-per-step", str(budget["prompts_per_step"]), "--group-size", str(budget["group_size"]),
+                        "--eval-every", str(budget["eval_every"]), "--eval-size", str(budget["eval_size"]),
+                        *shlex.split(opt.extra), "--output-dir", str(out)]
+                runs.append(dict(kind="run", task=task, algo=algo, seed=seed, argv=argv, out=str(out),
+                                 log=str(root / "logs" / f"{task}_{algo}_s{seed}.log")))
+    # Finished runs with the same flags are reused, so an interrupted benchmark can be resumed.
+    done = lambda j: all((Path(j["out"]) / f).exists() for f in ("summary.json", "job.json")) and \
+        json.loads((Path(j["out"]) / "job.json").read_text()) == j["argv"]
+    todo = [j for j in runs if not done(j)]
+    print(f"learn: {len(runs)} runs ({len(runs) - len(todo)} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}")
+    with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        for b in pool.map(_job, builds):
+            print(f"  built {b['task']} seed {b['seed']} ({b['seconds']:.0f} s)", flush=True)
+        futures, t_runs = {}, time.time()
+        for j in todo:
+            Path(j["out"]).mkdir(parents=True, exist_ok=True)
+            (Path(j["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
+            (Path(j["out"]) / "job.json").write_text(json.dumps(j["argv"]))
+            futures[pool.submit(_job, j)] = j
+        for i, f in enumerate(as_completed(futures), 1):
+            j = futures[f]
+            head = f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}:"
+            try:
+                seconds = f.result()["seconds"]
+            except Exception as e:  # one failed run should not cost the other 35; its log says why
+                print(f"{head} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
+                continue
+            s = json.loads((Path(j["out"]) / "summary.json").read_text())
+            eta = (time.time() - t_runs) / i * (len(todo) - i) / 60  # rough: runs differ in length
+            print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
+                  f"~{eta:.0f} min left)", flush=True)
+    results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)]
+    if not results:
+        sys.exit("learn: no run finished; see the logs")
+    config = {"budget": budget, "algos": {a: ALGOS[a] for a in algos}, "extra_flags": opt.extra, "workers": opt.workers,
+              "threshold": opt.threshold, "quick": opt.quick, "wall_seconds": round(time.time() - t_start, 1),
+              "machine": machine(), "command": " ".join(sys.argv)}
+    out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
+    md = write_learning(out, results, config, algos, opt.threshold)
+    print(md + f"\nwall time {config['wall_seconds']:.0f} s; wrote {out}/learning.json, learning.md, learning.png")
+
+
+# ----------------------------------------------------------------------------------------
+# overhead: one training step of each algorithm on the same rollouts, split into phases
+# ----------------------------------------------------------------------------------------
+def overhead(opt) -> dict:
+    import copy
+    import random
+    from contextlib import nullcontext
+
+    import torch
+
+    import pepo
+    import tasks
+
+    torch.set_num_threads(opt.threads)
+    task = tasks.get_task(opt.task)
+    path = pepo.build_tiny_model(str(Path(opt.runs_dir) / "models" / f"{opt.task}_s1"), task, 1)
+    model, tokenizer, image_processor = pepo.load_policy(path)
+    vl = pepo.VLHelper(tokenizer, image_processor, model.config)
+    initial = copy.deepcopy(model.state_dict())
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # GRPO's KL reference: the initial policy
+    examples = [task.sample(random.Random(1000 + i)) for i in range(opt.prompts)]
+    algos = ["grpo", "pepo_g", "dapo", "pepo_d", "vppo"]
+    times = {a: {"rollout": [], "scoring": [], "update": [], "step": [], "step_cpu": []} for a in algos}
+    rollout_ids = {}
+    for rep in range(opt.warmup + opt.repeats):
+        for algo in algos:  # interleaved, so a slow phase of the machine hits every algorithm alike
+            args = pepo.parse_args(["--algo", algo, "--prompts-per-step", str(opt.prompts), "--group-size", str(opt.group_size)])
+            model.load_state_dict(initial)  # every algorithm starts from the same weights ...
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            torch.manual_seed(rep)  # ... and samples the same rollouts
+            t0, c0 = time.perf_counter(), time.process_time()
+            batch = pepo.rollout(model, vl, task, examples, opt.group_size, args, torch.device("cpu"), nullcontext())
+            t1 = time.perf_counter()
+            stats = pepo.train_step(model, ref_model if args.beta > 0 else None, optimizer, vl, batch, 1, args,
+                                    torch.device("cpu"), nullcontext(), torch.Generator().manual_seed(rep))
+            t2, c2 = time.perf_counter(), time.process_time()
+            rollout_ids.setdefault(rep, set()).add(hash(batch["completion_ids"].numpy().tobytes()))
+            if rep >= opt.warmup:
+                for key, value in (("rollout", t1 - t0), ("scoring", stats["time_scoring"]), ("update", stats["time_update"]), ("step", t2 - t0), ("step_cpu", c2 - c0)):
+                    times[algo][key].append(value)
+    med = {a: {k: round(statistics.median(v), 4) for k, v in t.items()} for a, t in times.items()}
+    pairs = [("pepo_g", "grpo"), ("pepo_d", "dapo"), ("vppo", "dapo")]
+    # ratio = median over repeats of the two algorithms' times in the same round (paired: robust to a busy machine)
+    paired = lambda a, b, f: round(statistics.median(f(a, i) / f(b, i) for i in range(opt.repeats)), 3)
+    full = lambda a, i: times[a]["step"][i]
+    train = lambda a, i: times[a]["scoring"][i] + times[a]["update"][i]
+    cpu = lambda a, i: times[a]["step_cpu"][i]  # CPU seconds of this process: hardly moved by other jobs on the machine
+    result = {
+        "seconds": med,
+        "ratios": {f"{a}/{b}": paired(a, b, full) for a, b in pairs},
+        "ratios_without_rollout": {f"{a}/{b}": paired(a, b, train) for a, b in pairs},
+        "ratios_cpu_time": {f"{a}/{b}": paired(a, b, cpu) for a, b in pairs},
+        "targets": {"pepo_g/grpo": 1.05, "vppo/dapo": 1.35},
+        "same_rollouts": all(len(ids) == 1 for ids in rollout_ids.values()),
+        "config": {"task": opt.task, "prompts": opt.prompts, "group_size": opt.group_size, "repeats": opt.repeats,
+                   "warmup": opt.warmup, "statistic": "median; ratios: median of per-round ratios", "model": "tiny Qwen2.5-VL (pepo.build_tiny_model)",
+                   "note": "fixed rollout batch per repeat (no dynamic-sampling refills); step = rollout + scoring + update "
+                           "(wall seconds); step_cpu = CPU seconds of the same step",
+                   "machine": machine()},
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# prior: the one-mean-vector perception prior against the similarity-matrix loop
+# ----------------------------------------------------------------------------------------
+def naive_prior(hidden_states, vision_mask, completion_len: int, score: str = "cosine"):
+    """Reference PEPO prior, written as the paper describes it: per layer and row, the L x N
+    similarity matrix between completion tokens and image tokens, averaged over the N image
+    tokens, then over layers. Rows without image tokens give 0.  -> [B, L]"""
+    import torch
+    import torch.nn.functional as F
+
+    B = vision_mask.shape[0]
+    out = torch.zeros(B, completion_len)
+    for b in range(B):
+        if not vision_mask[b].any():
+            continue
+        for h in hidden_states:
+            q, v = h[b, -completion_len:].float(), h[b, vision_mask[b]].float()  # [L, D], [N, D]
+            if score == "cosine":
+                sim = F.normalize(q, dim=-1) @ F.normalize(v, dim=-1).T
+            elif score == "dot":
+                sim = q @ v.T
+            else:
+                sim = -torch.cdist(q, v, p=2.0 if score == "l2" else 1.0)
+            out[b] += sim.mean(dim=1) / len(hidden_states)
+    return out
+
+
+def prior(opt) -> dict:
+    import torch
+
+    import pepo
+
+    torch.set_num_threads(opt.threads)
+    g = torch.Generator().manual_seed(0)
+    B, T, D, L = opt.batch, opt.seq, opt.hidden, opt.completion
+    # random states around a shared direction per layer, as real hidden states are (cosines ~ 0.5, not ~ 0)
+    layers = [torch.randn(B, T, D, generator=g) + torch.randn(D, generator=g) for _ in range(opt.layers)]
+    vision = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):  # one image block per row after a short text prefix; rows differ in size
+        n = opt.image_tokens - 40 * b
+        vision[b, 20:20 + n] = True
+    out = {}
+    for score in opt.scores:
+        timings = {"fast": [], "naive": []}
+        for _ in range(opt.repeats):
+            t0 = time.perf_counter()
+            fast = pepo.perception_prior(layers, vision, L, score)
+            t1 = time.perf_counter()
+            slow = naive_prior(layers, vision, L, score)
+            t2 = time.perf_counter()
+            timings["fast"].append(t1 - t0)
+            timings["naive"].append(t2 - t1)
+        f, n = statistics.median(timings["fast"]), statistics.median(timings["naive"])
+        out[score] = {"fast_s": round(f, 4), "naive_s": round(n, 4), "speedup": round(n / f, 2),
+                      "max_abs_diff": float((fast - slow).abs().max()), "max_abs_value": float(slow.abs().max())}
+    return {"scores": out, "shapes": {"B": B, "T": T, "D": D, "L": L, "layers": opt.layers,
+                                      "image_tokens_per_row": [int(x) for x in vision.sum(1)]},
+            "config": {"repeats": opt.repeats, "statistic": "median", "dtype": "float32", "machine": machine()}}
+
+
+# ----------------------------------------------------------------------------------------
+# Token heatmap (pepo.py --visualize N)
+# ----------------------------------------------------------------------------------------
+SIGNALS = {  # record key -> label shown in the switch
+    "prior": "PEPO perception prior",
+    "entropy": "entropy",
+    "pepo_weight": "PEPO weight w_t",
+    "dependency": "VPPO dependency",
+    "vppo_mask": "VPPO mask (TGF)",
+    "weight": "token weight used",
+}
+
+
+def heatmap_records(vl, batch: dict, record: dict, step: int, n: int) -> list[dict]:
+    """Plain-Python records of the first n rollouts of a batch: tokens, per-token signals (from
+    train_step's `record`), reward, advantage and the input images as PNG bytes."""
+    rows = []
+    for i in range(min(n, batch["completion_ids"].shape[0])):
+        valid = batch["completion_mask"][i].bool()  # every generated token, also those a filter masked out
+        ids = batch["completion_ids"][i][valid].tolist()
+        signals = {k: record[k][i].cpu()[valid].tolist() for k in SIGNALS if record.get(k) is not None}
+        images = []
+        for im in batch["examples"][i].images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            images.append(buf.getvalue())
+        rows.append({"step": step, "row": i, "tokens": [vl.tok.decode([t]) for t in ids], "signals": signals,
+                     "reward": float(batch["rewards"][i]), "accuracy": float(batch["accuracy"][i]),
+                     "advantage": float(record["advantages"][i]), "answer": batch["examples"][i].answer,
+                     "prompt": batch["examples"][i].prompt, "images": images})
+    return rows
+
+
+CSS = """
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} h1{font-size:1.2em}
+input[name=signal]{display:none} .legend{color:#666;font-size:12px;margin:.4em 0 1em} h2{font-size:1em;margin:1.2em 0 .3em}
+.switch label{display:inline-block;margin:0 .4em .3em 0;padding:.2em .7em;border:1px solid #bbb;border-radius:1em;cursor:pointer}
+.rollout{border:1px solid #ddd;border-radius:6px;padding:.6em;margin:.6em 0;display:flex;gap:1em;align-items:flex-start}
+.rollout img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
+.meta{font-size:12px;color:#555;margin-bottom:.4em} .tokens{font:15px ui-monospace,monospace;line-height:2}
+.tok{white-space:pre;padding:2px 1px;border-right:1px solid #eee}
+"""
+
+
+def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
+    """Self-contained HTML: images inlined as base64 PNG, tokens coloured by the signal picked with
+    a CSS-only radio switch (no script, no external resource). Colour = the signal min-max
+    normalised within each rollout; hover a token for every signal's raw value."""
+    names = [k for k in SIGNALS if any(k in r["signals"] for r in records)]
+    css = CSS + "".join(f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n"
+                        f"#s-{k}:checked~.switch label[for=s-{k}]{{background:#d22;color:#fff;border-color:#d22}}\n" for k in names)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
+             f"<h1>Per-token signals: {html.escape(title)}</h1>"]
+    for j, k in enumerate(names):  # the radios must precede .rollouts for the ~ selector
+        parts.append(f"<input type='radio' name='signal' id='s-{k}'{' checked' if j == 0 else ''}>")
+    parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{SIGNALS[k]}</label>" for k in names) + "</div>")
+    parts.append("<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
+                 "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
+                 "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
+                 "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for every "
+                 "algorithm; only the run's own method acts on them.</div>")
+    parts.append("<div class='rollouts'>")
+    for j, r in enumerate(records):
+        if j == 0 or r["step"] != records[j - 1]["step"]:
+            parts.append(f"<h2>step {r['step']}{' (start of training)' if j == 0 else ' (end of training)'}</h2>")
+        imgs = "".join(f"<img alt='input image' src='data:image/png;base64,{base64.b64encode(b).decode()}'>" for b in r["images"])
+        spans = []
+        for t, tok in enumerate(r["tokens"]):
+            values = {k: r["signals"][k][t] for k in names if k in r["signals"]}
+            style = ";".join(f"--{k}:rgba(220,40,30,{_norm(r['signals'][k], t):.2f})" for k in values)
+            tip = " | ".join(f"{SIGNALS[k]} {v:.4g}" for k, v in values.items())
+            spans.append(f"<span class='tok' style='{style}' title='{html.escape(tip)}'>{html.escape(tok)}</span>")
+        meta = (f"step {r['step']} · rollout {r['row']} · reward {r['reward']:.2f} · accuracy {r['accuracy']:.2f} · "
+                f"advantage {r['advantage']:+.3f} · answer {html.escape(r['answer'])}")
+        parts.append(f"<div class='rollout' data-step='{r['step']}' data-row='{r['row']}'><div>{imgs}</div><div>"
+                     f"<div class='meta'>{meta}</div><div class='meta'>{html.escape(r['prompt'])}</div>"
+                     f"<div class='tokens'>{''.join(spans)}</div></div></div>")
+    parts.append("</div></body></html>")
+    Path(path).write_text("\n".join(parts), encoding="utf-8")
+
+
+def _norm(values: list[float], t: int) -> float:
+    lo, hi = min(values), max(values)
+    return 0.0 if hi - lo < 1e-12 else (values[t] - lo) / (hi - lo)
+
+
+# ----------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("learn", help="held-out accuracy vs step for every algorithm, task and seed",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--quick", action="store_true", help="1 seed, 6 steps: checks the pipeline in under 5 minutes")
+    a.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    a.add_argument("--tasks", nargs="+", default=None, help="override the budget's tasks")
+    a.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
+    a.add_argument("--steps", type=int, default=None, help="override the budget's RL steps per run")
+    a.add_argument("--prompts-per-step", type=int, default=None, help="override the budget's prompts per step")
+    a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted")
+    a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
+    a.add_argument("--threshold", type=float, default=0.8, help="accuracy for the steps-to-threshold column")
+    a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")
+    a.add_argument("--results-dir", default=None, help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)")
+    o = sub.add_parser("overhead", help="seconds per training step and phase for each algorithm on the same rollouts",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o.add_argument("--json", action="store_true", help="print JSON only")
+    o.add_argument("--task", default="color", help="toy task")
+    o.add_argument("--prompts", type=int, default=16, help="prompts per step (the default run's 16)")
+    o.add_argument("--group-size", type=int, default=8, help="completions per prompt")
+    o.add_argument("--repeats", type=int, default=7, help="timed repeats per algorithm (median)")
+    o.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    o.add_argument("--threads", type=int, default=1, help="torch threads")
+    o.add_argument("--runs-dir", default="runs/bench", help="where the tiny model is built")
+    o.add_argument("--results-dir", default="results", help="overhead.json goes here")
+    r = sub.add_parser("prior", help="perception_prior vs the per-row, per-layer similarity-matrix loop",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--json", action="store_true", help="print JSON only")
+    r.add_argument("--scores", nargs="+", default=["cosine", "dot", "l2"], choices=["cosine", "dot", "l2", "l1"], help="similarities")
+    r.add_argument("--batch", type=int, default=4, help="B rows")
+    r.add_argument("--seq", type=int, default=1024, help="T sequence length")
+    r.add_argument("--image-tokens", type=int, default=600, help="image tokens of row 0 (row b has 40 b fewer)")
+    r.add_argument("--completion", type=int, default=256, help="L completion tokens")
+    r.add_argument("--hidden", type=int, default=2048, help="D hidden size (Qwen2.5-VL-3B: 2048)")
+    r.add_argument("--layers", type=int, default=4, help="hidden-state tensors averaged over")
+    r.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads")
+    r.add_argument("--results-dir", default="results", help="prior.json goes here")
+    opt = p.parse_args(argv)
+    if opt.command == "learn":
+        return learn(opt)
+    result = overhead(opt) if opt.command == "overhead" else prior(opt)
+    Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
+    (Path(opt.results_dir) / f"{opt.command}.json").write_text(json.dumps(result, indent=1))
+    if opt.json:
+        print(json.dumps(result, indent=1))
+    elif opt.command == "overhead":
+        for algo, t in result["seconds"].items():
+            print(f"{algo:7s} " + "  ".join(f"{k} {v:.3f} s" for k, v in t.items()))
+        print("ratios (full step):", result["ratios"], " same rollouts:", result["same_rollouts"])
+    else:
+        for score, s in result["scores"].items():
+            print(f"{score:6s} fast {s['fast_s']:.4f} s  naive {s['naive_s']:.4f} s  speed-up {s['speedup']:.1f}x  max |diff| {s['max_abs_diff']:.2e}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -149,7 +149,9 @@ class ColorTask(Task):
     def sample(self, rng):
         color, shape = rng.choice(self.labels), rng.choice(SHAPES)
         image = Image.new("RGB", (SIZE, SIZE), "white")
-        draw_shape(ImageDraw.Draw(image), shape, random_box(rng), COLORS[color])
+        # A large shape (48-84 px) puts its colour into most of the 16 image tokens: the default
+        # task should be learnable by the tiny model within the 5-minute default run.
+        draw_shape(ImageDraw.Draw(image), shape, random_box(rng, 48, 84), COLORS[color])
         prompt = f"{IMAGE}What colour is the shape? Answer as <answer>colour</answer>."
         return Example(prompt, [image], color)
 

@@ -1051,11 +1051,11 @@ def test_same_seed_same_bytes_and_answer():
 
 
 def test_color_task_unchanged():
-    # sha256 of the seed-0 image from the original tasks.py (commit c9b4c62): the default run depends on it.
+    # sha256 of the seed-0 image since the shapes grew to 48-84 px: the README's default-run numbers depend on it.
     ex = tasks.TASKS["color"].sample(random.Random(0))
     assert ex.prompt == "<image>What colour is the shape? Answer as <answer>colour</answer>."
     assert ex.answer == "yellow" and tasks.TASKS["color"].labels == ["red", "green", "blue", "yellow"]
-    assert hashlib.sha256(ex.images[0].tobytes()).hexdigest() == "02efbdcc6a4a98e7c1430c578dc2f9e5ec01bc7ff4b74a798c3a7398853ac68b"
+    assert hashlib.sha256(ex.images[0].tobytes()).hexdigest() == "183308684c94140b89d80ab8f4e21bdcaea420209e370d8a9c3ea24924bf35fe"
 
 
 def test_labels_are_balanced():
@@ -1573,7 +1573,8 @@ RESUME_FLAGS = ["--algo", "vppo", "--pepo", "--beta", "0.01", "--eval-samples", 
 
 
 def metrics_without_time(path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in Path(path).read_text().splitlines()]
+    timing = {"seconds", "time_scoring", "time_update"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

@@ -282,7 +282,7 @@ def overhead(opt) -> dict:
                 for key, value in (("rollout", t1 - t0), ("scoring", stats["time_scoring"]), ("update", stats["time_update"]), ("step", t2 - t0), ("step_cpu", c2 - c0)):
                     times[algo][key].append(value)
     med = {a: {k: round(statistics.median(v), 4) for k, v in t.items()} for a, t in times.items()}
-    pairs = [("pepo_g", "grpo"), ("pepo_d", "dapo"), ("vppo", "dapo")]
+    pairs = [("pepo_g", "grpo"), ("pepo_d", "dapo"), ("vppo", "dapo"), ("vppo", "pepo_g")]  # vppo/pepo_g: VPPO's cost over the default
     # ratio = median over repeats of the two algorithms' times in the same round (paired: robust to a busy machine)
     paired = lambda a, b, f: round(statistics.median(f(a, i) / f(b, i) for i in range(opt.repeats)), 3)
     full = lambda a, i: times[a]["step"][i]

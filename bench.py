@@ -36,7 +36,7 @@ ALGOS = {  # table row -> pepo.py flags
 # Per-run budget, the same for every algorithm. The full budget fits 36 runs (6 algos x 2 tasks x 3 seeds)
 # into 60 minutes with 2 single-threaded workers on a 2-core CPU; --quick checks the pipeline in < 5 minutes.
 BUDGETS = {
-    "full": dict(tasks=["color", "dots-sum"], seeds=[1, 2, 3], steps=100, prompts_per_step=8, group_size=8, eval_every=10, eval_size=100),
+    "full": dict(tasks=["color", "dots-sum"], seeds=[1, 2, 3], steps=60, prompts_per_step=8, group_size=8, eval_every=10, eval_size=100),
     "quick": dict(tasks=["color", "dots-sum"], seeds=[1], steps=6, prompts_per_step=8, group_size=8, eval_every=3, eval_size=50),
 }
 

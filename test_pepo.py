@@ -1349,7 +1349,7 @@ def test_cli_list_and_export(tmp_path, capsys):
 
 
 # ======================================================================================
-# Robustness (issue 6): degenerate batches, bad input, non-finite steps, checkpoints and resume
+# Robustness: degenerate batches, bad input, non-finite steps, checkpoints and resume
 # ======================================================================================
 DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token", "no_image_tokens", "extreme_logits"]
 

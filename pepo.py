@@ -961,8 +961,9 @@ def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autoc
     # 3. Token weights and masks. GRPO/DAPO: 1 on every valid token.
     weights = torch.ones_like(mask)
     stats = {"entropy": masked_mean(entropy, mask).item()}
+    w = pepo_token_weights(scores["prior"], entropy, mask, args.pepo_alpha, args.pepo_temperature) if want_prior else None
+    keep = vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac) if want_dep else None
     if args.pepo:  # PEPO weights, ramped in: ((1 - lambda) + lambda * w_t) A_i  (Eq. 6)
-        w = pepo_token_weights(scores["prior"], entropy, mask, args.pepo_alpha, args.pepo_temperature)
         lam = pepo_ramp(step, args.steps)
         weights = weights * ((1 - lam) + lam * w)
         valid = w[mask.bool()]
@@ -973,7 +974,6 @@ def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autoc
         stats["pepo_lambda"] = lam
     if args.vppo:  # TGF keeps the most image-dependent tokens; TAS rescales advantages
         dep = scores["dependency"]
-        keep = vppo.token_gradient_mask(dep, mask, args.vppo_top_frac)
         scale = vppo.trajectory_advantage_scale(dep, mask, args.vppo_min_scale)
         weights, advantages = weights * keep, advantages * scale
         dropped = mask * (1 - keep)
@@ -984,8 +984,7 @@ def train_step(model, ref_model, optimizer, vl, batch, step, args, device, autoc
         weights = weights * vppo.entropy_top_mask(entropy, mask)
     if record is not None:  # what each method would make of these tokens, whether it is used or not
         record.update(prior=scores["prior"], entropy=entropy, dependency=scores["dependency"], mask=mask, advantages=advantages,
-                      pepo_weight=pepo_token_weights(scores["prior"], entropy, mask, args.pepo_alpha, args.pepo_temperature),
-                      vppo_mask=vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac), weight=weights)
+                      pepo_weight=w, vppo_mask=keep, weight=weights)
     t_scored = time.time()
 
     # 4. Update: clipped surrogate, micro-batched with exact loss scaling.

@@ -3,7 +3,7 @@
     python bench.py learn [--quick]    # results/learning.{json,md,png}: the papers' table at toy scale
     python bench.py overhead --json    # seconds per training step and phase, ratios between methods
     python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
-    python pepo.py --visualize 4 ...   # tokens.html: per-token signals (written by `write_token_heatmap` below)
+    python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
 Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single-threaded workers.
@@ -12,9 +12,7 @@ Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import os
 import platform
@@ -22,7 +20,7 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 ALGOS = {  # table row -> pepo.py flags
@@ -244,6 +242,25 @@ def learn(opt) -> None:
 # ----------------------------------------------------------------------------------------
 # overhead: one training step of each algorithm on the same rollouts, split into phases
 # ----------------------------------------------------------------------------------------
+def one_update(pepo, model, ref_model, optimizer, vl, batch, args, seed: int) -> dict:
+    """Steps 2-4 of pepo.train on one rollout batch (CPU), timed: score + shape, then update."""
+    import torch
+
+    import vppo
+
+    t0 = time.perf_counter()
+    inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
+    if args.vppo:
+        inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed))
+    parts = pepo.micro_batches(inputs, args.micro_batch_size)
+    scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo)
+    advantages, weights, mask, _, stats = pepo.shape(scores, batch["rewards"], batch["completion_mask"], batch["truncated"], 1, args)
+    t1 = time.perf_counter()
+    stats.update(pepo.update(model, optimizer, parts, scores["old_logp"], scores["ref_logp"], advantages, weights, mask, args, 1,
+                             nullcontext()))
+    return dict(stats, time_scoring=t1 - t0, time_update=time.perf_counter() - t1)
+
+
 def overhead(opt) -> dict:
     import copy
     import random
@@ -274,8 +291,7 @@ def overhead(opt) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             batch = pepo.rollout(model, vl, task, examples, opt.group_size, args, torch.device("cpu"), nullcontext())
             t1 = time.perf_counter()
-            stats = pepo.train_step(model, ref_model if args.beta > 0 else None, optimizer, vl, batch, 1, args,
-                                    torch.device("cpu"), nullcontext(), torch.Generator().manual_seed(rep))
+            stats = one_update(pepo, model, ref_model if args.beta > 0 else None, optimizer, vl, batch, args, rep)
             t2, c2 = time.perf_counter(), time.process_time()
             rollout_ids.setdefault(rep, set()).add(hash(batch["completion_ids"].numpy().tobytes()))
             if rep >= opt.warmup:
@@ -377,26 +393,6 @@ SIGNALS = {  # record key -> label shown in the switch
 }
 
 
-def heatmap_records(vl, batch: dict, record: dict, step: int, n: int) -> list[dict]:
-    """Plain-Python records of the first n rollouts of a batch: tokens, per-token signals (from
-    train_step's `record`), reward, advantage and the input images as PNG bytes."""
-    rows = []
-    for i in range(min(n, batch["completion_ids"].shape[0])):
-        valid = batch["completion_mask"][i].bool()  # every generated token, also those a filter masked out
-        ids = batch["completion_ids"][i][valid].tolist()
-        signals = {k: record[k][i].cpu()[valid].tolist() for k in SIGNALS if record.get(k) is not None}
-        images = []
-        for im in batch["examples"][i].images:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            images.append(buf.getvalue())
-        rows.append({"step": step, "row": i, "tokens": [vl.tok.decode([t]) for t in ids], "signals": signals,
-                     "reward": float(batch["rewards"][i]), "accuracy": float(batch["accuracy"][i]),
-                     "advantage": float(record["advantages"][i]), "answer": batch["examples"][i].answer,
-                     "prompt": batch["examples"][i].prompt, "images": images})
-    return rows
-
-
 CSS = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} h1{font-size:1.2em}
 input[name=signal]{display:none} .legend{color:#666;font-size:12px;margin:.4em 0 1em} h2{font-size:1em;margin:1.2em 0 .3em}
@@ -429,7 +425,7 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
     for j, r in enumerate(records):
         if j == 0 or r["step"] != records[j - 1]["step"]:
             parts.append(f"<h2>step {r['step']}{' (start of training)' if j == 0 else ' (end of training)'}</h2>")
-        imgs = "".join(f"<img alt='input image' src='data:image/png;base64,{base64.b64encode(b).decode()}'>" for b in r["images"])
+        imgs = "".join(f"<img alt='input image' src='data:image/png;base64,{b64}'>" for b64 in r["images"])
         spans = []
         for t, tok in enumerate(r["tokens"]):
             values = {k: r["signals"][k][t] for k in names if k in r["signals"]}
@@ -443,6 +439,19 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
                      f"<div class='tokens'>{''.join(spans)}</div></div></div>")
     parts.append("</div></body></html>")
     Path(path).write_text("\n".join(parts), encoding="utf-8")
+
+
+def heatmap(opt) -> Path:
+    src = Path(opt.run_dir) / "tokens.jsonl"
+    if not src.is_file():
+        raise SystemExit(f"error: {src} not found; run pepo.py with --visualize N --output-dir {opt.run_dir} first")
+    records = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    summary = Path(opt.run_dir) / "summary.json"
+    title = " on ".join(json.loads(summary.read_text())[k] for k in ("algo", "task")) if summary.is_file() else str(opt.run_dir)
+    out = Path(opt.out or Path(opt.run_dir) / "tokens.html")
+    write_token_heatmap(out, records, title=title)
+    print(f"wrote {out} ({len(records)} rollouts)")
+    return out
 
 
 def _norm(values: list[float], t: int) -> float:
@@ -491,9 +500,15 @@ def main(argv=None):
     r.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     r.add_argument("--threads", type=int, default=1, help="torch threads")
     r.add_argument("--results-dir", default="results", help="prior.json goes here")
+    h = sub.add_parser("heatmap", help="tokens.html from the tokens.jsonl that `pepo.py --visualize N` wrote",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_argument("run_dir", help="the run's --output-dir")
+    h.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/tokens.html)")
     opt = p.parse_args(argv)
     if opt.command == "learn":
         return learn(opt)
+    if opt.command == "heatmap":
+        return heatmap(opt)
     result = overhead(opt) if opt.command == "overhead" else prior(opt)
     Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(opt.results_dir) / f"{opt.command}.json").write_text(json.dumps(result, indent=1))

@@ -341,6 +341,14 @@ def blind_baseline(task: Task, n: int = 500, seed: int = 0) -> float:
     return max(sum(task.accuracy(c, ex) for ex in examples) / n for c in candidates)
 
 
+
+def answer_budget(task: Task, tokenizer, n: int = 200) -> int:
+    """Tokens that the longest well-formatted answer of `task` takes, end token included: with a
+    smaller --max-new-tokens some answers can never be given in full."""
+    rng = random.Random(0)
+    texts = {task.random_completion(rng) for _ in range(n)} | {f"<answer>{label}</answer>" for label in task.labels}
+    return 1 + max(len(ids) for ids in tokenizer(sorted(texts), add_special_tokens=False).input_ids)
+
 # ----------------------------------------------------------------------------------------
 # Answer grading for real datasets: <answer>/\boxed{} extraction, normalisation, values
 # ----------------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def test_perturbed_pass_changes_only_pixels(loaded):
     rows = [tasks.get_task("fewshot").sample(random.Random(i)) for i in range(2)]
     batch = vl.with_completions(vl.encode_prompts(rows), [[5, vl.end_ids[0]]] * 2)
     batch["examples"] = rows
-    pert = pepo.perturbed_pixels(vl, batch, "blacken", torch.Generator().manual_seed(0))
+    pert = vppo.perturbed_pixel_values(batch, vl.ip, "blacken", torch.Generator().manual_seed(0))
     assert pert.shape == batch["pixel_values"].shape and not torch.equal(pert, batch["pixel_values"])
     perturbed_images = [[vppo.perturb_image(im, "blacken", vl.ip, torch.Generator().manual_seed(0)) for im in ex.images] for ex in rows]
     assert torch.equal(vl.encode_prompts(rows, images=perturbed_images)["input_ids"], vl.encode_prompts(rows)["input_ids"])
@@ -404,13 +404,15 @@ class HeatmapParser(HTMLParser):
 def test_visualize_shows_every_token_and_leaves_training_unchanged(tmp_path, tiny, monkeypatch):
     import bench
 
-    seen, real = [], bench.heatmap_records
-    def spy(vl, batch, record, step, n):  # the masks and token ids the heatmap was built from
+    seen, real = [], pepo.token_records
+    def spy(vl, batch, scores, signals, advantages, weights, step, n):  # the masks and token ids the records were built from
         seen.append((step, batch["completion_mask"][:n].sum(1).long().tolist(),
                      [vl.tok.decode(c[m.bool()], skip_special_tokens=False) for c, m in zip(batch["completion_ids"][:n], batch["completion_mask"][:n])]))
-        return real(vl, batch, record, step, n)
-    monkeypatch.setattr(bench, "heatmap_records", spy)
+        return real(vl, batch, scores, signals, advantages, weights, step, n)
+    monkeypatch.setattr(pepo, "token_records", spy)
     run(tmp_path / "vis", tiny, "--algo", "grpo", "--visualize", "3")  # GRPO uses neither the prior nor the dependency
+    assert len((tmp_path / "vis" / "tokens.jsonl").read_text().splitlines()) == 6  # pepo.py writes data ...
+    bench.main(["heatmap", str(tmp_path / "vis")])  # ... and bench.py renders it
     page = (tmp_path / "vis" / "tokens.html").read_text()
     parsed = HeatmapParser()
     parsed.feed(page)
@@ -1356,7 +1358,7 @@ DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token
 
 @pytest.mark.parametrize("case", DEGENERATE)
 def test_update_math_stays_finite_on_degenerate_batches(case):
-    """Every pure function of the update, chained as train_step chains them: no nan/inf in
+    """Every pure function of the update, chained as score, shape and update chain them: no nan/inf in
     advantages, weights, masks, loss or gradient, and the values the degenerate case implies."""
     g = seeded(0)
     B, V, T, D = 4, 6, 9, 5  # 2 groups of 2; T prompt positions before the L completion positions
@@ -1539,8 +1541,8 @@ def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):
     for name in ("color", "grounding"):  # the budget is the longest answer plus the end token
         task, rng = tasks.get_task(name), random.Random(1)
         longest = max(len(tok(task.random_completion(rng) + "<|im_end|>").input_ids) for _ in range(300))
-        assert pepo.answer_budget(task, tok) == longest
-    assert pepo.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
+        assert tasks.answer_budget(task, tok) == longest
+    assert tasks.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
     msg = usage_error(capsys, "--output-dir", str(tmp_path), "--max-new-tokens", "3")
     assert msg == ("error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
                    "with the end token; use --max-new-tokens 4 or more")

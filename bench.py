@@ -256,7 +256,7 @@ def one_update(pepo, model, ref_model, optimizer, vl, batch, args, seed: int) ->
     scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo)
     advantages, weights, mask, _, stats = pepo.shape(scores, batch["rewards"], batch["completion_mask"], batch["truncated"], 1, args)
     t1 = time.perf_counter()
-    stats.update(pepo.update(model, optimizer, parts, scores["old_logp"], scores["ref_logp"], advantages, weights, mask, args, 1,
+    stats.update(pepo.update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask, args, 1,
                              nullcontext()))
     return dict(stats, time_scoring=t1 - t0, time_update=time.perf_counter() - t1)
 

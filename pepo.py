@@ -68,16 +68,22 @@ class Args:
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
+    top_k: int = arg(0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)")
+    top_p: float = arg(1.0, "nucleus sampling; 1.0 = off (VPPO's config: 0.99)")
     lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
     lr_schedule: str = arg("cosine", "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it", choices=["constant", "cosine"])
-    ppo_epochs: int = arg(1, "updates per rollout batch; 1 is on-policy (ratio = 1)")
+    ppo_epochs: int = arg(1, "passes over each rollout batch; 1 with --mini-batches 1 is on-policy (ratio = 1)")
+    mini_batches: int = arg(1, "optimizer steps per pass: the rollout batch is split into this many parts, whole groups each (VPPO's config: 3)")
     micro_batch_size: int = arg(0, "completions per forward/backward (gradient accumulation); 0 = whole batch")
     max_grad_norm: float = arg(1.0, "gradient clipping")
+    weight_decay: float = arg(0.0, "AdamW weight decay (PEPO's scripts via ms-swift: 0.1; VPPO: 0.01)")
+    adam_beta2: float = arg(0.999, "AdamW beta2 (PEPO's scripts via ms-swift: 0.95)")
     # GRPO / DAPO knobs; None takes the --algo preset
     beta: float = arg(None, "KL weight to the frozen initial policy, k3 estimator (preset: grpo 0.001, dapo 0)", type=float)
     clip_low: float = arg(None, "ratio clip epsilon below 1 (preset 0.2)", type=float)
     clip_high: float = arg(None, "ratio clip epsilon above 1 (preset: grpo 0.2, dapo 0.28 'clip-higher')", type=float)
-    loss_type: str = arg(None, "aggregation: grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / B*L)", choices=["grpo", "dapo", "dr_grpo"])
+    clip_dual: float = arg(None, "dual clip C > 1: a token with A < 0 costs at most -C*A (preset: vppo 3, others off); acts only off-policy", type=float)
+    loss_type: str = arg(None, "aggregation: grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (B * --max-new-tokens))", choices=["grpo", "dapo", "dr_grpo"])
     adv_scale: str = arg(None, "'group' divides advantages by the group std, 'none' does not (Dr. GRPO)", choices=["group", "none"])
     dynamic_sampling: bool = arg(None, "drop groups whose rewards are all equal and sample more (preset: dapo on)")
     max_sampling_tries: int = arg(4, "rollout rounds per step that dynamic sampling may use")
@@ -92,7 +98,7 @@ class Args:
     vppo: bool = arg(None, "use VPPO: visual dependency from a perturbed-image pass, TAS and TGF (preset: vppo)")
     vppo_top_frac: float = arg(0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient")
     vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
-    vppo_perturb: str = arg("blacken", "image perturbation for the dependency pass", choices=list(PERTURBATIONS))
+    vppo_perturb: str = arg("blacken", "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)", choices=list(PERTURBATIONS))
     vppo_kl: str = arg("k3", "dependency: k3 estimate on the sampled token (paper) or the exact KL", choices=["k3", "exact"])
     entropy_penalty: float = arg(None, "weight of mean(-log p) of sampled tokens added to the loss (preset: vppo 0.06)", type=float)
     token_rule: str = arg("none", "extra token mask: entropy_top keeps only the top 20%% highest-entropy tokens (arXiv 2506.01939)", choices=["none", "entropy_top"])
@@ -105,22 +111,24 @@ class Args:
     # bookkeeping
     seed: int = arg(1, "seed for python, torch and the task stream")
     device: str = arg("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    bf16: bool = arg(None, "bf16 autocast for every forward pass, and the KL reference held in bf16 (default: on with CUDA, off on CPU)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update pass (GPU)")
-    freeze_vision: bool = arg(False, "do not train the vision encoder")
+    freeze_vision: bool = arg(False, "do not train the vision tower and its merger (ms-swift's default, behind PEPO's scripts)")
     output_dir: str = arg("runs/pepo", "metrics.jsonl, summary.json and checkpoint/ go here")
     save_every: int = arg(0, "also write the resumable checkpoint/ every K steps (it is always written at the end and on SIGINT/SIGTERM)")
     resume: str = arg(None, "continue the run in this output folder from its checkpoint/, with the run's saved settings", type=str)
 
 
 PRESETS = {
-    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, loss_type="grpo", adv_scale="group", dynamic_sampling=False,
-                 overlong_filter=False, pepo=False, vppo=False, entropy_penalty=0.0),
-    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, loss_type="dapo", adv_scale="group", dynamic_sampling=True,
-                 overlong_filter=True, pepo=False, vppo=False, entropy_penalty=0.0),
+    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, clip_dual=0.0, loss_type="grpo", adv_scale="group",
+                 dynamic_sampling=False, overlong_filter=False, pepo=False, vppo=False, entropy_penalty=0.0),
+    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, clip_dual=0.0, loss_type="dapo", adv_scale="group",
+                 dynamic_sampling=True, overlong_filter=True, pepo=False, vppo=False, entropy_penalty=0.0),
 }
 PRESETS["pepo_g"] = {**PRESETS["grpo"], "pepo": True}
 PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
-PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06}
+# VPPO as its authors run it: DAPO without the overlong filter, with dual clip 3 and the entropy term.
+PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06, "overlong_filter": False, "clip_dual": 3.0}
 
 
 class UsageError(Exception):
@@ -132,16 +140,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python pepo.py --help)")
 
 
-def build_parser() -> ArgumentParser:
-    """One --flag per Args field; booleans get --x / --no-x, and None keeps the preset's value."""
+def build_parser(given_only: bool = False) -> ArgumentParser:
+    """One --flag per Args field; booleans get --x / --no-x, and None keeps the preset's value.
+    given_only: no defaults, so parsing returns just the flags on the command line."""
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"])
         else:
             typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=typ, default=f.default, help=meta["help"], choices=meta.get("choices"))
+            p.add_argument(flag, type=typ, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"], choices=meta.get("choices"))
     return p
 
 
@@ -263,8 +272,12 @@ def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.T
 
 
 def pepo_ramp(step: int, total_steps: int) -> float:
-    """lambda = min(1, step / total_steps): PEPO weights are blended in over training."""
-    return min(1.0, step / max(1, total_steps))
+    """lambda of the `step`-th update (1-based): PEPO weights are blended in over training.
+
+    lambda = min(1, (step - 1) / total_steps), as the authors' trainer computes it from a global
+    step that is still 0 during the first update: update 1 is plain GRPO/DAPO, update N uses (N-1)/N.
+    """
+    return min(1.0, max(0, step - 1) / max(1, total_steps))
 
 
 def learning_rate(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
@@ -274,22 +287,28 @@ def learning_rate(step: int, total_steps: int, base: float, schedule: str = "con
     return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total_steps)))
 
 
-def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2, clip_high=0.2, token_weights=None, ref_logp=None, beta=0.0):
-    """Clipped surrogate with optional token weights and k3 KL.  -> (loss, stats)
+def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2, clip_high=0.2, token_weights=None, ref_logp=None,
+                beta=0.0, clip_dual=0.0, max_len=None):
+    """Clipped surrogate with optional token weights, dual clip and k3 KL.  -> (loss, stats)
 
     logp, old_logp, mask, token_weights, ref_logp: [B, L]; advantages: [B] or [B, L].
       l_t = -min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t) * w_t + beta * KL_t
       KL_t = exp(ref - logp) - (ref - logp) - 1                      (k3, unbiased, >= 0)
+    Dual clip (clip_dual = C > 1, arXiv 1912.09729, verl's clip_ratio_c): where A_t < 0 the
+    clipped term is capped at -C A_t, so a token whose ratio ran far up cannot cost without bound.
     Aggregation: grpo = mean over each row's tokens then over rows; dapo = mean over all
-    valid tokens; dr_grpo = sum / (B * L).
+    valid tokens; dr_grpo = sum / (B * max_len), max_len the generation budget (a constant;
+    default L), as in Dr. GRPO (arXiv 2503.20783).
     Log-ratios are clamped to [-20, 20] before exp (as verl does for the KL): far-off tokens,
     e.g. from logits like +-1e4, give large finite values instead of inf, and inf * 0 = nan.
     """
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
-    per_token = -surrogate if token_weights is None else -surrogate * token_weights
+    clipped_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    if clip_dual:
+        clipped_loss = torch.where(adv < 0, torch.minimum(clipped_loss, -clip_dual * adv), clipped_loss)
+    per_token = clipped_loss if token_weights is None else clipped_loss * token_weights
     kl = None
     if ref_logp is not None and beta > 0:
         d = (ref_logp - logp).clamp(-20.0, 20.0)
@@ -300,7 +319,7 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2
     elif loss_type == "dapo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / max(1, mask.numel())
+        loss = (per_token * mask).sum() / max(1, mask.shape[0] * (max_len or mask.shape[1]))
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
@@ -461,12 +480,15 @@ def micro_batches(batch: dict, size: int):
 
 
 @torch.no_grad()
-def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperature: float, greedy: bool = False) -> torch.Tensor:
-    """Sample completions for left-padded prompts -> [B, L] token ids (right-padded)."""
+def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperature: float, greedy: bool = False,
+             top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sample completions for left-padded prompts -> [B, L] token ids (right-padded).
+    Log-probs are later taken at `temperature` over the full vocabulary, as TRL, ms-swift and
+    verl do, also when top_k / top_p truncate the sampling distribution."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
-                           top_p=1.0 if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
+    cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k if not greedy else None,
+                           top_p=top_p if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
                            pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
     out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg)
     return out[:, prompts["input_ids"].shape[1]:].cpu()
@@ -481,7 +503,7 @@ def rollout(model, vl, task, examples, group_size, args, device, autocast):
     prompts = to_device(vl.encode_prompts(rows), device)
     model.eval()
     with autocast:
-        completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature)
+        completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature, top_k=args.top_k, top_p=args.top_p)
     batch = vl.with_completions({k: v.cpu() for k, v in prompts.items()}, completions)
     texts = vl.decode(completions, batch["completion_mask"])
     scores = [task.score(t, ex) for t, ex in zip(texts, rows)]
@@ -558,7 +580,8 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
                 rows = [ex for ex in chunk for _ in range(k)]
                 prompts = to_device(vl.encode_prompts(rows), device)
                 with autocast:
-                    comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode)
+                    comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode,
+                                    top_k=args.top_k, top_p=args.top_p)
                 mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
                 texts = vl.decode(comp, mask)
                 accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
@@ -639,41 +662,48 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
     return advantages, weights, mask, signals, stats
 
 
-def update(model, optimizer, parts: list[dict], old_logp, ref_logp, advantages, weights, mask, args: Args, step: int, autocast) -> dict:
-    """Step 4: the clipped surrogate, micro-batched with exact loss scaling, --ppo-epochs times.
+def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weights, mask, args: Args, step: int, autocast) -> dict:
+    """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
+    --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
     A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights."""
     model.train()
-    stats, skipped = {}, 0
+    groups = mask.shape[0] // args.group_size
+    n = max(1, min(args.mini_batches, groups))  # dynamic sampling may leave fewer groups than mini-batches
+    cuts = [args.group_size * (groups * k // n) for k in range(n + 1)]
+    stats, skipped, norms = [], 0, []
     for _ in range(args.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        step_stats, row, finite = [], 0, True
-        for mb in parts:
-            sl = slice(row, row + mb["input_ids"].shape[0])
-            row = sl.stop
-            with autocast:
-                logits, _ = forward(model, mb, args.temperature)
-            logp = token_logprobs(logits, mb["completion_ids"])
-            loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
-                                  token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta)
-            share = loss_share(args.loss_type, mask[sl], mask)
-            loss = loss * share
-            if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the batch's valid tokens
-                loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / mask.sum().clamp(min=1))
-            loss.backward()
-            finite = finite and bool(torch.isfinite(loss))
-            step_stats.append((share, s))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if finite and torch.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
+        for lo, hi in zip(cuts, cuts[1:]):
             optimizer.zero_grad(set_to_none=True)
-            skipped += 1
-            print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
-    for key in step_stats[0][1]:
-        stats[key] = sum(share * s[key] for share, s in step_stats)
-    stats["grad_norm"] = grad_norm.item()
-    stats["nonfinite_skipped"] = skipped
-    return stats
+            mini, mini_mask, row, finite = slice(lo, hi), mask[lo:hi], lo, True
+            for mb in micro_batches(slice_batch(inputs, mini), args.micro_batch_size):
+                sl = slice(row, row + mb["input_ids"].shape[0])
+                row = sl.stop
+                with autocast:
+                    logits, _ = forward(model, mb, args.temperature)
+                logp = token_logprobs(logits, mb["completion_ids"])
+                loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
+                                      token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta,
+                                      clip_dual=args.clip_dual, max_len=args.max_new_tokens)
+                share = loss_share(args.loss_type, mask[sl], mini_mask)
+                loss = loss * share
+                if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the mini-batch's valid tokens
+                    loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / mini_mask.sum().clamp(min=1))
+                loss.backward()
+                finite = finite and bool(torch.isfinite(loss))
+                stats.append((share, s))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            norms.append(grad_norm.item())
+            if finite and torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
+    # stats of the last pass, averaged over its optimizer steps
+    out = {key: sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs:]) / n for key in stats[0][1]}
+    out["grad_norm"] = sum(norms[-n:]) / n
+    out["nonfinite_skipped"] = skipped
+    return out
 
 
 def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weights, step: int, n: int) -> list[dict]:
@@ -731,16 +761,16 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
             inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids")}
             if want_dep:  # VPPO: the same images with random patches blacked out
                 inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, perturb_gen)
-            parts = micro_batches(to_device(inputs, device), args.micro_batch_size)
+            inputs = to_device(inputs, device)
             # 2. Score: no-grad passes (old log-probs, entropy, PEPO prior, reference, VPPO dependency).
             with autocast:
-                scores = score(model, ref_model, parts, args, prior=want_prior, dependency=want_dep)
+                scores = score(model, ref_model, micro_batches(inputs, args.micro_batch_size), args, prior=want_prior, dependency=want_dep)
             # 3. Shape: advantages, token weights and masks: the only step where the algorithms differ.
             mask = batch["completion_mask"].to(device)
             advantages, weights, mask, signals, stats = shape(scores, batch["rewards"], mask, batch["truncated"], step, args)
             t2 = time.time()
             # 4. Update: clipped surrogate (+ KL, + entropy term), micro-batched, --ppo-epochs times.
-            stats.update(update(model, optimizer, parts, scores["old_logp"], scores["ref_logp"], advantages, weights, mask,
+            stats.update(update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask,
                                 args, step, autocast))
             m.update(stats, time_scoring=t2 - t1, time_update=time.time() - t2)
             if show:
@@ -777,6 +807,12 @@ def check_args(args: Args) -> None:
         (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: use at least 1"),
         (args.temperature > 0, f"--temperature {args.temperature}: logits are divided by it, use a value > 0"),
         (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: use at least 1"),
+        (1 <= args.mini_batches <= args.prompts_per_step,
+         f"--mini-batches {args.mini_batches}: use 1 up to --prompts-per-step ({args.prompts_per_step}); each holds whole groups"),
+        (args.clip_dual == 0 or args.clip_dual > 1, f"--clip-dual {args.clip_dual}: use 0 (off) or a value > 1"),
+        (args.top_k >= 0, f"--top-k {args.top_k}: use 0 (off) or more"),
+        (0 < args.top_p <= 1, f"--top-p {args.top_p}: use a value in (0, 1]"),
+        (0 <= args.adam_beta2 < 1, f"--adam-beta2 {args.adam_beta2}: use a value in [0, 1)"),
         (args.micro_batch_size >= 0, f"--micro-batch-size {args.micro_batch_size}: use 0 (whole batch) or more"),
         (args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: use at least 1"),
         (args.eval_size >= 1, f"--eval-size {args.eval_size}: use at least 1"),
@@ -962,16 +998,21 @@ class StopRequest:
 
 
 def parse_args(argv=None) -> Args:
-    """Flags -> Args with the preset filled in and checked. With --resume the saved run's
-    settings come back; only the device may change."""
+    """Flags -> Args with the preset filled in and checked. With --resume DIR the saved run's
+    settings come back: the command that started the run, plus --resume DIR, continues it. A
+    flag may repeat its saved value; only --device may change."""
     p = build_parser()
-    given = vars(p.parse_args(argv))
-    args = Args(**given)
+    args = Args(**vars(p.parse_args(argv)))
     if args.resume:
-        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v != p.get_default(k) and k not in ("resume", "device")]
-        if changed:
-            raise UsageError(f"--resume continues a run with its saved settings; leave out {', '.join(changed)}")
         saved = json.loads((find_checkpoint(args.resume) / TRAINER_JSON).read_text())["args"]
+        given = vars(build_parser(given_only=True).parse_args(argv))
+        for key, value in given.items():
+            if key in ("resume", "device") or (key == "output_dir" and Path(value) == Path(args.resume)):
+                continue
+            if key not in saved or value != saved[key]:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"--resume {args.resume}: {flag} {value} differs from the saved run's {saved.get(key)!r}; "
+                                 f"leave {flag} out, or start a new run")
         names = {f.name for f in dataclasses.fields(Args)}
         args = Args(**{**{k: v for k, v in saved.items() if k in names}, "resume": args.resume, "device": args.device,
                        "output_dir": args.resume})
@@ -1007,7 +1048,9 @@ def run(args: Args):
     eval_examples = [task.sample(random.Random(10_000 + i)) for i in range(args.eval_size)]  # fixed held-out set
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if args.bf16 is None:  # bf16 where it pays (CUDA); fp32 on CPU keeps the toy runs exact
+        args.bf16 = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     t_start = time.time()
     model_path = build_tiny_model(str(out_dir / "tiny_init"), task, args.seed) if args.model == "tiny" else args.model
     model, tokenizer, image_processor = load_policy(str(ckpt) if state else model_path, offline)
@@ -1031,7 +1074,10 @@ def run(args: Args):
     ref_model = None
     if args.beta > 0:  # the frozen initial policy; a resumed run loads it again from the initial weights
         ref_model = (load_policy(model_path, offline)[0].to(device) if state else copy.deepcopy(model)).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+        if args.bf16:  # never trained, so it needs no fp32 master weights: half the memory (7.5 GB for a 3B model)
+            ref_model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, args.adam_beta2))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         os.truncate(metrics_path, state["metrics_bytes"])  # lines after the checkpoint's step are done again

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -152,8 +153,10 @@ def test_pepo_weights_mean_one_padding_zero_and_edge_rows():
     assert torch.allclose(ties, torch.ones(1, 3))  # all tied: uniform weights
 
 
-def test_pepo_ramp():
-    assert [pepo_ramp(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0]
+def test_pepo_ramp_as_the_authors_trainer():
+    # update k uses (k - 1) / N: the trainer's global step is still 0 during the first update
+    assert [pepo_ramp(k, 10) for k in (1, 2, 6, 10, 11, 20)] == [0.0, 0.1, 0.5, 0.9, 1.0, 1.0]
+    assert pepo_ramp(0, 10) == 0.0 and pepo_ramp(1, 1) == 0.0 and pepo_ramp(2, 1) == 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,9 +189,9 @@ def test_policy_loss_matches_formula(loss_type):
         expected = ((per[0] * mask[0]).sum() / 3 + per[1, 0]) / 2
     elif loss_type == "dapo":
         expected = (per * mask).sum() / 4
-    else:
-        expected = (per * mask).sum() / (2 * 3)
-    loss, stats = policy_loss(logp, old, adv, mask, loss_type, 0.2, 0.28, token_weights=w)
+    else:  # Dr. GRPO: B x the generation budget, a constant (here 10), not the batch's longest completion
+        expected = (per * mask).sum() / (2 * 10)
+    loss, stats = policy_loss(logp, old, adv, mask, loss_type, 0.2, 0.28, token_weights=w, max_len=10)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert stats["clip_frac"] == pytest.approx(1 / 4)  # only token (0, 0): r = 1.65 > 1.28 with A > 0
     assert all(isinstance(v, float) for v in stats.values())
@@ -214,9 +217,9 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     logits = torch.randn(4, 5, requires_grad=True)
     old = logits.detach() - 0.1
     adv, mask = torch.tensor([1.0, -1.0, 0.5, 2.0]), (torch.rand(4, 5) > 0.3).float()
-    whole, _ = policy_loss(logits, old, adv, mask, loss_type)
+    whole, _ = policy_loss(logits, old, adv, mask, loss_type, max_len=8)
     (g_whole,) = torch.autograd.grad(whole, logits)
-    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type)[0] * pepo.loss_share(loss_type, mask[s], mask)
+    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type, max_len=8)[0] * pepo.loss_share(loss_type, mask[s], mask)
                 for s in (slice(0, 1), slice(1, 4)))
     (g_parts,) = torch.autograd.grad(total, logits)
     assert torch.allclose(g_whole, g_parts, atol=1e-6)
@@ -232,6 +235,24 @@ def test_presets_and_explicit_override():
     assert (g.loss_type, g.clip_high, g.beta, g.dynamic_sampling, g.pepo) == ("grpo", 0.2, 0.001, False, True)
     v = pepo.parse_args(["--algo", "vppo", "--no-dynamic-sampling"])
     assert (v.vppo, v.entropy_penalty, v.clip_high, v.dynamic_sampling) == (True, 0.06, 0.28, False)
+    # as the VPPO authors run it: no overlong filter, dual clip 3
+    assert (v.overlong_filter, v.clip_dual) == (False, 3.0)
+    assert pepo.parse_args(["--algo", "dapo"]).overlong_filter and pepo.parse_args(["--algo", "dapo"]).clip_dual == 0.0
+
+
+def test_dual_clip_by_hand():
+    logp, old = torch.tensor([[2.0, 2.0, 0.0]]), torch.zeros(1, 3)  # ratios e^2 = 7.39, e^2, 1
+    adv, mask = torch.tensor([-1.0]), torch.ones(1, 3)
+    # A = -1: the clipped loss max(-rA, -clip(r)A) is 7.39 at r = e^2; dual clip 3 caps it at -3A = 3
+    per_plain = torch.tensor([math.exp(2), math.exp(2), 1.0])
+    per_dual = torch.tensor([3.0, 3.0, 1.0])
+    loss, _ = policy_loss(logp, old, adv, mask, "dapo", 0.2, 0.28)
+    assert loss.item() == pytest.approx(per_plain.mean().item(), rel=1e-6)
+    loss, _ = policy_loss(logp, old, adv, mask, "dapo", 0.2, 0.28, clip_dual=3.0)
+    assert loss.item() == pytest.approx(per_dual.mean().item(), rel=1e-6)
+    # positive advantages and on-policy ratios (= 1) are untouched: inert with one on-policy update
+    for a, lp in ((torch.tensor([1.0]), logp), (torch.tensor([-1.0]), old)):
+        assert policy_loss(lp, old, a, mask, "dapo", clip_dual=3.0)[0].item() == policy_loss(lp, old, a, mask, "dapo")[0].item()
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,6 +393,69 @@ def test_end_to_end_each_algo(tmp_path, tiny, algo):
 def test_entropy_top_rule_keeps_a_fifth_of_tokens(tmp_path, tiny):
     run(tmp_path, tiny, "--algo", "dapo", "--token-rule", "entropy_top", "--no-dynamic-sampling")
     assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def metrics_of(path) -> list[dict]:
+    return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gradient_checkpointing_gives_the_same_metrics(tmp_path, tiny):
+    run(tmp_path / "plain", tiny, "--algo", "grpo")
+    run(tmp_path / "ckpt", tiny, "--algo", "grpo", "--gradient-checkpointing")
+    for a, b in zip(metrics_of(tmp_path / "plain"), metrics_of(tmp_path / "ckpt")):
+        for k in ("reward", "loss", "entropy", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+
+
+def test_freeze_vision_leaves_every_vision_weight_unchanged(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    run(tmp_path, tiny, "--algo", "grpo", "--freeze-vision")
+    before, after = load_file(Path(tiny) / "model.safetensors"), load_file(tmp_path / "checkpoint" / "model.safetensors")
+    vision = [k for k in before if ".visual." in k]
+    assert vision and any(".merger." in k for k in vision)  # the merger (aligner) belongs to the tower
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".visual." not in k)
+
+
+def test_bf16_autocast_on_cpu_trains_finite_steps(tmp_path, tiny):
+    assert pepo.parse_args([]).bf16 is None  # resolved at start: on with CUDA, off on CPU
+    summary = run(tmp_path, tiny, "--algo", "grpo", "--bf16")
+    assert summary["args"]["bf16"] is True
+    for m in metrics_of(tmp_path):
+        assert all(math.isfinite(m[k]) for k in ("loss", "entropy", "kl", "grad_norm")) and m["nonfinite_skipped"] == 0
+    assert run(tmp_path / "fp32", tiny, "--algo", "grpo")["args"]["bf16"] is False
+
+
+def test_mini_batches_take_one_optimizer_step_each(loaded):
+    model, vl = loaded
+    model = __import__("copy").deepcopy(model)
+    rows = [tasks.get_task("color").sample(random.Random(i)) for i in range(3) for _ in range(2)]  # 3 groups of 2
+    batch = vl.with_completions(vl.encode_prompts(rows), [[5, 6, vl.end_ids[0]]] * 6)
+    inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
+    args = pepo.parse_args(["--algo", "dapo", "--group-size", "2", "--mini-batches", "2"])
+    old = torch.zeros(6, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = pepo.update(model, optimizer, inputs, old, None, torch.tensor([1.0, -1, 1, -1, 1, -1]), torch.ones(6, 3),
+                        batch["completion_mask"], args, 1, nullcontext())
+    assert {s["step"].item() for s in optimizer.state.values()} == {2.0}  # groups [0] and [1, 2]: two optimizer steps
+    assert math.isfinite(stats["loss"]) and stats["nonfinite_skipped"] == 0
+
+
+def test_blacken_raw_keeps_the_grid_and_matches_blacken_at_model_size(loaded):
+    _, vl = loaded
+    ip = vl.ip
+    at_size = Image.new("RGB", (112, 112), (200, 50, 50))  # already the size the processor picks: blocks = patches
+    a = vppo.perturb_image(at_size, "blacken-raw", ip, torch.Generator().manual_seed(3))
+    b = vppo.perturb_image(at_size, "blacken", ip, torch.Generator().manual_seed(3))
+    assert np.array_equal(np.array(a), np.array(b))
+    odd = Image.new("RGB", (100, 75), (200, 50, 50))  # resized by the processor after blackening
+    pert = vppo.perturb_image(odd, "blacken-raw", ip, torch.Generator().manual_seed(0))
+    assert pert.size == (100, 75) and 0 < (np.array(pert).sum(-1) == 0).mean() < 1
+    assert torch.equal(ip([pert], return_tensors="pt")["image_grid_thw"], ip([vppo.resize_for_model(odd, ip)], return_tensors="pt")["image_grid_thw"])
+    big = Image.new("RGB", (400, 300))  # outside the processor's pixel range: scaled into it, aspect kept
+    scaled = vppo.scale_into_pixel_range(big, ip.size["shortest_edge"], ip.size["longest_edge"])
+    assert scaled.width * scaled.height <= ip.size["longest_edge"] and abs(scaled.width / scaled.height - 4 / 3) < 0.02
 
 
 class HeatmapParser(HTMLParser):
@@ -1452,7 +1536,9 @@ def no_model(*args, **kwargs):
     (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
     (["--model", "/no/such/model"], "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id"),
     (["--resume", "/no/such/run"], "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)"),
-    (["--resume", "/no/such/run", "--steps", "3", "--lr", "0.1"], "error: --resume continues a run with its saved settings; leave out --steps, --lr"),
+    (["--mini-batches", "0"], "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups"),
+    (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
+    (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
     monkeypatch.setattr(pepo, "build_tiny_model", no_model)
@@ -1594,7 +1680,7 @@ def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, unint
     assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
     assert (summary["eval_before"], summary["eval_after"]) == (uninterrupted[1]["eval_before"], uninterrupted[1]["eval_after"])
     state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
-    assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 1.0)
+    assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 0.8)
     assert state["metrics_bytes"] == (tmp_path / "metrics.jsonl").stat().st_size
 
 
@@ -1611,7 +1697,7 @@ def test_sigterm_mid_run_saves_and_resume_matches_uninterrupted(tmp_path, tiny, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err
     state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
-    assert 2 <= state["step"] < 5 and state["pepo_lambda"] == state["step"] / 5
+    assert 2 <= state["step"] < 5 and state["pepo_lambda"] == (state["step"] - 1) / 5
     assert f"SIGTERM: stopped after step {state['step']} of 5; checkpoint in {tmp_path}/checkpoint" in err
     assert len(metrics.read_text().splitlines()) == state["step"] and not (tmp_path / "summary.json").exists()
     summary = pepo.main(["--resume", str(tmp_path)])
@@ -1632,8 +1718,20 @@ def test_sigint_finishes_the_step_saves_and_resume_is_exact(tmp_path, tiny, unin
     assert run(tmp_path, tiny, *RESUME_FLAGS) == {"stopped_at_step": 2, "signal": "SIGINT"}  # no --save-every needed
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main gave the handler back
     assert json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())["step"] == 2
-    pepo.main(["--resume", str(tmp_path)])
+    pepo.main(run_argv(tmp_path, *RESUME_FLAGS, "--resume", str(tmp_path)))  # the starting command plus --resume
     assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
+
+
+def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
+    run(tmp_path, tiny, "--algo", "grpo", "--steps", "1")
+    resume = ["--resume", str(tmp_path)]
+    msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
+    assert msg == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+    msg = usage_error(capsys, *resume, "--algo", "dapo")
+    assert msg == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
+    # equal values (given or preset-filled) are accepted: the run is complete, so it only evaluates and saves again
+    args = pepo.parse_args(run_argv(tmp_path, "--algo", "grpo", "--steps", "1", "--beta", "0.001", *resume))
+    assert (args.algo, args.steps, args.beta, args.output_dir) == ("grpo", 1, 0.001, str(tmp_path))
 
 
 class Killed(BaseException):

@@ -112,7 +112,18 @@ def blacken_pixel_values(pixel_values: torch.Tensor, image_processor, prob: floa
     return torch.where(drop[:, None, None], black.to(rows)[None, :, None], rows).reshape(pixel_values.shape)
 
 
-PERTURBATIONS = ("blacken", "noise", "blur", "grey")
+PERTURBATIONS = ("blacken", "blacken-raw", "noise", "blur", "grey")
+
+
+def scale_into_pixel_range(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """Aspect-preserving (bicubic) rescale of an image whose area lies outside [min_pixels, max_pixels]
+    into that range, sides truncated to whole pixels; no snapping to the patch grid. This is the
+    pre-processing step of the VPPO authors' data pipeline (EasyR1), done before their perturbation."""
+    area = image.width * image.height
+    if min_pixels <= area <= max_pixels:
+        return image.copy()
+    f = math.sqrt((max_pixels if area > max_pixels else min_pixels) / area)
+    return image.resize((max(1, int(image.width * f)), max(1, int(image.height * f))), Image.Resampling.BICUBIC)
 
 
 def perturb_image(image: Image.Image, kind: str, image_processor, generator: torch.Generator | None = None) -> Image.Image:
@@ -121,7 +132,16 @@ def perturb_image(image: Image.Image, kind: str, image_processor, generator: tor
     The result's size equals the model-resolution size, so the processor yields the same
     image_grid_thw for I and I' and the two forward passes line up token for token
     (see `resize_for_model` for the one corner case and its fix).
+
+    "blacken-raw" follows the VPPO authors' code instead: 14-pixel blocks of the image, scaled
+    only into the processor's pixel range, are blackened, and the processor then resizes it to the
+    patch grid. Blocks and encoder patches need not coincide, so a patch may end partly black,
+    and black is blurred by the resize; where the image is already at model size both agree.
     """
+    if kind == "blacken-raw":
+        ip = image_processor
+        image = scale_into_pixel_range(image, ip.size["shortest_edge"], ip.size["longest_edge"])
+        return blacken_patches(image, patch_size=14, prob=0.5, generator=generator)
     image = resize_for_model(image, image_processor)
     if kind == "blacken":
         return blacken_patches(image, patch_size=image_processor.patch_size, prob=0.5, generator=generator)

@@ -3,6 +3,7 @@
     python bench.py learn [--quick]    # results/learning.{json,md,png}: the papers' table at toy scale
     python bench.py overhead --json    # seconds per training step and phase, ratios between methods
     python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
+    python bench.py speed              # the default run's wall time, this tree vs an earlier commit
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -253,11 +255,12 @@ def one_update(pepo, model, ref_model, optimizer, vl, batch, args, seed: int) ->
     if args.vppo:
         inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed))
     parts = pepo.micro_batches(inputs, args.micro_batch_size)
-    scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo)
+    reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1  # as pepo.train: the update reuses the policy pass
+    scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo, keep_graph=reuse)
     advantages, weights, mask, _, stats = pepo.shape(scores, batch["rewards"], batch["completion_mask"], batch["truncated"], 1, args)
     t1 = time.perf_counter()
     stats.update(pepo.update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask, args, 1,
-                             nullcontext()))
+                             nullcontext(), logits=scores.pop("logits")))
     return dict(stats, time_scoring=t1 - t0, time_update=time.perf_counter() - t1)
 
 
@@ -318,6 +321,39 @@ def overhead(opt) -> dict:
                    "machine": machine()},
     }
     return result
+
+
+# ----------------------------------------------------------------------------------------
+# speed: wall time of the default run, this tree against an earlier commit, side by side
+# ----------------------------------------------------------------------------------------
+def speed(opt) -> dict:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    root = Path(opt.runs_dir).resolve() / "speed"
+    base = root / f"tree-{opt.baseline[:12]}"
+    if not (base / "pepo.py").exists():  # a checkout of the baseline commit beside this one
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(base), opt.baseline], check=True,
+                       stdout=subprocess.DEVNULL)
+    trees = {"baseline": base, "current": here}
+    env = dict(os.environ, TQDM_DISABLE="1")
+    runs = {name: [] for name in trees}
+    for rep in range(opt.repeats):
+        for name, tree in trees.items():  # alternate, so a slow phase of the machine hits both alike
+            out = root / f"{name}{rep}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "pepo.py", *shlex.split(opt.flags), "--output-dir", str(out)], cwd=tree, env=env,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            s = json.loads((out / "summary.json").read_text())
+            runs[name].append({"wall_s": round(time.perf_counter() - t0, 1), "accuracy_before": s["accuracy_before"],
+                               "accuracy_after": s["accuracy_after"]})
+            print(f"{name:8s} repeat {rep}: {runs[name][-1]}", flush=True)
+    wall = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
+    return {"runs": runs, "median_wall_s": wall, "ratio_current_over_baseline": round(wall["current"] / wall["baseline"], 3),
+            "config": {"baseline": opt.baseline, "flags": opt.flags or "(defaults)", "repeats": opt.repeats,
+                       "note": "wall time of the whole `python pepo.py` process: model build, evaluation, training", "machine": machine()}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -500,6 +536,14 @@ def main(argv=None):
     r.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     r.add_argument("--threads", type=int, default=1, help="torch threads")
     r.add_argument("--results-dir", default="results", help="prior.json goes here")
+    s = sub.add_parser("speed", help="wall time of the default run: this tree against an earlier commit, side by side",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--baseline", default="5888c4f", help="commit to compare with (a git worktree of it is made in --runs-dir)")
+    s.add_argument("--flags", default="", help="pepo.py flags for both, e.g. '--steps 20'")
+    s.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (median)")
+    s.add_argument("--json", action="store_true", help="print JSON only")
+    s.add_argument("--runs-dir", default="runs/bench", help="the baseline checkout and the run folders")
+    s.add_argument("--results-dir", default="results", help="speed.json goes here")
     h = sub.add_parser("heatmap", help="tokens.html from the tokens.jsonl that `pepo.py --visualize N` wrote",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     h.add_argument("run_dir", help="the run's --output-dir")
@@ -509,11 +553,13 @@ def main(argv=None):
         return learn(opt)
     if opt.command == "heatmap":
         return heatmap(opt)
-    result = overhead(opt) if opt.command == "overhead" else prior(opt)
+    result = {"overhead": overhead, "prior": prior, "speed": speed}[opt.command](opt)
     Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(opt.results_dir) / f"{opt.command}.json").write_text(json.dumps(result, indent=1))
     if opt.json:
         print(json.dumps(result, indent=1))
+    elif opt.command == "speed":
+        print(f"median wall time: {result['median_wall_s']}  current/baseline {result['ratio_current_over_baseline']}")
     elif opt.command == "overhead":
         for algo, t in result["seconds"].items():
             print(f"{algo:7s} " + "  ".join(f"{k} {v:.3f} s" for k, v in t.items()))

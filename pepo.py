@@ -473,6 +473,12 @@ def slice_batch(batch: dict, rows: slice) -> dict:
     return out
 
 
+def repeat_rows(batch: dict, n: int) -> dict:
+    """Each row n times in a row, with its images: a prompt encoded once for its G completions."""
+    rows = [slice_batch(batch, slice(i, i + 1)) for i in range(batch["input_ids"].shape[0])]
+    return {k: torch.cat([r[k] for r in rows for _ in range(n)]) for k in batch}
+
+
 def micro_batches(batch: dict, size: int):
     B = batch["input_ids"].shape[0]
     size = size or B
@@ -500,7 +506,7 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
 def rollout(model, vl, task, examples, group_size, args, device, autocast):
     """G completions per example -> batch dict (CPU tensors) with rewards and accuracy [B]."""
     rows = [ex for ex in examples for _ in range(group_size)]
-    prompts = to_device(vl.encode_prompts(rows), device)
+    prompts = to_device(repeat_rows(vl.encode_prompts(examples), group_size), device)  # the processor runs once per prompt
     model.eval()
     with autocast:
         completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -578,7 +584,7 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
             chunk = examples[i:i + batch_size]
             for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
                 rows = [ex for ex in chunk for _ in range(k)]
-                prompts = to_device(vl.encode_prompts(rows), device)
+                prompts = to_device(repeat_rows(vl.encode_prompts(chunk), k), device)
                 with autocast:
                     comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode,
                                     top_k=args.top_k, top_p=args.top_p)
@@ -596,33 +602,39 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
 # §5 One step: score -> shape -> update. Every algorithm runs these three functions; the
 # flags decide which signals `score` computes and how `shape` uses them.
 # ========================================================================================
-@torch.no_grad()
-def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependency: bool) -> dict:
-    """Step 2: the no-grad passes over one rollout batch (already split into micro-batches),
-    all from the rollout policy. -> dict of [B, L] tensors:
+def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependency: bool, keep_graph: bool = False) -> dict:
+    """Step 2: the passes over one rollout batch (already split into micro-batches) that the
+    shaping needs, all from the rollout policy, without gradient. -> dict of [B, L] tensors:
 
       old_logp, entropy   log pi_old(o_t) and H_t, at the sampling temperature
       prior               PEPO perception prior VS_t, from the same pass's hidden states
       ref_logp            the frozen reference policy, for the KL term (when beta > 0)
       dependency          VPPO visual dependency S_t, from a pass on the perturbed images
-    Signals not asked for are None.
+    Signals not asked for are None. keep_graph (on-policy, one micro-batch): the policy pass
+    runs with gradient and its logits are returned as "logits", so the update reuses them
+    instead of running the same forward again (TRL does the same); old_logp is their detached copy.
     """
-    model.eval()
-    out = {"old_logp": [], "entropy": [], "prior": [], "ref_logp": [], "dependency": []}
+    model.train(keep_graph)  # the same computation either way (no dropout); train() for the pass the update reuses
+    out = {"old_logp": [], "entropy": [], "prior": [], "ref_logp": [], "dependency": [], "logits": []}
     for mb in parts:
-        logits, hidden = forward(model, mb, args.temperature, hidden_states=prior)
-        logp = token_logprobs(logits, mb["completion_ids"])
-        out["old_logp"].append(logp)
-        out["entropy"].append(token_entropy(logits))
-        if prior:
-            vision = mb["input_ids"] == model.config.image_token_id
-            out["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
-        if ref_model is not None:
-            out["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
-        if dependency:
-            logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
-            out["dependency"].append(vppo.token_visual_kl(logits, logits_pert) if args.vppo_kl == "exact"
-                                     else vppo.token_visual_dependency(logp, token_logprobs(logits_pert, mb["completion_ids"])))
+        with torch.set_grad_enabled(keep_graph):
+            logits, hidden = forward(model, mb, args.temperature, hidden_states=prior)
+        if keep_graph:
+            out["logits"].append(logits)
+            logits, hidden = logits.detach(), hidden and [h.detach() for h in hidden]
+        with torch.no_grad():
+            logp = token_logprobs(logits, mb["completion_ids"])
+            out["old_logp"].append(logp)
+            out["entropy"].append(token_entropy(logits))
+            if prior:
+                vision = mb["input_ids"] == model.config.image_token_id
+                out["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
+            if ref_model is not None:
+                out["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
+            if dependency:
+                logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
+                out["dependency"].append(vppo.token_visual_kl(logits, logits_pert) if args.vppo_kl == "exact"
+                                         else vppo.token_visual_dependency(logp, token_logprobs(logits_pert, mb["completion_ids"])))
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
@@ -662,9 +674,11 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
     return advantages, weights, mask, signals, stats
 
 
-def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weights, mask, args: Args, step: int, autocast) -> dict:
+def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weights, mask, args: Args, step: int, autocast,
+           logits=None) -> dict:
     """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
     --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
+    `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
     A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights."""
     model.train()
     groups = mask.shape[0] // args.group_size
@@ -678,9 +692,12 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
             for mb in micro_batches(slice_batch(inputs, mini), args.micro_batch_size):
                 sl = slice(row, row + mb["input_ids"].shape[0])
                 row = sl.stop
-                with autocast:
-                    logits, _ = forward(model, mb, args.temperature)
-                logp = token_logprobs(logits, mb["completion_ids"])
+                if logits is None:
+                    with autocast:
+                        mb_logits, _ = forward(model, mb, args.temperature)
+                else:
+                    mb_logits = logits
+                logp = token_logprobs(mb_logits, mb["completion_ids"])
                 loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
                                       token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta,
                                       clip_dual=args.clip_dual, max_len=args.max_new_tokens)
@@ -762,16 +779,18 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
             if want_dep:  # VPPO: the same images with random patches blacked out
                 inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, perturb_gen)
             inputs = to_device(inputs, device)
-            # 2. Score: no-grad passes (old log-probs, entropy, PEPO prior, reference, VPPO dependency).
+            parts = micro_batches(inputs, args.micro_batch_size)
+            reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1  # on-policy in one pass: update reuses the policy pass
+            # 2. Score: old log-probs, entropy, PEPO prior, reference, VPPO dependency (no gradient).
             with autocast:
-                scores = score(model, ref_model, micro_batches(inputs, args.micro_batch_size), args, prior=want_prior, dependency=want_dep)
+                scores = score(model, ref_model, parts, args, prior=want_prior, dependency=want_dep, keep_graph=reuse)
             # 3. Shape: advantages, token weights and masks: the only step where the algorithms differ.
             mask = batch["completion_mask"].to(device)
             advantages, weights, mask, signals, stats = shape(scores, batch["rewards"], mask, batch["truncated"], step, args)
             t2 = time.time()
             # 4. Update: clipped surrogate (+ KL, + entropy term), micro-batched, --ppo-epochs times.
             stats.update(update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask,
-                                args, step, autocast))
+                                args, step, autocast, logits=scores.pop("logits")))
             m.update(stats, time_scoring=t2 - t1, time_update=time.time() - t2)
             if show:
                 shown = True
@@ -924,6 +943,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int =
     rng = random.Random(seed + 17)
     vl = VLHelper(tokenizer, image_processor, config)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if ".visual." not in n], lr=2e-3)
+    model.model.visual.requires_grad_(False)  # no backward through a tower that is not trained
     for _ in range(warmup_steps):
         examples = [task.sample(rng) for _ in range(32)]
         targets = [tokenizer(task.random_completion(rng) + "<|im_end|>").input_ids for _ in examples]
@@ -933,6 +953,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int =
         opt.zero_grad()
         loss.backward()
         opt.step()
+    model.model.visual.requires_grad_(True)
     save_atomic(path, model, tokenizer, image_processor)
     return path
 

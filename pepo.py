@@ -1085,7 +1085,7 @@ def run(args: Args):
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     before = state["eval_before"] if state else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     if args.eval_only:
         result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}

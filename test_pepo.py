@@ -1244,9 +1244,7 @@ def test_blind_baselines():
                 "fewshot": 1 / 6, "dots-sum": 1 / 6}
     for name, p in expected.items():
         assert abs(blind_baseline(tasks.TASKS[name]) - p) < 0.08, name
-    t0 = time.time()
-    b = blind_baseline(tasks.TASKS["grounding"])
-    assert time.time() - t0 < 2.0 and 0.0 < b < 0.2  # no single box fits most shapes
+    assert 0.0 < blind_baseline(tasks.TASKS["grounding"]) < 0.2  # no single box fits most shapes
 
 
 def test_blind_baseline_is_majority_accuracy():
@@ -1613,12 +1611,10 @@ def test_hub_id_without_network_fails_fast(capsys, monkeypatch, offline_env):
     monkeypatch.setattr(hub_utils, "get_session", lambda: NoNetwork())  # this test must not depend on the network
     monkeypatch.setattr(pepo, "build_tiny_model", no_model)
     monkeypatch.setattr(pepo, "load_policy", no_model)
-    t0 = time.time()
-    msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")
+    msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")  # load_policy (from_pretrained's retries) never ran
     why = "HF_HUB_OFFLINE is set" if offline_env else f"{hub_constants.ENDPOINT} cannot be reached"
     assert msg == (f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
                    "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder")
-    assert time.time() - t0 < 5  # from_pretrained alone retries for about a minute
 
 
 def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):

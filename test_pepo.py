@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -253,6 +254,63 @@ def test_dual_clip_by_hand():
     # positive advantages and on-policy ratios (= 1) are untouched: inert with one on-policy update
     for a, lp in ((torch.tensor([1.0]), logp), (torch.tensor([-1.0]), old)):
         assert policy_loss(lp, old, a, mask, "dapo", clip_dual=3.0)[0].item() == policy_loss(lp, old, a, mask, "dapo")[0].item()
+
+
+def test_pepo_weight_ablations_by_hand():
+    prior = torch.tensor([[0.1, 0.5, 0.3, 0.0]])
+    entropy = torch.tensor([[2.0, 0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    v_hat, h_hat = torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1.0, 0.0, 0.5])  # min-max over the 3 valid tokens
+    vs, a, tau = prior[0, :3], 0.5, 2.0
+
+    def weights(z):
+        return 3 * torch.softmax(z, 0)
+    for gate_on, fused in (("both", v_hat + h_hat), ("prior", v_hat), ("entropy", h_hat)):
+        g = 1 + a * torch.tanh(fused - fused.mean())
+        w = pepo_token_weights(prior, entropy, mask, a, tau, gate_on=gate_on)
+        assert torch.allclose(w[0, :3], weights(vs * g / tau), atol=1e-6) and w[0, 3] == 0, gate_on
+    g = 1 + a * torch.tanh(v_hat + h_hat - (v_hat + h_hat).mean())
+    w = pepo_token_weights(prior, entropy, mask, a, tau, fusion="add")
+    assert torch.allclose(w[0, :3], weights((vs + g - 1) / tau), atol=1e-6)
+
+
+def shaped(*flags, step=3):
+    """pepo.shape on a hand-made batch of 2 groups of 2 completions with 5 tokens each."""
+    args = pepo.parse_args(["--group-size", "2", "--steps", "10", *flags])
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] * 4 + [0.0], [1.0] * 5])
+    scores = {"prior": torch.rand(4, 5), "entropy": torch.rand(4, 5), "dependency": torch.rand(4, 5) * mask}
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    return args, mask, scores, pepo.shape(scores, rewards, mask, torch.zeros(4, dtype=torch.bool), step, args)
+
+
+def test_ablation_flags_change_only_their_part():
+    _, _, _, (_, _, _, _, stats) = shaped("--algo", "pepo_g", "--ablation", "pepo-no-ramp")
+    assert stats["pepo_lambda"] == 1.0  # fixed lambda = 1 instead of (3 - 1) / 10
+    assert shaped("--algo", "pepo_g")[3][4]["pepo_lambda"] == pytest.approx(0.2)
+    args, mask, scores, (adv, weights, _, signals, stats) = shaped("--algo", "vppo")
+    tgf, plain_adv = signals["vppo_mask"], grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    assert torch.equal(weights, tgf) and not torch.allclose(adv, plain_adv)  # both parts on
+    _, _, _, (adv, weights, _, _, stats) = shaped("--algo", "vppo", "--ablation", "vppo-tas-only")
+    assert torch.equal(weights, mask) and not torch.allclose(adv, plain_adv)  # no token filter, TAS kept
+    _, _, _, (adv, weights, _, _, stats) = shaped("--algo", "vppo", "--ablation", "vppo-tgf-only")
+    assert torch.equal(weights, tgf) and torch.allclose(adv, plain_adv) and stats["tas_mean"] == 1.0
+    _, _, _, (adv, weights, _, _, _) = shaped("--algo", "vppo", "--ablation", "vppo-entropy-mask")
+    assert torch.equal(weights, token_gradient_mask(scores["entropy"], mask, 0.4)) and torch.allclose(adv, plain_adv)
+    _, _, _, (adv, weights, _, _, _) = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")
+    assert weights.sum(1).tolist() == [2, 2, 2, 2]  # ceil(0.4 * T_i) for T_i = 5, 3, 4, 5
+    assert torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1])  # seeded by seed and step
+    assert not torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask", step=4)[3][1])
+    assert ((weights == 1) <= (mask == 1)).all() and torch.allclose(adv, plain_adv)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--algo", "grpo", "--ablation", "pepo-no-ramp"], "--ablation pepo-no-ramp changes PEPO; use it with --algo pepo_g or pepo_d"),
+    (["--algo", "pepo_d", "--ablation", "vppo-tgf-only"], "--ablation vppo-tgf-only changes VPPO; use it with --algo vppo"),
+])
+def test_ablation_needs_its_method(argv, expected):
+    with pytest.raises(pepo.UsageError, match=expected):
+        pepo.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,12 +596,27 @@ def test_learning_table_by_hand():
     s = bench.summarize(fake_runs(), 0.8)["color"]
     # grpo: final 0.9, 0.7 -> mean 0.8, sample std 0.1414; reached 0.8 at steps 20 and 10 -> median (lower) 10
     assert s["grpo"]["final_mean"] == pytest.approx(0.8) and s["grpo"]["final_std"] == pytest.approx(0.1414, abs=1e-4)
+    # resampling 2 seeds gives means 0.7, 0.8 or 0.9 (each extreme with probability 1/4): the interval is [0.7, 0.9]
+    assert s["grpo"]["final_ci95"] == pytest.approx([0.7, 0.9])
+    # curve areas: (10 * (0.35 + 0.65 + 0.85)) / 30 = 0.6167 and (10 * (0.525 + 0.775 + 0.7)) / 30 = 0.6667
+    assert s["grpo"]["area_mean"] == pytest.approx((18.5 / 30 + 20 / 30) / 2) and s["grpo"]["area_ci95"] == pytest.approx([18.5 / 30, 20 / 30])
     assert s["grpo"]["steps_to_threshold"] == [20, 10] and s["grpo"]["steps_cell"] == "10 (2/2)"
     # pepo_g: only seed 2 reached it (step 20); the median of {20, never} counts 'never' as the slower one
     assert s["pepo_g"]["steps_to_threshold"] == [None, 20] and s["pepo_g"]["steps_cell"] == "20 (1/2)"
     assert bench.summarize(fake_runs()[2:3], 0.8)["color"]["pepo_g"]["steps_cell"] == "not reached (0/1)"
     table = bench.markdown_table(bench.summarize(fake_runs(), 0.8), ["grpo", "pepo_g", "vppo"], 0.8).splitlines()
-    assert table[2] == "| grpo | 0.80 ± 0.14 | 10 (2/2) |" and table[4] == "| vppo | — | — |"
+    assert table[2] == "| grpo | 0.80 [0.70, 0.90] | 0.64 [0.62, 0.67] | 10 (2/2) |" and table[4] == "| vppo | — | — | — |"
+
+
+def test_curve_area_and_bootstrap_by_hand():
+    import bench
+
+    assert bench.curve_area([0, 10, 30], [0.0, 1.0, 1.0]) == pytest.approx((10 * 0.5 + 20 * 1.0) / 30)
+    assert bench.curve_area([0], [0.4]) == 0.4
+    assert bench.bootstrap_ci(statistics.mean, [0.5] * 5) == (0.5, 0.5)  # no spread, no width
+    lo, hi = bench.bootstrap_ci(statistics.mean, [0.0, 0.0, 0.0, 1.0, 1.0], n=4000)
+    # the mean of 5 draws with p = 0.4 is Binomial(5, 0.4) / 5: 2.5% and 97.5% quantiles 0.0 and 0.8
+    assert (lo, hi) == (0.0, 0.8)
 
 
 def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
@@ -556,7 +629,7 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
     saved = json.loads((tmp_path / "learning.json").read_text())
     assert saved["config"] == config and len(saved["runs"]) == 4 and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
-    assert "| pepo_g | 0.55 ± 0.07 | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
+    assert "| pepo_g | 0.55 [0.50, 0.60] | 0.44 [0.35, 0.53] | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
     assert not (tmp_path / "learning.png").exists()
 
 

@@ -228,8 +228,8 @@ def _sharded_updates(rank, path, out):
         model = distributed.shard(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
         groups = distributed.split(GROUPS)
-        batch = fixed_batch(vl, task, groups)
-        batch = distributed.pad_to_global_rows(batch, batch, G, pepo.concat_batches, vl.pad_id)
+        local = fixed_batch(vl, task, groups)
+        batch = distributed.pad_to_global_rows(local, local, G, pepo.concat_batches, vl.pad_id)
         t = time.time()
         stats = sharded_train_step(model, optimizer, vl, batch, 1, args, torch.Generator().manual_seed(0))
         stats["seconds"] = time.time() - t
@@ -251,6 +251,10 @@ def _sharded_updates(rank, path, out):
     diff = max((fresh.state[p]["exp_avg"].to_local() - optimizer.state[p]["exp_avg"].to_local()).abs().max().item()
                for p in optimizer.state)
     assert diff == 0.0, diff
+    # a rank that kept no group (dynamic sampling) runs on copies of a dropped group that carry no loss
+    padded = distributed.pad_to_global_rows(None if rank == 1 else local, local, G, pepo.concat_batches, vl.pad_id)
+    assert padded["input_ids"].shape[0] == 2 * G and distributed.real_rows(padded) == (2 * G if rank == 0 else 0)
+    assert rank == 0 or (padded["completion_mask"].sum() == 0 and padded["padding"].all())
     # generate under FSDP2 with different lengths on the two ranks: pepo.generate as it is
     prompts = vl.encode_prompts(batch["examples"][:2])
     completions = pepo.generate(model, vl, prompts, max_new_tokens=2 if rank == 0 else 9, temperature=1.0)

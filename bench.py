@@ -5,6 +5,7 @@
     python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
     python bench.py speed              # the default run's wall time, this tree vs an earlier commit
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
+    python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameter counts
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
 Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single-threaded workers.
@@ -533,6 +534,71 @@ def _norm(values: list[float], t: int) -> float:
     return 0.0 if hi - lo < 1e-12 else (values[t] - lo) / (hi - lo)
 
 
+
+# ----------------------------------------------------------------------------------------
+# memory-table: what FSDP2 shards, per GPU, from the real models' parameter counts
+# ----------------------------------------------------------------------------------------
+# The published config.json values that set the parameter count (everything else is left at the
+# transformers defaults, which do not change it). `count_parameters` builds each model on the meta
+# device (no memory, no download) and counts; PARAMS holds the result (transformers 5.23).
+CONFIGS = {
+    "Qwen2.5-VL-3B": ("qwen2_5_vl", dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
+                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048)),
+    "Qwen2.5-VL-7B": ("qwen2_5_vl", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)),
+    "Qwen3-VL-8B": ("qwen3_vl", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+                    dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+                         num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+    "Qwen3-VL-32B": ("qwen3_vl", dict(vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                                      num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+                     dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=5120, patch_size=16,
+                          num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+}
+PARAMS = {}  # name -> (total, vision tower incl. merger); filled by count_parameters() on first use
+BYTES = dict(weights=4, grads=4, adam=8, reference=2)  # fp32 weights, fp32 grads, AdamW m and v, the bf16 KL reference
+
+
+def count_parameters(name: str) -> tuple[int, int]:
+    """(all parameters, those of the vision tower and merger) of a model built from CONFIGS on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if name not in PARAMS:
+        model_type, text, vision = CONFIGS[name]
+        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                      tie_word_embeddings=text["tie_word_embeddings"])
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+        total = sum(p.numel() for p in model.parameters())  # a tied lm_head (3B) counts once
+        PARAMS[name] = (total, sum(p.numel() for p in model.model.visual.parameters()))
+    return PARAMS[name]
+
+
+def gib_per_gpu(total: int, vision: int, gpus: int, freeze_vision: bool, beta: bool) -> float:
+    """GiB per GPU for the sharded model state (not activations): fp32 weights of every parameter,
+    fp32 grads and AdamW moments of the trained ones, the bf16 reference when beta > 0, all / gpus."""
+    trained = total - (vision if freeze_vision else 0)
+    n = total * BYTES["weights"] + trained * (BYTES["grads"] + BYTES["adam"]) + (total * BYTES["reference"] if beta else 0)
+    return n / gpus / 2**30
+
+
+def memory_table(opt) -> dict:
+    gpus = [1, 2, 4, 8]
+    rows, lines = {}, ["| model (params, vision) | --freeze-vision | " + " | ".join(f"{g} GPU" for g in gpus) + " |",
+                       "|---|---|" + "---|" * len(gpus)]
+    for name in CONFIGS:
+        total, vision = count_parameters(name)
+        for freeze in (False, True):
+            cells = [f"{gib_per_gpu(total, vision, g, freeze, True):.1f} ({gib_per_gpu(total, vision, g, freeze, False):.1f})" for g in gpus]
+            rows[f"{name}{' freeze_vision' if freeze else ''}"] = dict(zip(map(str, gpus), cells))
+            label = f"{name} ({total / 1e9:.2f}B, {vision / 1e9:.2f}B)" if not freeze else ""
+            lines.append(f"| {label} | {'yes' if freeze else 'no'} | " + " | ".join(cells) + " |")
+    return {"params": {k: {"total": t, "vision": v} for k, (t, v) in PARAMS.items()}, "GiB_per_gpu beta>0 (beta=0)": rows,
+            "markdown": "\n".join(lines)}
+
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -586,16 +652,22 @@ def main(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     h.add_argument("run_dir", help="the run's --output-dir")
     h.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/tokens.html)")
+    m = sub.add_parser("memory-table", help="GiB per GPU of weights, grads, AdamW moments and the reference under FSDP2",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--json", action="store_true", help="print JSON only")
+    m.add_argument("--results-dir", default="results", help="memory-table.json goes here")
     opt = p.parse_args(argv)
     if opt.command == "learn":
         return learn(opt)
     if opt.command == "heatmap":
         return heatmap(opt)
-    result = {"overhead": overhead, "prior": prior, "speed": speed}[opt.command](opt)
+    result = {"overhead": overhead, "prior": prior, "speed": speed, "memory-table": memory_table}[opt.command](opt)
     Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(opt.results_dir) / f"{opt.command}.json").write_text(json.dumps(result, indent=1))
     if opt.json:
         print(json.dumps(result, indent=1))
+    elif opt.command == "memory-table":
+        print(result["markdown"])
     elif opt.command == "speed":
         print(f"median wall time: {result['median_wall_s']}  current/baseline {result['ratio_current_over_baseline']}")
     elif opt.command == "overhead":

@@ -146,9 +146,11 @@ def saveable(model):
 
 def optimizer_state(model, optimizer) -> dict:
     """Full optimizer state keyed by parameter name, on CPU, on rank 0 ({} elsewhere).
-    Collective. Loadable by load_optimizer_state with any number of processes."""
+    Collective. One process: optimizer.state_dict() (keyed by index)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if world() == 1:  # one process: the plain optimizer.state_dict()
+        return optimizer.state_dict()
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -157,13 +159,12 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     pass {} (rank 0 broadcasts every tensor and each rank keeps its shard)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if world() == 1:  # one process: the plain optimizer.load_state_dict()
+        return optimizer.load_state_dict(state)
     # A fresh optimizer has no state yet: torch creates it with a zero-lr step, but only when no
     # parameter holds a .grad (else it fails with 'Expected device to be set').
     optimizer.zero_grad(set_to_none=True)
-    if world() == 1:  # full_state_dict=True needs a process group
-        set_optimizer_state_dict(model, optimizer, state)
-    else:
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,6 +195,11 @@ def all_max(x):
 def all_min(x):
     """Min over ranks of a tensor or a number."""
     return _reduce(x, dist.ReduceOp.MIN)
+
+
+def any_true(flag: bool) -> bool:
+    """True when the flag is True on some rank (e.g. a stop signal that reached one rank)."""
+    return all_max(int(bool(flag))) == 1
 
 
 def all_true(flag: bool) -> bool:
@@ -303,48 +309,7 @@ def real_rows(batch: dict) -> int:
     return batch["input_ids"].shape[0] - (0 if pad is None else int(pad.sum()))
 
 
-# ----------------------------------------------------------------------------------------
-# Loss normalisers: what pepo.policy_loss divides by, and its global value
-# ----------------------------------------------------------------------------------------
-def denominator(loss_type: str, mask: torch.Tensor) -> float:
-    """What pepo.policy_loss divides the masked token sum of `mask`'s rows by: rows (grpo:
-    mean over rows of row means), valid tokens (dapo), rows x length (dr_grpo)."""
-    if loss_type == "grpo":
-        return float(mask.shape[0])
-    if loss_type == "dapo":
-        return max(1.0, float(mask.sum()))
-    if loss_type == "dr_grpo":
-        return float(max(1, mask.numel()))
-    raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def global_denominator(loss_type: str, mask: torch.Tensor, rows: int | None = None) -> float:
-    """The same denominator for the global batch, as one process would compute it.
-
-    mask: this rank's [B_r, L_r] loss mask (padding rows 0); rows: its real rows (without
-    padding; default all). grpo: sum of rows; dapo: sum of valid tokens; dr_grpo: sum of
-    rows x the longest completion over all ranks (one process pads the batch to it).
-    """
-    rows = mask.shape[0] if rows is None else rows
-    if loss_type == "grpo":
-        return max(1.0, float(all_sum(rows)))
-    if loss_type == "dapo":
-        return max(1.0, float(all_sum(float(mask.sum()))))
-    if loss_type == "dr_grpo":
-        return float(max(1, all_sum(rows) * all_max(mask.shape[1])))
-    raise ValueError(f"unknown loss_type {loss_type!r}")
-
-
-def loss_share(loss_type: str, micro_mask: torch.Tensor, global_denom: float) -> float:
-    """Factor for a micro-batch's policy_loss so that the sum over micro-batches and ranks is
-    the global-batch loss: its own denominator / the global one. With one process and no
-    padding it equals pepo.loss_share(loss_type, micro_mask, batch_mask)."""
-    return denominator(loss_type, micro_mask) / global_denom
-
-
-def global_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean of x over every rank's entries (where mask > 0): a logged metric of the global batch."""
-    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    num = all_sum(float((x * mask).sum()))
-    den = all_sum(float(mask.sum()))
-    return num / max(den, 1.0)
+def global_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over every rank's entries where mask > 0 (a logged metric of the global batch).
+    One process: exactly pepo.masked_mean(x, mask).item()."""
+    return (all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)).item()

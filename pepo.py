@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import distributed as dist_  # torchrun/FSDP2 helpers: each is the identity in one process
 import tasks
 import vppo
 
@@ -339,11 +340,12 @@ def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2
     return loss, stats
 
 
-def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_mask: torch.Tensor) -> float:
-    """Factor that makes the sum of micro-batch losses equal the whole-batch loss."""
+def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_tokens) -> float:
+    """Factor that makes the sum of micro-batch losses equal the whole-batch loss: the micro-batch's
+    rows (dapo: valid tokens) over the batch's `batch_rows` (`batch_tokens`)."""
     if loss_type == "dapo":
-        return micro_mask.sum().item() / max(1.0, batch_mask.sum().item())
-    return micro_mask.shape[0] / batch_mask.shape[0]
+        return micro_mask.sum().item() / max(1.0, float(batch_tokens))
+    return micro_mask.shape[0] / batch_rows
 
 
 # ========================================================================================
@@ -506,7 +508,8 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
     cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k if not greedy else None,
                            top_p=top_p if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
                            pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
-    out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg)
+    out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg,
+                         synced_gpus=dist_.world() > 1)  # FSDP2: a rank that is done keeps stepping until all are
     return out[:, prompts["input_ids"].shape[1]:].cpu()
 
 
@@ -563,13 +566,18 @@ def select_groups(batch: dict, keep: torch.Tensor, group_size: int, pad_id: int)
 
 def collect_rollouts(model, vl, task, rng, args, device, autocast):
     """One rollout batch. With dynamic sampling (DAPO) groups whose rewards are all equal
-    carry no signal: they are dropped and fresh prompts are sampled, up to a cap of tries."""
+    carry no signal: they are dropped and fresh prompts are sampled, up to a cap of tries.
+    -> (batch or None, per-row reward/accuracy/completion_len/truncated_frac of every rollout, groups dropped).
+    Under torchrun --prompts-per-step counts over all ranks, and so do the tries."""
     G, kept, seen, dropped = args.group_size, [], [], 0
     for _ in range(args.max_sampling_tries if args.dynamic_sampling else 1):
-        need = args.prompts_per_step - sum(b["input_ids"].shape[0] for b in kept) // G
+        need = args.prompts_per_step - dist_.all_sum(sum(b["input_ids"].shape[0] for b in kept) // G)  # global count
         if need <= 0:
             break
-        batch = rollout(model, vl, task, [task.sample(rng) for _ in range(need)], G, args, device, autocast)
+        n = dist_.local_count(need)  # this rank's prompts; a group stays on one rank
+        batch = rollout(model, vl, task, [task.sample(rng) for _ in range(max(n, 1))], G, args, device, autocast)  # generate runs on every rank
+        if n == 0:  # that rollout only kept the ranks in step
+            continue
         seen.append(batch)
         if not args.dynamic_sampling:
             kept.append(batch)
@@ -579,7 +587,13 @@ def collect_rollouts(model, vl, task, rng, args, device, autocast):
         dropped += int((~keep).sum())
         if keep.any():
             kept.append(select_groups(batch, keep, G, vl.pad_id))
-    return (concat_batches(kept, vl.pad_id) if kept else None), seen, dropped
+    per_row = {"reward": [b["rewards"] for b in seen], "accuracy": [b["accuracy"] for b in seen],
+               "completion_len": [b["completion_mask"].sum(1) for b in seen], "truncated_frac": [b["truncated"].float() for b in seen]}
+    seen = {k: dist_.gather_values(torch.cat(v or [torch.zeros(0)])) for k, v in per_row.items()}  # every rank's rollouts, for the logged means
+    kept = concat_batches(kept, vl.pad_id) if kept else None
+    # Equal rows on every rank (FSDP2 runs each forward and backward on all ranks together): a rank
+    # with fewer groups appends copies of one of its rollouts that carry no loss (batch["padding"]).
+    return dist_.pad_to_global_rows(kept, batch, G, concat_batches, vl.pad_id), seen, dist_.all_sum(dropped)
 
 
 @torch.no_grad()
@@ -588,13 +602,15 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
     its own seeded torch RNG (forked), so evaluating never shifts the training streams."""
     model.eval()
     greedy, sampled = [], []
+    mine = [examples[i] for i in dist_.split(len(examples))]  # this rank's part of the examples
+    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    chunks += [[]] * (dist_.all_max(len(chunks)) - len(chunks))  # as many generate calls on every rank (FSDP2)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
+        torch.manual_seed(dist_.rank_seed(args.seed))  # ranks sample different avg@K completions
+        for chunk in chunks:
             for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
                 rows = [ex for ex in chunk for _ in range(k)]
-                prompts = to_device(repeat_rows(vl.encode_prompts(chunk), k), device)
+                prompts = to_device(repeat_rows(vl.encode_prompts(chunk or examples[:1]), k), device)  # [] -> a stand-in, scored nowhere
                 with autocast:
                     comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode,
                                     top_k=args.top_k, top_p=args.top_p)
@@ -602,9 +618,9 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
                 texts = vl.decode(comp, mask)
                 accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
                 (greedy if greedy_mode else sampled).extend(accs)
-    out = {"accuracy": sum(greedy) / len(greedy)}
+    out = {"accuracy": dist_.all_sum(sum(greedy)) / dist_.all_sum(len(greedy))}  # over every rank's examples
     if samples:
-        out[f"avg@{samples}"] = sum(sampled) / len(sampled)
+        out[f"avg@{samples}"] = dist_.all_sum(sum(sampled)) / dist_.all_sum(len(sampled))
     return out
 
 
@@ -648,16 +664,18 @@ def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependen
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
-def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, step: int, args: Args):
+def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, step: int, args: Args, padding=None):
     """Step 3: the one place where the algorithms differ. -> (advantages [B], token weights
     [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: weight 1 on every valid token.
-    `signals` holds PEPO's w_t and VPPO's TGF mask whenever their inputs were scored, used or not."""
+    `signals` holds PEPO's w_t and VPPO's TGF mask whenever their inputs were scored, used or not.
+    Batch-wide quantities (TAS, the entropy-top threshold, stats) are over every rank's rows;
+    `padding` [B] flags rows that only keep the ranks in step (collect_rollouts)."""
     mask = mask.clone()
     if args.overlong_filter:  # DAPO: a completion cut by the length limit teaches nothing reliable
         mask[truncated] = 0
     advantages = grpo_advantages(rewards, args.group_size, scale=args.adv_scale).to(mask.device)  # A_i (GRPO Eq. 3)
     weights = torch.ones_like(mask)
-    stats = {"entropy": masked_mean(scores["entropy"], mask).item()}
+    stats = {"entropy": dist_.global_mean(scores["entropy"], mask)}  # over all ranks' tokens
     signals = {"pepo_weight": None, "vppo_mask": None}
     ablation = args.ablation
     if scores["prior"] is not None:  # PEPO w_t = T_i softmax(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2)
@@ -669,7 +687,7 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
     if args.pepo:  # PEPO, ramped in: A_{i,t} = ((1 - lambda) + lambda w_t) A_i  (Eq. 6)
         w, lam = signals["pepo_weight"], 1.0 if ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
         weights = weights * ((1 - lam) + lam * w)
-        valid = w[mask.bool()]
+        valid = dist_.gather_values(w[mask.bool()])  # every rank's valid weights, for the quantiles
         if valid.numel():
             for q in (10, 50, 90):
                 stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
@@ -683,15 +701,15 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
             keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
         elif ablation == "vppo-tas-only":
             keep = mask.clone()
-        scale = vppo.trajectory_advantage_scale(dep, mask, args.vppo_min_scale)
+        scale = dist_.on_all_rows(lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask)  # min/max/mean over all ranks' rows
         if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
             scale = torch.ones_like(scale)
         weights, advantages = weights * keep, advantages * scale
-        stats.update(vppo_dep_kept=masked_mean(dep, keep).item(), vppo_dep_dropped=masked_mean(dep, mask * (1 - keep)).item(),
-                     vppo_kept_frac=(keep.sum() / mask.sum().clamp(min=1)).item(),
-                     tas_min=scale.min().item(), tas_mean=scale.mean().item(), tas_max=scale.max().item())
+        real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
+        stats.update(vppo_dep_kept=dist_.global_mean(dep, keep), vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
+                     vppo_kept_frac=dist_.global_mean(keep, mask), tas_min=real.min().item(), tas_mean=real.mean().item(), tas_max=real.max().item())
     if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch (arXiv 2506.01939)
-        weights = weights * vppo.entropy_top_mask(scores["entropy"], mask)
+        weights = weights * dist_.on_all_rows(vppo.entropy_top_mask, scores["entropy"], mask)  # threshold over all ranks' tokens
     return advantages, weights, mask, signals, stats
 
 
@@ -700,7 +718,9 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
     """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
     --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
     `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
-    A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights."""
+    A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights.
+    Under torchrun each rank's loss is its share of the loss of the mini-batch over all ranks
+    (global rows and tokens), and FSDP2 sums the gradients over ranks."""
     model.train()
     groups = mask.shape[0] // args.group_size
     n = max(1, min(args.mini_batches, groups))  # dynamic sampling may leave fewer groups than mini-batches
@@ -710,6 +730,8 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
         for lo, hi in zip(cuts, cuts[1:]):
             optimizer.zero_grad(set_to_none=True)
             mini, mini_mask, row, finite = slice(lo, hi), mask[lo:hi], lo, True
+            rows = dist_.all_sum(dist_.real_rows(slice_batch(inputs, mini)))  # the mini-batch's rows over all ranks (padding left out)
+            tokens = dist_.all_sum(mini_mask.sum())  # and its valid tokens
             for mb in micro_batches(slice_batch(inputs, mini), args.micro_batch_size):
                 sl = slice(row, row + mb["input_ids"].shape[0])
                 row = sl.stop
@@ -722,14 +744,15 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
                 loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
                                       token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta,
                                       clip_dual=args.clip_dual, max_len=args.max_new_tokens)
-                share = loss_share(args.loss_type, mask[sl], mini_mask)
+                share = loss_share(args.loss_type, mask[sl], rows, tokens)
                 loss = loss * share
                 if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the mini-batch's valid tokens
-                    loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / mini_mask.sum().clamp(min=1))
+                    loss = loss + args.entropy_penalty * (-(logp * mask[sl]).sum() / tokens.clamp(min=1))
                 loss.backward()
                 finite = finite and bool(torch.isfinite(loss))
                 stats.append((share, s))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            finite = dist_.all_true(finite)  # every rank steps, or none
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # FSDP2: the norm over all shards
             norms.append(grad_norm.item())
             if finite and torch.isfinite(grad_norm):
                 optimizer.step()
@@ -738,7 +761,8 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
                 skipped += 1
                 print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
     # stats of the last pass, averaged over its optimizer steps
-    out = {key: sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs:]) / n for key in stats[0][1]}
+    out = {key: dist_.all_sum(sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs:])) / n  # shares are global: sum the ranks
+           for key in stats[0][1]}
     out["grad_norm"] = sum(norms[-n:]) / n
     out["nonfinite_skipped"] = skipped
     return out
@@ -779,55 +803,53 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
     from tqdm import tqdm
 
     step, shown = first_step - 1, False
-    bar = tqdm(range(first_step, args.steps + 1), initial=step, total=args.steps, desc=args.algo, dynamic_ncols=True)
+    bar = tqdm(range(first_step, args.steps + 1), initial=step, total=args.steps, desc=args.algo, dynamic_ncols=True, disable=not dist_.is_main())
     for step in bar:
         t0 = time.time()
         for group in optimizer.param_groups:  # a pure function of the step, so resuming needs only the step
             group["lr"] = learning_rate(step, args.steps, args.lr, args.lr_schedule)
         # 1. Rollouts: G samples per prompt from the current (= old) policy, scored by the task.
         batch, seen, dropped = collect_rollouts(model, vl, task, train_rng, args, device, autocast)
-        m = {"step": step, "reward": torch.cat([b["rewards"] for b in seen]).mean().item(),
-             "accuracy": torch.cat([b["accuracy"] for b in seen]).mean().item(),
-             "completion_len": torch.cat([b["completion_mask"].sum(1) for b in seen]).mean().item(),
-             "truncated_frac": torch.cat([b["truncated"].float() for b in seen]).mean().item(), "groups_dropped": dropped}
+        m = {"step": step, **{k: v.mean().item() for k, v in seen.items()}, "groups_dropped": dropped}
         if batch is None:
             m["skipped"] = 1  # dynamic sampling found no group with signal
         else:
             t1 = time.time()
             show = args.visualize > 0 and (not shown or step == args.steps)  # --visualize: first and last step
             want_prior, want_dep = args.pepo or show, args.vppo or show  # shown even when the algorithm does not use them
-            inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids")}
+            inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids", "padding")}
             if want_dep:  # VPPO: the same images with random patches blacked out
                 inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, perturb_gen)
             inputs = to_device(inputs, device)
             parts = micro_batches(inputs, args.micro_batch_size)
-            reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1  # on-policy in one pass: update reuses the policy pass
+            reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1 == dist_.world()  # on-policy in one pass: update reuses the policy pass (not under FSDP2)
             # 2. Score: old log-probs, entropy, PEPO prior, reference, VPPO dependency (no gradient).
             with autocast:
                 scores = score(model, ref_model, parts, args, prior=want_prior, dependency=want_dep, keep_graph=reuse)
             # 3. Shape: advantages, token weights and masks: the only step where the algorithms differ.
             mask = batch["completion_mask"].to(device)
-            advantages, weights, mask, signals, stats = shape(scores, batch["rewards"], mask, batch["truncated"], step, args)
+            advantages, weights, mask, signals, stats = shape(scores, batch["rewards"], mask, batch["truncated"], step, args, batch["padding"])
             t2 = time.time()
             # 4. Update: clipped surrogate (+ KL, + entropy term), micro-batched, --ppo-epochs times.
             stats.update(update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask,
                                 args, step, autocast, logits=scores.pop("logits")))
-            m.update(stats, time_scoring=t2 - t1, time_update=time.time() - t2)
+            m.update(stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2))  # the slowest rank
             if show:
                 shown = True
-                with open(Path(args.output_dir) / "tokens.jsonl", "a") as f:
+                with open(Path(args.output_dir) / "tokens.jsonl" if dist_.is_main() else os.devnull, "a") as f:  # rank 0's rollouts
                     for r in token_records(vl, batch, scores, signals, advantages, weights, step, args.visualize):
                         f.write(json.dumps(r) + "\n")
-        m["seconds"] = time.time() - t0
+        m["seconds"] = dist_.all_max(time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
             m["eval_accuracy"] = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
         m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null: valid JSON
         metrics.write(json.dumps(m) + "\n")
         metrics.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
-        if step < args.steps and (stop.name or (args.save_every and step % args.save_every == 0)):
+        stopping = dist_.any_true(stop.name)  # a signal that reached one rank stops all of them
+        if step < args.steps and (stopping or (args.save_every and step % args.save_every == 0)):
             save(step)
-        if stop.name:
+        if stopping:
             break
     return step
 
@@ -996,13 +1018,13 @@ def set_rng_states(states: dict, train_rng: random.Random, perturb_gen: torch.Ge
     perturb_gen.set_state(states["vppo"])
 
 
-def save_training_state(path, model, tokenizer, image_processor, optimizer, step, args, rngs, metrics_bytes, before) -> None:
+def save_training_state(path, model, tokenizer, image_processor, optimizer_state, step, args, rngs, metrics_bytes, before) -> None:
     """Everything a resumed run needs to continue exactly: weights, tokenizer and image processor
-    (save_pretrained), optimizer moments, step, RNG streams, the length of metrics.jsonl up to
-    this step and the accuracy before RL. The PEPO ramp and any step-based schedule follow from
-    step and args.steps. Written atomically (save_atomic)."""
+    (save_pretrained), optimizer moments, step, RNG streams (a list: one entry per process), the
+    length of metrics.jsonl up to this step and the accuracy before RL. The PEPO ramp and any
+    step-based schedule follow from step and args.steps. Written atomically (save_atomic)."""
     state = {"step": step, "steps": args.steps, "pepo_lambda": pepo_ramp(step, args.steps), "metrics_bytes": metrics_bytes,
-             "eval_before": before, "args": dataclasses.asdict(args), "optimizer": optimizer.state_dict(), "rng": rngs}
+             "eval_before": before, "args": dataclasses.asdict(args), "world_size": len(rngs), "optimizer": optimizer_state, "rng": rngs}
     save_atomic(path, model, tokenizer, image_processor, state=state)
 
 
@@ -1020,7 +1042,7 @@ def load_training_state(run_dir: str) -> tuple[Path, dict]:
     """(checkpoint folder, state) of a run, for --resume."""
     path = find_checkpoint(run_dir)
     state = json.loads((path / TRAINER_JSON).read_text())
-    state.update(torch.load(path / TRAINER_PT, weights_only=True))
+    state.update(torch.load(path / TRAINER_PT, weights_only=True, mmap=True))  # mmap: only what is read comes into memory
     return path, state
 
 
@@ -1077,7 +1099,13 @@ def run(args: Args):
     task = tasks.JsonlTask(args.data, args.image_root) if args.data else tasks.get_task(args.task)  # checks every row
     out_dir = Path(args.output_dir)
     offline = args.model != "tiny" and check_model_source(args.model)
+    device = dist_.init(args.device)  # under torchrun: join the process group, this rank's GPU
+    if not dist_.is_main():
+        sys.stdout = open(os.devnull, "w")  # one console: rank 0 prints (the numbers are global)
     ckpt, state = load_training_state(args.resume) if args.resume else (None, None)
+    if state and state.get("world_size", 1) != dist_.world():  # each process continues its own random streams
+        raise UsageError(f"--resume {args.resume}: the run was saved by {state.get('world_size', 1)} process(es), this is "
+                         f"{dist_.world()}; resume it with the same number (torchrun --nproc-per-node N, or plain python for 1)")
     metrics_path = out_dir / "metrics.jsonl"
     if state and (not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]):
         raise UsageError(f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint (step {state['step']}); "
@@ -1085,18 +1113,22 @@ def run(args: Args):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Seeding: python (task stream), torch (init, sampling); reseeded right before step 1.
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    train_rng = random.Random(args.seed)
-    perturb_gen = torch.Generator().manual_seed(args.seed)  # VPPO's patch masks
+    # Under torchrun each rank has its own streams (rank_seed): different prompts and completions.
+    seed = dist_.rank_seed(args.seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    train_rng = random.Random(seed)
+    perturb_gen = torch.Generator().manual_seed(seed)  # VPPO's patch masks
     eval_examples = [task.sample(random.Random(10_000 + i)) for i in range(args.eval_size)]  # fixed held-out set
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     if args.bf16 is None:  # bf16 where it pays (CUDA); fp32 on CPU keeps the toy runs exact
         args.bf16 = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     t_start = time.time()
-    model_path = build_tiny_model(str(out_dir / "tiny_init"), task, args.seed) if args.model == "tiny" else args.model
+    model_path = str(out_dir / "tiny_init") if args.model == "tiny" else args.model
+    if args.model == "tiny" and dist_.is_main():  # one writer
+        build_tiny_model(model_path, task, args.seed)
+    dist_.barrier()  # the other ranks read the tiny model once rank 0 wrote it
     model, tokenizer, image_processor = load_policy(str(ckpt) if state else model_path, offline)
     need = tasks.answer_budget(task, tokenizer)
     if args.max_new_tokens < need:
@@ -1109,42 +1141,50 @@ def run(args: Args):
             p.requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    before = state["eval_before"] if state else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
-    if args.eval_only:
-        result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
-        (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result))
-        return result
     ref_model = None
-    if args.beta > 0:  # the frozen initial policy; a resumed run loads it again from the initial weights
+    if args.beta > 0 and not args.eval_only:  # the frozen initial policy; a resumed run loads it again from the initial weights
         ref_model = (load_policy(model_path, offline)[0].to(device) if state else copy.deepcopy(model)).eval().requires_grad_(False)
         if args.bf16:  # never trained, so it needs no fp32 master weights: half the memory (7.5 GB for a 3B model)
             ref_model.to(torch.bfloat16)
+        ref_model = dist_.shard(ref_model)  # under torchrun: each rank holds a shard of it
+    model = dist_.shard(model)  # FSDP2 under torchrun: parameters, gradients and (below) optimizer states sharded
+    before = state["eval_before"] if state else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    if args.eval_only:
+        result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
+        if dist_.is_main():
+            (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+        return result
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, args.adam_beta2))
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        dist_.load_optimizer_state(model, optimizer, state["optimizer"])  # under torchrun: rank 0's full state, each rank keeps its shard
+    if dist_.is_main() and state:
         os.truncate(metrics_path, state["metrics_bytes"])  # lines after the checkpoint's step are done again
-    else:
+    elif dist_.is_main():
         (out_dir / "tokens.jsonl").unlink(missing_ok=True)  # --visualize appends; a new run starts it afresh
     print(f"accuracy before RL: {before['accuracy']:.3f}")
 
-    def save(step):  # the resumable checkpoint/ of this step
-        save_training_state(out_dir / "checkpoint", model, tokenizer, image_processor, optimizer, step, args,
-                            rng_states(train_rng, perturb_gen), metrics_path.stat().st_size, before)
+    def save(step):  # the resumable checkpoint/ of this step; under torchrun every rank hands in its shards, rank 0 writes
+        weights, optimizer_state = dist_.saveable(model), dist_.optimizer_state(model, optimizer)  # gathered on rank 0
+        rngs = dist_.gather_objects(rng_states(train_rng, perturb_gen))  # every rank's random streams
+        if dist_.is_main():
+            save_training_state(out_dir / "checkpoint", weights, tokenizer, image_processor, optimizer_state, step, args, rngs,
+                                metrics_path.stat().st_size, before)
+        dist_.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
     # The training streams start here, after building, loading and evaluating (which therefore never
     # shift them); a resumed run continues them from the checkpoint.
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
     if state:
-        set_rng_states(state["rng"], train_rng, perturb_gen)
+        set_rng_states(state["rng"][dist_.rank()], train_rng, perturb_gen)
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
-    with open(metrics_path, "a" if state else "w") as metrics:
+    with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
         step = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
                      train_rng, perturb_gen, device, autocast, metrics, save, stop)
     if step < args.steps:  # stopped by a signal, after saving this step
-        print(f"{stop.name}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
+        print(f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
               f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)
         return {"stopped_at_step": step, "signal": stop.name}
 
@@ -1154,7 +1194,8 @@ def run(args: Args):
     summary = {"algo": args.algo, "task": task.name, "model": args.model, "steps": args.steps,
                "seconds": round(time.time() - t_start, 1), "accuracy_before": before["accuracy"],
                "accuracy_after": after["accuracy"], "eval_before": before, "eval_after": after, "args": dataclasses.asdict(args)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist_.is_main():
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
     return summary
 
@@ -1165,7 +1206,8 @@ def main(argv=None):
     try:
         return run(parse_args(argv))
     except (UsageError, tasks.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist_.is_main():  # under torchrun every rank fails alike: one line
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): stop now, checkpoints stay as they were
         print("\ninterrupted; the last saved checkpoint, if any, is intact", file=sys.stderr)
@@ -1173,6 +1215,7 @@ def main(argv=None):
     finally:  # run() catches SIGINT/SIGTERM to stop cleanly; give the caller its handlers back
         for s, h in handlers.items():
             signal.signal(s, h)
+        dist_.close()  # under torchrun: leave the process group
 
 
 if __name__ == "__main__":

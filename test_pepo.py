@@ -235,7 +235,7 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     adv, mask = torch.tensor([1.0, -1.0, 0.5, 2.0]), (torch.rand(4, 5) > 0.3).float()
     whole, _ = policy_loss(logits, old, adv, mask, loss_type, max_len=8)
     (g_whole,) = torch.autograd.grad(whole, logits)
-    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type, max_len=8)[0] * pepo.loss_share(loss_type, mask[s], mask)
+    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type, max_len=8)[0] * pepo.loss_share(loss_type, mask[s], len(mask), mask.sum())
                 for s in (slice(0, 1), slice(1, 4)))
     (g_parts,) = torch.autograd.grad(total, logits)
     assert torch.allclose(g_whole, g_parts, atol=1e-6)

@@ -110,7 +110,18 @@ def shard(model, mp_policy=None):
     for unit in (*units, model):  # sum, not mean: each rank's loss is its share of the global loss
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM (what factor 1.0 picks alone)
+    # FSDP2 sets itself up on the first forward, which must be the root's; the first call may be
+    # generate(), which runs the vision unit first (see above): set up from the root now (private API).
+    model._get_fsdp_state()._lazy_init()
     return model
+
+
+def reshard(model) -> None:
+    """Free the gathered weights that FSDP2 keeps on the root after a forward with no backward
+    (generate, evaluation): until then model.parameters() are full tensors, not the optimizer's
+    sharded ones. One process: nothing."""
+    if world() > 1:
+        model.reshard()
 
 
 def full_state_dict(model) -> dict:

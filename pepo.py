@@ -510,6 +510,7 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
                            pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
     out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg,
                          synced_gpus=dist_.world() > 1)  # FSDP2: a rank that is done keeps stepping until all are
+    dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
     return out[:, prompts["input_ids"].shape[1]:].cpu()
 
 

@@ -6,6 +6,7 @@
     python bench.py speed              # the default run's wall time, this tree vs an earlier commit
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
     python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameter counts
+    python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
 Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single-threaded workers.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import os
 import platform
 import shlex
@@ -456,6 +458,197 @@ def prior(opt) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# memory: peak memory of one scoring pass and one update at Qwen2.5-VL-3B widths
+# ----------------------------------------------------------------------------------------
+# "before": forward() and the token functions as first written, each step of the formula one
+# float32 [B, L, V] tensor (0.6 GB per 1k-token completion at V = 151,936); "after": pepo's and vppo's.
+def _plain_forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False):
+    import pepo
+
+    L = batch["completion_ids"].shape[1]
+    out = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    return out.logits[:, :-1] / temperature, (out.hidden_states if hidden_states else None)
+
+
+def _plain_entropy(logits):
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+
+
+def _plain_logprobs(logits, tokens):
+    import torch
+
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _plain_visual_kl(logits, logits_perturbed):
+    import torch
+
+    with torch.no_grad():
+        lp = torch.log_softmax(logits.detach().float(), dim=-1)
+        lq = torch.log_softmax(logits_perturbed.detach().float(), dim=-1)
+        p = lp.exp()
+        return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(dim=-1).clamp_min(0.0)
+
+
+def memory_model(seed: int = 0):
+    """Random-weight Qwen2.5-VL with Qwen2.5-VL-3B's widths and token ids, but 2 text layers and
+    2 vision blocks (543M parameters, 311M of them the tied 151,936 x 2048 embedding)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
+    from transformers.initialization import no_init_weights
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=2, max_position_embeddings=128000,
+                         rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])),
+        vision_config=dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True)
+    with no_init_weights():  # transformers' own init (normal_ on every matrix) takes ~30 s on 2 cores; the draws below ~5 s
+        model = AutoModelForImageTextToText.from_config(config)
+    model.tie_weights()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.uniform_(-0.035, 0.035, generator=g)  # std 0.02, as the usual init
+            else:
+                p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    return model
+
+
+def memory_inputs(config, completion: int, seed: int = 0) -> tuple[dict, object]:
+    """One row: 16 text tokens, a 448 x 448 image (32 x 32 patches -> 256 image tokens), 8 more
+    text tokens, `completion` random completion tokens; and the processor that made the pixels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    g = torch.Generator().manual_seed(seed)
+    ip = Qwen2VLImageProcessorPil()
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    vis = ip([image], return_tensors="pt")
+    n_image = int(vis["image_grid_thw"].prod()) // ip.merge_size**2
+    text = lambda n: torch.randint(0, 151643, (n,), generator=g)  # ordinary (non-special) token ids
+    prompt = torch.cat([text(16), torch.tensor([config.vision_start_token_id] + [config.image_token_id] * n_image + [config.vision_end_token_id]), text(8)])
+    completion_ids = text(completion)[None]
+    input_ids = torch.cat([prompt[None], completion_ids], 1)
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=(input_ids == config.image_token_id).long(),
+                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"], completion_ids=completion_ids)
+    return batch, ip
+
+
+def _status_bytes(key: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+def _measure_memory(phase: str, version: str, completion: int, device: str) -> dict:
+    """One measurement, run in a fresh process: build the model and inputs, then one scoring
+    pass or one update with the `before` or `after` functions. -> peak bytes above the start."""
+    import gc
+    from contextlib import nullcontext
+
+    import torch
+
+    import pepo
+    import vppo
+
+    fwd, logprobs, entropy, kl = ((_plain_forward, _plain_logprobs, _plain_entropy, _plain_visual_kl) if version == "before"
+                                  else (pepo.forward, pepo.token_logprobs, pepo.token_entropy, vppo.token_visual_kl))
+    model = memory_model().to(device)
+    batch, ip = memory_inputs(model.config, completion)
+    batch["pixel_values_perturbed"] = vppo.blacken_pixel_values(batch["pixel_values"], ip, 0.5, torch.Generator().manual_seed(0))
+    batch = pepo.to_device(batch, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()  # as pepo.train
+    ids = batch["completion_ids"]
+    mask, advantages = torch.ones(ids.shape, device=device), torch.ones(ids.shape[0], device=device)
+    model.train(phase == "update")
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS (Linux)
+        start = _status_bytes("VmRSS")
+    peak = lambda: torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
+    t0 = time.perf_counter()
+    if phase == "scoring":  # as pepo.train_step's scoring pass for PEPO's prior plus VPPO's exact KL
+        with torch.no_grad(), autocast:
+            logits, hidden = fwd(model, batch, 1.0, hidden_states=True)
+            logp, ent = logprobs(logits, ids), entropy(logits)
+            prior = pepo.perception_prior(hidden, batch["input_ids"] == model.config.image_token_id, ids.shape[1])
+            logits_pert, _ = fwd(model, dict(batch, pixel_values=batch["pixel_values_perturbed"]), 1.0)
+            dep = kl(logits, logits_pert)
+        check = float(logp.sum() + ent.sum() + prior.sum() + dep.sum())
+        forward_peak = None
+    else:  # as pepo.train_step's update: forward with grad, log-probs, clipped surrogate, backward
+        with autocast:
+            logits, _ = fwd(model, batch, 1.0)
+        logp = logprobs(logits, ids)
+        loss, _ = pepo.policy_loss(logp, logp.detach(), advantages, mask)
+        forward_peak = peak() - start  # the backward pass adds the parameter gradients
+        loss.backward()
+        check = float(loss.detach())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    return {"phase": phase, "version": version, "completion": completion, "peak_bytes": peak() - start, "peak_before_backward_bytes": forward_peak, "seconds": round(time.perf_counter() - t0, 2),
+            "param_grad_bytes": grads, "finite": math.isfinite(check)}
+
+
+def memory(opt) -> dict:
+    import subprocess
+
+    V, GB = 151936, 1e9
+    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    rows = []
+    for L in opt.completions:
+        for phase in ("scoring", "update"):
+            for version in ("before", "after"):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "memory", "--one", f"{phase},{version},{L}", "--device", opt.device]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"  L={L:5d} {phase:7s} {version:6s} peak +{r['peak_bytes'] / GB:.2f} GB  {r['seconds']:.1f} s", file=sys.stderr)
+    import torch
+
+    return {"rows": rows, "fp32_BLV_bytes": {str(L): L * V * 4 for L in opt.completions},
+            "config": {"model": "random-weight Qwen2.5-VL, 3B widths (vocab 151936, hidden 2048, 16/2 heads, 1280-wide vision), 2 text layers, 2 vision blocks",
+                       "image": "448x448 (256 image tokens)", "batch": 1, "device": opt.device,
+                       "dtype": "float32" if opt.device == "cpu" else "bfloat16 autocast (as pepo.train)",
+                       "method": "cuda: max_memory_allocated - memory_allocated at the start" if opt.device == "cuda" else
+                                 "fresh process per row; peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) - RSS at the start; "
+                                 "MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors go back to the OS",
+                       "machine": machine() | {"threads": opt.threads}, "torch": torch.__version__}}
+
+
+def memory_markdown(result: dict) -> str:
+    by = {(r["phase"], r["version"], r["completion"]): r for r in result["rows"]}
+    lines = ["| completion tokens | one fp32 [B, L, V] | scoring pass | update | update, before `backward()` |", "|---|---|---|---|---|"]
+    for L, blv in result["fp32_BLV_bytes"].items():
+        L = int(L)
+        cell = lambda phase, key: f"{by[phase, 'before', L][key] / 1e9:.2f} → **{by[phase, 'after', L][key] / 1e9:.2f} GB**"
+        lines.append(f"| {L} | {blv / 1e9:.2f} GB | {cell('scoring', 'peak_bytes')} | {cell('update', 'peak_bytes')} | "
+                     f"{cell('update', 'peak_before_backward_bytes')} |")
+    grads = max(r["param_grad_bytes"] for r in result["rows"])
+    c = result["config"]
+    lines += ["", f"Peak memory above the built model and inputs, before → after, batch {c['batch']}, {c['dtype']}, {c['device']}; "
+              f"the update's parameter gradients are {grads / 1e9:.2f} GB. Method: {c['method']}."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
 # Token heatmap (pepo.py --visualize N)
 # ----------------------------------------------------------------------------------------
 SIGNALS = {  # record key -> label shown in the switch
@@ -656,11 +849,34 @@ def main(argv=None):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m.add_argument("--json", action="store_true", help="print JSON only")
     m.add_argument("--results-dir", default="results", help="memory-table.json goes here")
+    mm = sub.add_parser("memory", help="peak memory of one scoring pass and one update, token functions before/after chunking",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Random-weight Qwen2.5-VL at the 3B's widths (2 text layers, 2 vision blocks), one 448x448 image, "
+                                   "batch 1. Each row runs in a fresh process. CPU: peak RSS (/proc/self/status VmHWM, reset after the "
+                                   "model and inputs are built) minus the RSS then, with MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors "
+                                   "are returned to the OS (Linux only). CUDA: torch.cuda.max_memory_allocated minus the allocation then.")
+    mm.add_argument("--completions", nargs="+", type=int, default=[256, 1024], help="completion lengths L")
+    mm.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs under bf16 autocast, as pepo.train")
+    mm.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
+    mm.add_argument("--results-dir", default="results", help="memory.json and memory.md go here")
+    mm.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "phase,version,L", one measurement as JSON
     opt = p.parse_args(argv)
     if opt.command == "learn":
         return learn(opt)
     if opt.command == "heatmap":
         return heatmap(opt)
+    if opt.command == "memory" and opt.one:
+        phase, version, L = opt.one.split(",")
+        print(json.dumps(_measure_memory(phase, version, int(L), opt.device)))
+        return None
+    if opt.command == "memory":
+        result = memory(opt)
+        md = memory_markdown(result)
+        Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
+        (Path(opt.results_dir) / "memory.json").write_text(json.dumps(result, indent=1))
+        (Path(opt.results_dir) / "memory.md").write_text(md + "\n")
+        print(md)
+        return result
     result = {"overhead": overhead, "prior": prior, "speed": speed, "memory-table": memory_table}[opt.command](opt)
     Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
     (Path(opt.results_dir) / f"{opt.command}.json").write_text(json.dumps(result, indent=1))

@@ -189,15 +189,30 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]
-    Entries with p = 0 (e.g. -inf logits) add 0, not 0 * -inf = nan."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+    Entries with p = 0 (e.g. -inf logits) add 0, not 0 * -inf = nan.
+
+    Computed over chunks of ~4M logits (a few dozen positions at V ~ 150k): one float32
+    [B, L, V] tensor is 0.6 GB per 1k-token completion, and the formula needs several."""
+    step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
+    out = []
+    for chunk in logits.split(step, dim=1):  # L = 0 gives one empty chunk
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        p = logp.exp()
+        out.append(-(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1))  # masking logp, not p * logp, keeps the gradient finite too
+    return torch.cat(out, dim=1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(token) under `logits`.  [B, L, V], [B, L] -> [B, L]"""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) under `logits`.  [B, L, V], [B, L] -> [B, L]
+
+    logit(token) - logsumexp(logits), over chunks of positions as in `token_entropy`: no
+    [B, L, V] log_softmax copy, and the backward pass needs only chunk-sized temporaries."""
+    step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
+    out = []
+    for chunk, tok in zip(logits.split(step, dim=1), tokens.split(step, dim=1)):
+        chunk = chunk.float()
+        out.append(chunk.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out, dim=1)
 
 
 def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: int, score: str = "cosine") -> torch.Tensor:
@@ -465,7 +480,8 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
     """
     L = batch["completion_ids"].shape[1]
     out = model(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
-    return out.logits[:, :-1] / temperature, (out.hidden_states if hidden_states else None)
+    # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
+    return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
 
 
 def slice_batch(batch: dict, rows: slice) -> dict:
@@ -742,6 +758,8 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
                 else:
                     mb_logits = logits
                 logp = token_logprobs(mb_logits, mb["completion_ids"])
+                del mb_logits  # backward keeps what it needs; holding the [B, L, V] logits too raised the peak (bench.py memory)
+                logits = None
                 loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
                                       token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta,
                                       clip_dual=args.clip_dual, max_len=args.max_new_tokens)

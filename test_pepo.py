@@ -83,6 +83,74 @@ def test_token_entropy():
     assert torch.allclose(token_entropy(torch.tensor([[[0.0, 0.0, float("-inf")]]])), torch.tensor([[math.log(2)]]))
 
 
+# The unchunked formulas, as they were first written: the reference for the chunked versions.
+def plain_entropy(logits):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
+
+
+def plain_logprobs(logits, tokens):
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def plain_kl(logits, logits_perturbed):
+    lp, lq = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(logits_perturbed.float(), dim=-1)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(dim=-1).clamp_min(0.0)
+
+
+def wide_logits(L: int, dtype, seed: int = 0):
+    """B = 2 rows of V = 700k logits: chunks of 2**22 // (2 * 700k) = 2 positions, so an odd L
+    ends on a 1-position chunk. Row 0 has -inf at its first 1000 entries in both tensors."""
+    g = seeded(seed)
+    logits = torch.randn(2, L, 700_000, generator=g) * 3
+    other = logits + torch.randn(2, L, 700_000, generator=g)
+    logits[0, :, :1000] = other[0, :, :1000] = float("-inf")
+    tokens = torch.randint(0, 700_000, (2, L), generator=g)
+    tokens[0, :1] = 5  # a p = 0 token: log-prob -inf in both versions
+    return logits.to(dtype), other.to(dtype), tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [0, 1, 2, 7])
+def test_chunked_token_functions_match_plain_formulas(L, dtype):
+    logits, other, tokens = wide_logits(L, dtype, seed=L)
+    logp = pepo.token_logprobs(logits, tokens)
+    logp64 = torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    for new, ref in ((token_entropy(logits), plain_entropy(logits)), (token_visual_kl(logits, other), plain_kl(logits, other)),
+                     (logp, logp64)):
+        assert new.shape == ref.shape == (2, L) and new.dtype == torch.float32
+        assert torch.allclose(new, ref, rtol=1e-6, atol=1e-6)  # values up to ~30 here; -inf log-probs equal
+    # the float32 log_softmax is itself off by up to ~5e-5 at V = 700k (it sums exp(.) sequentially;
+    # logsumexp sums pairwise, ~1e-6): the old formula agrees to that
+    assert torch.allclose(logp, plain_logprobs(logits, tokens), rtol=0, atol=1e-4)
+    if L:
+        assert logp[0, 0].item() == float("-inf")
+        assert torch.isfinite(token_entropy(logits)).all() and torch.isfinite(token_visual_kl(logits, other)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logprobs_gradient_matches_plain_formula(dtype):
+    logits, _, tokens = wide_logits(5, dtype, seed=3)
+    logits.requires_grad_()
+    w = torch.randn(2, 5, generator=seeded(4))
+    (new,) = torch.autograd.grad((pepo.token_logprobs(logits, tokens).nan_to_num(neginf=0.0) * w).sum(), logits)
+    (ref,) = torch.autograd.grad((plain_logprobs(logits, tokens).nan_to_num(neginf=0.0) * w).sum(), logits)
+    assert new.dtype == dtype and torch.isfinite(new).all()
+    assert torch.allclose(new.float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-7)
+    # entropy with grad too (it is used under no_grad, but must stay right if not); the plain
+    # formula's gradient is nan on the row with -inf logits (0 * -inf), the chunked one's is finite
+    logits = logits.detach().float()[:, :3].requires_grad_()
+    (new,) = torch.autograd.grad((token_entropy(logits) * w[:, :3]).sum(), logits)
+    (ref,) = torch.autograd.grad((plain_entropy(logits) * w[:, :3]).sum(), logits)
+    assert torch.isfinite(new).all() and torch.equal(new[0, :, :1000], torch.zeros(3, 1000))
+    assert torch.allclose(new[1], ref[1], rtol=1e-5, atol=1e-9)
+    finite = logits.detach()[:1, :, 1000:].requires_grad_()  # row 0 without its -inf entries: the same distribution
+    (ref0,) = torch.autograd.grad((plain_entropy(finite) * w[:1, :3]).sum(), finite)
+    assert torch.allclose(new[0, :, 1000:], ref0[0], rtol=1e-5, atol=1e-9)
+
+
 def toy_hidden():
     # T = 4: positions 0, 1 are image tokens; the completion is the last L = 2 positions.
     h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
@@ -463,6 +531,27 @@ def test_perturbed_pass_changes_only_pixels(loaded):
         clean = pepo.forward(model, batch)[0]
         other = pepo.forward(model, dict(batch, pixel_values=pert))[0]
     assert not torch.allclose(clean, other)
+
+
+@slow
+def test_forward_in_place_temperature_matches_out_of_place(loaded):
+    # forward() divides the model's logits in place: same values and same parameter gradients
+    # as the out-of-place division (the lm_head matmul does not save its output for backward)
+    model, vl = loaded
+    rows = [tasks.get_task("color").sample(random.Random(i)) for i in range(2)]
+    batch = vl.with_completions(vl.encode_prompts(rows), [[5, 6, vl.end_ids[0]], [7, vl.end_ids[0]]])
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = torch.randn(batch["completion_ids"].shape, generator=seeded(0))
+    L = batch["completion_ids"].shape[1]
+
+    def grads(logits):
+        return torch.autograd.grad((pepo.token_logprobs(logits, batch["completion_ids"]) * w).sum(), params)
+
+    new = pepo.forward(model, batch, temperature=0.7)[0]
+    ref = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False).logits[:, :-1] / 0.7
+    assert new.shape == ref.shape and torch.allclose(new, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(new), grads(ref)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def metrics_of(path) -> list[dict]:

@@ -187,15 +187,19 @@ def token_visual_kl(logits: torch.Tensor, logits_perturbed: torch.Tensor) -> tor
 
     Goes beyond the original VPPO code, which only uses the sampled-token k3 estimate
     (`token_visual_dependency`): this is the full-vocabulary value, noise-free but needing both
-    [B, L, V] logit tensors (float32 copies: mind the memory for V ~ 150k; chunk over L if needed).
+    [B, L, V] logit tensors. Computed over chunks of ~4M logits per input (a few dozen positions
+    at V ~ 150k), so the float32 temporaries stay small next to the inputs.
     log_softmax keeps it finite for logits like +-1e4; terms with p(v) = 0 count as 0
     (so -inf logits are fine); clamped at >= 0 against rounding.
     """
-    lp = torch.log_softmax(logits.detach().float(), dim=-1)
-    lq = torch.log_softmax(logits_perturbed.detach().float(), dim=-1)
-    p = lp.exp()
-    terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
-    return terms.sum(dim=-1).clamp_min(0.0)
+    step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
+    out = []
+    for a, b in zip(logits.detach().split(step, dim=1), logits_perturbed.detach().split(step, dim=1)):  # L = 0: one empty chunk
+        lp = torch.log_softmax(a.float(), dim=-1)
+        lq = torch.log_softmax(b.float(), dim=-1)
+        p = lp.exp()
+        out.append(torch.where(p > 0, p * (lp - lq), 0.0).sum(dim=-1))
+    return torch.cat(out, dim=1).clamp_min(0.0)
 
 
 # ----------------------------------------------------------------------------------------

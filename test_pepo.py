@@ -2,6 +2,7 @@
 in the comments. Run: python -m pytest -q test_pepo.py"""
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -1223,17 +1224,30 @@ def test_random_completions_are_well_formatted():
     assert r + b == s
 
 
-def test_random_completions_fit_the_tiny_model():
-    # The tiny model's tokenizer (pepo.build_tiny_model) is a 512-token byte BPE on this corpus;
-    # completions plus <|im_end|> must fit max_new_tokens = 24.
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+@functools.lru_cache(maxsize=1)
+def tiny_bpe():
+    """The tiny model's tokenizer as pepo.build_tiny_model trains it: a 512-token byte BPE on the
+    tokenizer corpus, with one token per tag."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-    corpus = tasks.tokenizer_corpus()
-    assert len(corpus) == 2 * 20 * len(tasks.TASKS)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(tasks.tokenizer_corpus(), trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
+                                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>", "<think>", "</think>"]])
+    return bpe
+
+
+def test_tokenizer_corpus_is_unchanged_by_new_tasks():
+    # Tasks added after TOKENIZER_TASKS must not change the tiny tokenizer (and every tiny run's numbers).
+    corpus = tasks.tokenizer_corpus()
+    assert len(corpus) == 2 * 20 * len(tasks.TOKENIZER_TASKS) and set(tasks.TOKENIZER_TASKS) < set(tasks.TASKS)
+    assert hashlib.sha256("\n".join(corpus).encode()).hexdigest() == "f83a5df9b0d0079ad36e98eaaab1bac9ce023dc28cffd36890fd626b36e70937"
+
+
+def test_random_completions_fit_the_tiny_model():
+    # Completions plus <|im_end|> must fit max_new_tokens = 24 with the tiny model's tokenizer.
+    bpe = tiny_bpe()
     for task in tasks.TASKS.values():
         rng = random.Random(0)
         assert max(len(bpe.encode(task.random_completion(rng) + "<|im_end|>").ids) for _ in range(100)) <= 24
@@ -1255,6 +1269,123 @@ def test_blind_baseline_is_majority_accuracy():
             return Example("", [], "x" if rng.random() < 0.75 else "y")
 
     assert abs(blind_baseline(Skewed(), n=400) - 0.75) < 0.06
+
+
+# ---------------------------------------------------------------------------------------
+# color-think: chain of thought with a labelled perception token
+# ---------------------------------------------------------------------------------------
+def test_color_think_generator():
+    task = tasks.TASKS["color-think"]
+    exs = samples("color-think", 60)
+    for ex in exs:
+        colour = ex.meta["color"]
+        assert {ex.images[0].getpixel(p) for p in ink(ex.images[0])} == {tasks.COLORS[colour]}  # one shape, that colour
+        assert ex.answer == tasks.COLOR_NAMES[colour] and task.perception_words(ex) == {colour}
+        x1, y1, x2, y2 = bbox(ink(ex.images[0]))
+        assert max(x2 - x1, y2 - y1) >= 47  # large, as in `color`
+    # The prompt is the same for every example and states the rule the answer follows.
+    assert {ex.prompt for ex in exs} == {exs[0].prompt}
+    assert dict(re.findall(r"(\w+) is (\w+)[,.]", exs[0].prompt)) == tasks.COLOR_NAMES
+    answers = [ex.answer for ex in samples("color-think", 1200, seed=3)]
+    assert all(abs(answers.count(lab) - 300) < 60 for lab in task.labels)  # balanced
+    # The warm-up's completions: a random colour and the name the rule gives it, never the image's colour.
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        colour, c1, name1, name2 = re.fullmatch(r"<think>(\w+) shape, (\w+) is (\w+)</think><answer>(\w+)</answer>",
+                                                task.random_completion(rng)).groups()
+        assert colour == c1 and tasks.COLOR_NAMES[colour] == name1 == name2
+        seen.add(colour)
+    assert seen == set(tasks.COLORS)
+
+
+def test_color_think_verifier():
+    task = tasks.TASKS["color-think"]
+    ex = Example("", [], "dax", {"color": "red"})
+    assert task.score("<think>red shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score(" <think>red shape, red is dax</think>\n<answer> DAX </answer>\n", ex) == pytest.approx((1 + FB, 1))
+    # Rewarded on the final answer only: a wrong colour with the right name still scores.
+    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>blue shape, blue is blick</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx((FB, 0))  # the colour is not the name
+    assert task.score("<answer>dax</answer>", ex) == (0, 0)  # missing think
+    assert task.score("<think>red shape, red is dax</think>dax", ex) == (0, 0)  # missing answer tags
+    assert task.score("<think>red shape, red is dax</think><answer>dax</answer> ok", ex) == (0, 0)  # extra text
+    assert task.score("<answer>dax</answer><think>red shape</think>", ex) == (0, 0)  # wrong order
+    assert task.score("<think>red shape, red is dax<answer>dax</answer>", ex) == (0, 0)  # unclosed think
+
+
+def test_color_think_blind_baseline_is_chance():
+    assert abs(blind_baseline(tasks.TASKS["color-think"]) - 1 / 4) < 0.05
+
+
+def test_color_think_completions_are_long_with_one_colour_token():
+    # 8 tokens or more, and the colour right after <think> is a single token: the one perception token.
+    bpe, task = tiny_bpe(), tasks.TASKS["color-think"]
+    for colour in tasks.COLOR_NAMES:
+        pieces = bpe.encode(task.completion(colour) + "<|im_end|>").tokens
+        assert 12 <= len(pieces) <= 13 and pieces[:2] == ["<think>", colour]
+        mask = tasks.perception_token_mask(pieces, {colour})
+        assert mask[1] and [tasks.token_text(p).strip() for p, m in zip(pieces, mask) if m] == [colour, colour]
+        assert not any(mask[pieces.index("</think>"):])  # the name and the answer are not perception
+
+
+# ---------------------------------------------------------------------------------------
+# Perception token labels
+# ---------------------------------------------------------------------------------------
+def test_token_text_is_byte_level_decoding():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert tasks.BYTE_LEVEL == {ch: b for b, ch in bytes_to_unicode().items()}
+    assert [tasks.token_text(t) for t in ["Ġred", "Ċ", "red", " red", "<think>", "Ġ", ""]] == [" red", "\n", "red", " red", "<think>", " ", ""]
+    assert tasks.token_text("Ã©") == "é"  # two bytes of one character
+
+
+def test_perception_token_mask_by_hand():
+    mask = tasks.perception_token_mask
+    toks = ["<think>", "yellow", "Ġshape", ",", "Ġ", "yellow", "Ġis", "Ġfep", "</think>", "<answer>", "fep", "</answer>", "<|im_end|>"]
+    assert mask(toks, {"yellow"}) == [False, True, False, False, False, True] + [False] * 7  # 'Ġ' alone is only the space
+    assert mask(toks, {"fep"}) == [False] * 7 + [True] + [False] * 5  # inside <think> only
+    assert mask(toks, {"fep"}, "answer") == [False] * 10 + [True] + [False] * 2
+    assert mask(toks, {"fep"}, "all") == [False] * 7 + [True, False, False, True, False, False]
+    assert mask(toks, set()) == [False] * 13
+    # Decoded text instead of byte-level pieces, and a word split over tokens.
+    assert mask(["<think>", "the", " ye", "llow", " one", "</think>"], {"Yellow"}) == [False, False, True, True, False, False]
+    assert mask(["<think>", "yel", "low", "</think>"], {"yellow"}) == [False, True, True, False]
+    # Whole words only: 'red' is not in 'reddish' or 'bored'; a token sharing letters with the word is not marked.
+    assert mask(["<think>", "Ġreddish", "Ġbored", "Ġre", "d", "</think>"], {"red"}) == [False, False, False, True, True, False]
+    # dots-sum: the two counts inside <think>, not the sum (nor the '1' of '12').
+    toks = ["<think>", "2", "Ġred", ",", "Ġ3", "Ġblue", "Ġ12", "</think>", "<answer>", "5", "</answer>"]
+    assert mask(toks, {"2", "3", "1"}) == [False, True, False, False, True, False, False, False, False, False, False]
+    # No <think>: nothing; an unclosed <think> runs to the end.
+    assert mask(["<answer>", "red", "</answer>"], {"red"}) == [False, False, False]
+    assert mask(["<think>", "red", "Ġshape"], {"red"}) == [False, True, False]
+    assert mask([], {"red"}) == []
+    with pytest.raises(ValueError):
+        mask(toks, {"red"}, "image")
+
+
+def test_every_task_labels_its_perception_tokens():
+    # A correct completion of every task with perception words marks exactly those words.
+    bpe = tiny_bpe()
+    for name, task in tasks.TASKS.items():
+        ex = task.sample(random.Random(5))
+        words = task.perception_words(ex)
+        if name == "fewshot":
+            assert words == set()  # the answer is a name from the prompt, not read off the image
+            continue
+        assert words, name
+        if name == "dots-sum":
+            completion = f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
+        elif name == "color-think":
+            completion = task.completion(ex.meta["color"])
+        else:
+            completion = f"<answer>{ex.answer}</answer>"
+        pieces = bpe.encode(completion + "<|im_end|>").tokens
+        marked = "".join(tasks.token_text(p) for p, m in zip(pieces, task.perception_mask(pieces, ex)) if m)
+        expected = (f"{ex.meta['red']}{ex.meta['blue']}" if name == "dots-sum" else 2 * ex.meta["color"] if name == "color-think"
+                    else ex.answer)
+        assert marked.replace(" ", "") == expected, name
 
 
 # ---------------------------------------------------------------------------------------

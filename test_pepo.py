@@ -1900,3 +1900,70 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uni
     pepo.main(["--resume", str(tmp_path)])
     assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]  # step 2 done again, written once
     assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint"]
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py: signals
+# ---------------------------------------------------------------------------------------
+def test_auroc_by_hand():
+    import bench
+
+    assert bench.auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0  # every positive above every negative
+    assert bench.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0  # every positive below
+    assert bench.auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # all tied
+    assert bench.average_ranks([3, 1, 3]).tolist() == [2.5, 1.0, 2.5]
+    # 3 positives (3, 5, 5) against 3 negatives (1, 5, 4), pair by pair (win 1, tie 1/2):
+    # 3: beats 1 -> 1;  5: beats 1 and 4, ties 5 -> 2.5;  5: the same -> 2.5;  total 6 of 9 pairs
+    assert math.isclose(bench.auroc([3, 5, 5, 1, 5, 4], [1, 1, 1, 0, 0, 0]), 6 / 9)
+    # the same from the rank sum: ranks 2, 5, 5 (5s share ranks 4-6) -> (12 - 3*4/2) / 9 = 6/9; order does not matter
+    assert math.isclose(bench.auroc([5, 1, 4, 5, 3, 5], [1, 0, 0, 0, 1, 1]), 6 / 9)
+    for scores, labels in [([1, 2, 3], [True] * 3), ([1, 2], [0, 0]), ([], [])]:  # one class empty: nan, not 0.5
+        assert math.isnan(bench.auroc(scores, labels))
+    with pytest.raises(ValueError, match="nan"):
+        bench.auroc([float("nan"), 1.0], [0, 1])
+
+
+def test_bootstrap_ci_known_answers():
+    import bench
+
+    same = [(np.array([0.1, 0.9, 0.3]), np.array([False, True, False]))] * 12  # every completion alike: every draw the same
+    lo, hi, dropped = bench.bootstrap_ci(bench.pooled_auroc, same, n=200)
+    assert (lo, hi, dropped) == (1.0, 1.0, 0)
+    # two units, mean: a draw of 2 gives 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the 95% interval is [0, 1]
+    assert bench.bootstrap_ci(lambda us: float(np.mean(us)), [0.0, 1.0], n=1000) == (0.0, 1.0, 0)
+    # draws with only one class give nan: left out and counted (about half of them here)
+    ci = bench.bootstrap_ci(bench.pooled_auroc, [(np.array([1.0]), np.array([True])), (np.array([0.0]), np.array([False]))], n=400)
+    assert (ci.lo, ci.hi) == (1.0, 1.0) and 150 < ci.dropped < 250
+    x = list(np.random.default_rng(3).normal(size=50))
+    a, b = bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1), bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1)
+    assert a == b and a.lo < np.mean(x) < a.hi and a.hi - a.lo < 4 * np.std(x) / math.sqrt(50)  # seeded; holds the estimate
+    assert bench.first_run([False, True, True, False, True]) == [False, True, True, False, False]
+
+
+def test_signal_collection_smoke(loaded):
+    import bench
+
+    model, vl = loaded  # the `color` tiny model: same tokenizer, so it can write color-think completions
+    task = tasks.get_task("color-think")
+    args = pepo.parse_args(["--task", "color-think", "--algo", "grpo"])
+    examples = [task.sample(random.Random(20_000 + i)) for i in range(2)]
+    coll = bench.collect_signals(model, vl, task, examples, 2, args, seed=0)
+    comps = coll["completions"]
+    assert len(comps) == 4 and [c["prompt"] for c in comps] == [0, 0, 1, 1]
+    for c, m in zip(comps, coll["batch"]["completion_mask"]):
+        n = int(m.sum())
+        assert len(c["tokens"]) == n and all(len(v) == n for v in c["signals"].values())
+        assert all(len(v) == n for v in c["labels"].values()) and set(c["signals"]) == set(bench.SIGNAL_NAMES)
+        assert all(math.isfinite(x) for v in c["signals"].values() for x in v)
+        assert min(c["signals"]["dep_k3"]) >= 0 and min(c["signals"]["dep_exact"]) >= 0 and min(c["signals"]["entropy"]) >= 0
+        assert math.isclose(sum(c["signals"]["pepo_weight"]), n, rel_tol=1e-4)  # w_t averages 1 over a completion
+        assert "".join(c["tokens"]).startswith(vl.decode(coll["batch"]["completion_ids"][comps.index(c)][None], m[None])[0][:3])
+    stats = bench.signal_stats(comps, n_boot=20)
+    assert stats["tokens"] == sum(len(c["tokens"]) for c in comps) and set(stats["auroc"]) == set(bench.LABELINGS)
+    json.dumps(bench.json_safe(stats), allow_nan=False)  # strict JSON even where a class is empty (nan -> null)
+    result = {"seeds": {"1": {"train": {"accuracy_before": 0.25, "accuracy_after": 0.5}, "start": stats, "end": stats}},
+              "config": {"task": "color-think"}}
+    md = bench.signals_markdown(result)
+    assert md.count("| VPPO dependency (k3) |") == 1 and "PEPO contrast" in md
+    records = bench.signal_records(vl, coll, 2, 0, n=2)
+    assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)

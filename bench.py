@@ -516,12 +516,13 @@ SIGNAL_NAMES = {  # key in collect_signals' output -> name in the table
 }
 LABELINGS = {  # which tokens count as perception tokens
     "slot": "every colour word inside <think>, whichever colour the policy wrote (the slot where the image is read)",
-    "task": "Task.perception_mask: the ground-truth colour word inside <think> (a wrong colour is not marked)",
     "first": "only the first colour word inside <think> (the one read off the image; the second restates it)",
+    "task": "Task.perception_mask: the ground-truth colour word inside <think> (a wrong colour is not marked)",
+    "answer": "the name inside <answer> (colour + rule): where the image is read once the <think> text no longer names the colour",
 }
 SIGNALS_BUDGETS = {  # prompts x group_size completions per collection; train = extra pepo.py flags (none: the default run)
     "full": dict(seeds=[1], prompts=32, group_size=8, train=[]),
-    "quick": dict(seeds=[1], prompts=32, group_size=8, train=["--steps", "12", "--prompts-per-step", "8", "--eval-size", "20"]),
+    "quick": dict(seeds=[1], prompts=16, group_size=8, train=["--steps", "8", "--prompts-per-step", "8", "--eval-size", "20"]),
 }
 HIGH_DEPENDENCY = 0.1  # VPPO sparsity: share of tokens whose dependency exceeds this
 TOP_SHARE = 0.2  # ... and the share of all dependency that the top 20% of tokens carry
@@ -532,7 +533,7 @@ def average_ranks(x) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     if np.isnan(x).any():
         raise ValueError("average_ranks: scores contain nan")
-    order = np.argsort(x, kind="mergesort")
+    order = np.argsort(x)  # any order within a run of ties: they all get the run's average rank
     xs = x[order]
     starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]  # first position of each run of equal values
     ends = np.r_[starts[1:], len(xs)]
@@ -617,6 +618,11 @@ def slot_words(task) -> set[str]:
     return set(tasks.COLORS) if task.name in ("color", "color-think") else set()
 
 
+def answer_words(task) -> set[str]:
+    """Every answer the task accepts (its label pool): for color-think the four colour names."""
+    return set(task.labels)
+
+
 def collect_signals(model, vl, task, examples: list, group_size: int, args, seed: int, micro_batch: int = 64) -> dict:
     """Sample group_size completions per example at args.temperature and compute every per-token
     signal in one place, from the same two passes: the clean pass with hidden states (log-probs,
@@ -660,7 +666,8 @@ def collect_signals(model, vl, task, examples: list, group_size: int, args, seed
             "prompt": i // group_size, "correct": bool(batch["accuracy"][i] > 0.5), "text": batch["texts"][i],
             "tokens": [tasks.token_text(p) for p in pieces],
             "signals": {k: v[i][valid].tolist() for k, v in scores.items()},
-            "labels": {"slot": slot, "task": task.perception_mask(pieces, example), "first": first_run(slot)},
+            "labels": {"slot": slot, "first": first_run(slot), "task": task.perception_mask(pieces, example),
+                       "answer": tasks.perception_token_mask(pieces, answer_words(task), "answer")},
         })
     return {"batch": batch, "scores": scores, "completions": completions}
 
@@ -781,20 +788,22 @@ def signals_markdown(result: dict) -> str:
     for seed, r in seeds.items():
         s, e = r["start"], r["end"]
         lines += [f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
-                  f"{e['tokens']} at the end ({e['perception_tokens_slot']}); sampled accuracy {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
+                  f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
                   f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}", "",
-                  "AUROC [95% bootstrap CI over completions] for telling perception tokens from the rest:", "",
-                  "| signal | start: slot | end: slot | start: first colour | end: first colour | start: ground truth | end: ground truth |",
-                  "|---|---|---|---|---|---|---|"]
-        for key, name in SIGNAL_NAMES.items():
-            cells = [fmt_ci(r[when]["auroc"][lab][key]) for lab in ("slot", "first", "task") for when in ("start", "end")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| VPPO (k3 / exact KL) | start | end |", "|---|---|---|"]
-        for label, f in [(f"share of tokens with dependency > {HIGH_DEPENDENCY}", lambda v: f"{v['share_above_threshold']:.3f}"),
-                         ("share of total dependency in the top 20% of tokens", lambda v: f"{v['top20_share_of_total']:.2f}"),
-                         ("token dependency p50 / p90 / p99", lambda v: "{p50:.2g} / {p90:.2g} / {p99:.2g}".format(**v["token"])),
-                         ("per-completion mean dependency p10 / p50 / p90", lambda v: "{p10:.2g} / {p50:.2g} / {p90:.2g}".format(**v["completion_mean"]))]:
-            lines.append(f"| {label} | " + " | ".join(" / ".join(f(r[w]["vppo"][k]) for k in ("dep_k3", "dep_exact")) for w in ("start", "end")) + " |")
+                  "AUROC [95% bootstrap CI, resampling completions] for telling perception tokens from the rest "
+                  "(perception tokens at the start / end in brackets):", "",
+                  "| perception tokens | signal | start | end |", "|---|---|---|---|"]
+        for lab in LABELINGS:
+            for j, (key, name) in enumerate(SIGNAL_NAMES.items()):
+                head = f"{lab} ({s[f'perception_tokens_{lab}']} / {e[f'perception_tokens_{lab}']})" if j == 0 else ""
+                lines.append(f"| {head} | {name} | {fmt_ci(s['auroc'][lab][key])} | {fmt_ci(e['auroc'][lab][key])} |")
+        lines += ["", "| VPPO dependency | estimator | start | end |", "|---|---|---|---|"]
+        for label, f in [(f"share of tokens > {HIGH_DEPENDENCY}", lambda v: f"{v['share_above_threshold']:.3f}"),
+                         (f"share of the total in the top {TOP_SHARE:.0%} of tokens", lambda v: f"{v['top20_share_of_total']:.2f}"),
+                         ("per token: p50 / p90 / p99", lambda v: "{p50:.2g} / {p90:.2g} / {p99:.2g}".format(**v["token"])),
+                         ("per-completion mean: p10 / p50 / p90", lambda v: "{p10:.2g} / {p50:.2g} / {p90:.2g}".format(**v["completion_mean"]))]:
+            for j, (k, est) in enumerate((("dep_k3", "k3"), ("dep_exact", "exact KL"))):
+                lines.append(f"| {label if j == 0 else ''} | {est} | {f(r['start']['vppo'][k])} | {f(r['end']['vppo'][k])} |")
         lines += ["", "| PEPO contrast: correct - wrong (per-completion means) | start | end |", "|---|---|---|"]
         for key in ("prior_all", "prior_perception", "entropy_all", "entropy_perception"):
             cells = []
@@ -820,7 +829,7 @@ def plot_signals(path: Path, result: dict) -> bool:
         print(f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written")
         return False
     seed, r = next(iter(result["seeds"].items()))
-    fig, axes = plt.subplots(1, len(LABELINGS), figsize=(5 * len(LABELINGS), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(LABELINGS), figsize=(4.2 * len(LABELINGS), 4), sharey=True)
     x = np.arange(len(SIGNAL_NAMES))
     for ax, lab in zip(axes, LABELINGS):
         for j, when in enumerate(("start", "end")):
@@ -829,8 +838,9 @@ def plot_signals(path: Path, result: dict) -> bool:
             err = np.array([[e["auroc"] - e["ci"][0], e["ci"][1] - e["auroc"]] for e in es]).T
             ax.bar(x + (j - 0.5) * 0.38, a, 0.38, yerr=err, capsize=3, label=f"{when} of training")
         ax.axhline(0.5, color="grey", ls=":", lw=1)
-        ax.set(title=f"perception tokens: {lab}", ylim=(0, 1), ylabel="AUROC (95% CI)" if lab == "slot" else None)
-        ax.set_xticks(x, [n.replace(" (", "\n(") for n in SIGNAL_NAMES.values()], fontsize=7)
+        n = f"{r['start'][f'perception_tokens_{lab}']} / {r['end'][f'perception_tokens_{lab}']}"
+        ax.set(title=f"perception tokens: {lab} ({n})", ylim=(0, 1), ylabel="AUROC (95% CI)" if lab == "slot" else None)
+        ax.set_xticks(x, ["PEPO\nprior", "entropy", "PEPO\nw_t", "VPPO\nk3", "VPPO\nexact KL"], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{result['config']['task']}, seed {seed}: which signal finds the perception tokens", fontsize=10)
@@ -970,7 +980,7 @@ def main(argv=None):
     h.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/tokens.html)")
     g = sub.add_parser("signals", help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token statistics",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--quick", action="store_true", help="a 12-step training run instead of the default 100: under 10 minutes")
+    g.add_argument("--quick", action="store_true", help="16 held-out prompts and an 8-step training run instead of 32 and the default 100 steps: under 10 minutes")
     g.add_argument("--task", default="color-think", help="toy task with perception labels")
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")

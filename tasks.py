@@ -62,6 +62,7 @@ class Task:
     description = "one line shown by --task list"
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
+    warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -423,6 +424,7 @@ class ColorThinkTask(Task):
     description = "chain of thought: <think>C shape, C is N</think><answer>N</answer>: the name N of the colour C by a stated rule"
     labels = list(COLOR_NAMES.values())
     perception_region = "think"
+    warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
     # A large shape, as in `color`: its colour fills most of the 16 image tokens.
     PROMPT = (f"{IMAGE}Colour names: " + ", ".join(f"{c} is {n}" for c, n in COLOR_NAMES.items())
               + ". Name the shape's colour. Answer as <think>colour shape, colour is name</think><answer>name</answer>.")

@@ -1319,6 +1319,11 @@ def test_color_think_blind_baseline_is_chance():
     assert abs(blind_baseline(tasks.TASKS["color-think"]) - 1 / 4) < 0.05
 
 
+def test_warmup_steps_per_task():
+    # Only color-think asks for a longer warm-up (its rule); the other tasks' initial models stay as they were.
+    assert {name: t.warmup_steps for name, t in tasks.TASKS.items()} == {**{name: 60 for name in tasks.TOKENIZER_TASKS}, "color-think": 200}
+
+
 def test_color_think_completions_are_long_with_one_colour_token():
     # 8 tokens or more, and the colour right after <think> is a single token: the one perception token.
     bpe, task = tiny_bpe(), tasks.TASKS["color-think"]

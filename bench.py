@@ -37,11 +37,24 @@ ALGOS = {  # table row -> pepo.py flags
     "vppo": ["--algo", "vppo"],
     "dapo+entropy_top": ["--algo", "dapo", "--token-rule", "entropy_top"],  # high-entropy minority, arXiv 2506.01939
 }
-# Per-run budget, the same for every algorithm. The full budget fits 36 runs (6 algos x 2 tasks x 3 seeds)
-# into 60 minutes with 2 single-threaded workers on a 2-core CPU; --quick checks the pipeline in < 5 minutes.
+ABLATION_ROWS = {  # each paper's ablations at toy scale: one --ablation flag of the shaping step each
+    "pepo_g prior only": ["--algo", "pepo_g", "--ablation", "pepo-prior-only"],
+    "pepo_g entropy only": ["--algo", "pepo_g", "--ablation", "pepo-entropy-only"],
+    "pepo_g fixed lambda=1": ["--algo", "pepo_g", "--ablation", "pepo-no-ramp"],
+    "pepo_g additive fusion": ["--algo", "pepo_g", "--ablation", "pepo-additive"],
+    "vppo TAS only": ["--algo", "vppo", "--ablation", "vppo-tas-only"],
+    "vppo TGF only": ["--algo", "vppo", "--ablation", "vppo-tgf-only"],
+    "vppo random 40% mask": ["--algo", "vppo", "--ablation", "vppo-random-mask"],
+    "vppo top 40% entropy": ["--algo", "vppo", "--ablation", "vppo-entropy-mask"],
+}
+ALGOS.update(ABLATION_ROWS)
+# Per-run budget, the same for every row; the ablation rows run on `ablation_tasks` only.
+# --quick checks the pipeline in < 5 minutes; its numbers mean nothing.
 BUDGETS = {
-    "full": dict(tasks=["color", "dots-sum"], seeds=[1, 2, 3], steps=60, prompts_per_step=8, group_size=8, eval_every=10, eval_size=100),
-    "quick": dict(tasks=["color", "dots-sum"], seeds=[1], steps=6, prompts_per_step=8, group_size=8, eval_every=3, eval_size=50),
+    "full": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1, 2, 3, 4, 5], steps=100,
+                 prompts_per_step=16, group_size=8, eval_every=10, eval_size=100),
+    "quick": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1], steps=2, prompts_per_step=4,
+                  group_size=4, eval_every=2, eval_size=16),
 }
 
 
@@ -100,6 +113,46 @@ def steps_to(steps: list[int], acc: list[float], threshold: float):
     return next((s for s, a in zip(steps, acc) if a >= threshold), None)
 
 
+def curve_area(steps: list[int], acc: list[float]) -> float:
+    """Area under the held-out accuracy curve (trapezoids) divided by the steps covered: the
+    curve's mean height, in [0, 1]. It rewards learning early, which final accuracy does not."""
+    area = sum((s1 - s0) * (a0 + a1) / 2 for s0, s1, a0, a1 in zip(steps, steps[1:], acc, acc[1:]))
+    return area / (steps[-1] - steps[0]) if steps[-1] > steps[0] else acc[0]
+
+
+class CI(tuple):
+    """(lo, hi) of a bootstrap interval; .dropped = the draws left out because the statistic was nan."""
+
+    def __new__(cls, lo: float, hi: float, dropped: int = 0):
+        ci = super().__new__(cls, (lo, hi))
+        ci.dropped = dropped
+        return ci
+
+    lo, hi = property(lambda self: self[0]), property(lambda self: self[1])
+
+
+def bootstrap_ci(fn, groups: list, n: int = 1000, seed: int = 0, level: float = 0.95) -> CI:
+    """Percentile bootstrap interval of the statistic fn(groups).
+
+    groups: the independent units, each passed whole to fn: seeds for a learning curve;
+    completions (or prompts) for a token statistic, not tokens: the tokens of one completion are
+    correlated (same context, same image), so resampling tokens would pretend there are more
+    independent observations than there are and give too narrow an interval. Each draw takes
+    len(groups) units with replacement and recomputes fn; draws where fn is nan (e.g. no
+    positive token drawn) are left out and counted in `.dropped`.
+    Returns CI(lo, hi): the (1-level)/2 and (1+level)/2 quantiles of the draws; nan if no draw
+    was finite.
+    """
+    rng = np.random.default_rng(seed)
+    values = np.asarray([fn([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n)], dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return CI(float("nan"), float("nan"), n)
+    q = (1 - level) / 2 * 100
+    lo, hi = np.percentile(finite, [q, 100 - q])
+    return CI(float(lo), float(hi), int(n - finite.size))
+
+
 def summarize(runs: list[dict], threshold: float) -> dict:
     """{task: {algo: {final_mean, final_std, steps_to_threshold (per seed), reached, cell texts}}}"""
     table = {}
@@ -110,27 +163,32 @@ def summarize(runs: list[dict], threshold: float) -> dict:
         out[task] = {}
         for algo, rs in by_algo.items():
             final = [r["accuracy_after"] for r in rs]
+            area = [curve_area(r["eval_steps"], r["eval_accuracy"]) for r in rs]
             reach = [steps_to(r["eval_steps"], r["eval_accuracy"], threshold) for r in rs]
             hit = sorted(s for s in reach if s is not None)
             mean, std = statistics.mean(final), (statistics.stdev(final) if len(final) > 1 else 0.0)
+            lo, hi = bootstrap_ci(statistics.mean, final)  # over seeds: the independent unit here
+            area_lo, area_hi = bootstrap_ci(statistics.mean, area)
             # median over seeds, a seed that never reached the threshold counting as infinitely slow
             med = sorted(reach, key=lambda s: float("inf") if s is None else s)[(len(reach) - 1) // 2]
             to = f"not reached ({len(hit)}/{len(rs)})" if med is None else f"{med} ({len(hit)}/{len(rs)})"
-            out[task][algo] = {"final_mean": mean, "final_std": std, "seeds": len(rs), "steps_to_threshold": reach,
-                               "final_cell": f"{mean:.2f} ± {std:.2f}", "steps_cell": to}
+            out[task][algo] = {"final_mean": mean, "final_std": std, "final_ci95": [lo, hi], "area_mean": statistics.mean(area),
+                               "area_ci95": [area_lo, area_hi], "seeds": len(rs), "steps_to_threshold": reach,
+                               "final_cell": f"{mean:.2f} [{lo:.2f}, {hi:.2f}]",
+                               "area_cell": f"{statistics.mean(area):.2f} [{area_lo:.2f}, {area_hi:.2f}]", "steps_cell": to}
     return out
 
 
 def markdown_table(summary: dict, algos: list[str], threshold: float) -> str:
     task_names = list(summary)
-    head = "| algorithm | " + " | ".join(f"{t}: final acc | {t}: steps to {threshold:g}" for t in task_names) + " |"
-    rule = "|---|" + "---|---|" * len(task_names)
+    head = "| algorithm | " + " | ".join(f"{t}: final acc | {t}: curve area | {t}: steps to {threshold:g}" for t in task_names) + " |"
+    rule = "|---|" + "---|---|---|" * len(task_names)
     rows = []
     for algo in algos:
         cells = []
         for t in task_names:
             s = summary[t].get(algo)
-            cells += [s["final_cell"], s["steps_cell"]] if s else ["—", "—"]
+            cells += [s["final_cell"], s["area_cell"], s["steps_cell"]] if s else ["—", "—", "—"]
         rows.append(f"| {algo} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *rows])
 
@@ -175,8 +233,9 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     b = config["budget"]
     table = markdown_table(summary, algos, threshold)
     md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {b['steps']} steps of {b['prompts_per_step']} prompts x "
-          f"{b['group_size']} samples; mean ± sample std over seeds {b['seeds']}. Steps to {threshold:g}: median over seeds of the "
-          f"first evaluation (every {b['eval_every']} steps) at or above it, (seeds that reached it / seeds).\n\n{table}\n")
+          f"{b['group_size']} samples: mean over seeds {b['seeds']} [bootstrap 95% interval over seeds]. Curve area: the mean "
+          f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
+          f"over seeds of the first evaluation at or above it (seeds that reached it / seeds).\n\n{table}\n")
     (results / "learning.md").write_text(md)
     plot_learning(results / "learning.png", runs, algos, threshold)
     return md
@@ -201,7 +260,9 @@ def learn(opt) -> None:
             model = root / "models" / f"{task}_s{seed}"
             builds.append(dict(kind="build", task=task, seed=seed, path=str(model), log=str(root / "logs" / f"build_{task}_s{seed}.log")))
             for algo in algos:
-                out = root / task / algo / f"seed{seed}"
+                if algo in ABLATION_ROWS and task not in budget["ablation_tasks"]:
+                    continue
+                out = root / task / algo.replace(" ", "_").replace("%", "pct") / f"seed{seed}"
                 argv = [*ALGOS[algo], "--model", str(model), "--task", task, "--seed", str(seed), "--steps", str(budget["steps"]),
                         "--prompts-per-step", str(budget["prompts_per_step"]), "--group-size", str(budget["group_size"]),
                         "--eval-every", str(budget["eval_every"]), "--eval-size", str(budget["eval_size"]),
@@ -558,40 +619,6 @@ def auroc(scores, labels) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-class CI(tuple):
-    """(lo, hi, dropped): a percentile interval and the number of bootstrap draws left out as nan."""
-
-    def __new__(cls, lo, hi, dropped=0):
-        return super().__new__(cls, (lo, hi, dropped))
-
-    lo, hi, dropped = (property(lambda self, i=i: self[i]) for i in range(3))
-
-
-def bootstrap_ci(fn, groups: list, n: int = 1000, seed: int = 0, level: float = 0.95) -> CI:
-    """Percentile bootstrap interval of the statistic fn(groups).
-
-    groups: the independent units, each passed whole to fn. Pass completions (or prompts), not
-    tokens: the tokens of one completion are correlated (same context, same image), so resampling
-    tokens would pretend there are more independent observations than there are and give too
-    narrow an interval. Each draw takes len(groups) units with replacement and recomputes fn;
-    draws where fn is nan (e.g. no positive token drawn) are left out and counted in `dropped`.
-    Returns CI(lo, hi, dropped): the (1-level)/2 and (1+level)/2 quantiles of the draws; nan if
-    no draw was finite.
-    """
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
-        idx = rng.integers(0, len(groups), len(groups))
-        values.append(fn([groups[i] for i in idx]))
-    values = np.asarray(values, dtype=float)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return CI(float("nan"), float("nan"), n)
-    q = (1 - level) / 2 * 100
-    lo, hi = np.percentile(finite, [q, 100 - q])
-    return CI(float(lo), float(hi), int(n - finite.size))
-
-
 def pooled_auroc(units: list) -> float:
     """AUROC over all tokens of a list of (scores, labels) units (completions or prompts)."""
     if not units:
@@ -692,7 +719,8 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
         out["auroc"][lab] = {}
         for key in SIGNAL_NAMES:
             units = [(np.asarray(c["signals"][key]), np.asarray(c["labels"][lab], dtype=bool)) for c in completions]
-            entry = {"auroc": pooled_auroc(units), "ci": list(bootstrap_ci(pooled_auroc, units, n_boot, seed))}
+            ci = bootstrap_ci(pooled_auroc, units, n_boot, seed)
+            entry = {"auroc": pooled_auroc(units), "ci": list(ci), "ci_dropped_draws": ci.dropped}
             pos = [v for c in completions for v, f in zip(c["signals"][key], c["labels"][lab]) if f]
             rest = [v for c in completions for v, f in zip(c["signals"][key], c["labels"][lab]) if not f]
             entry.update(mean_perception=mean_or_nan(pos), mean_rest=mean_or_nan(rest))
@@ -777,7 +805,7 @@ def json_safe(v):
 
 
 def fmt_ci(e: dict) -> str:
-    a, (lo, hi, _) = e["auroc"], e["ci"]
+    a, (lo, hi) = e["auroc"], e["ci"]
     return "n/a (one class empty)" if not np.isfinite(a) else f"{a:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
@@ -809,7 +837,7 @@ def signals_markdown(result: dict) -> str:
             cells = []
             for w in ("start", "end"):
                 c = r[w]["pepo_contrast"][key]
-                d, (lo, hi, _) = c["diff"], c["ci"]
+                d, (lo, hi) = c["diff"], c["ci"]
                 cells.append(f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n {c['n_correct']}/{c['n_wrong']})"
                              if np.isfinite(d) else f"n/a (n {c['n_correct']} correct / {c['n_wrong']} wrong)")
             where = "all tokens" if key.endswith("all") else "perception (slot) tokens"
@@ -931,7 +959,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("learn", help="held-out accuracy vs step for every algorithm, task and seed",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--quick", action="store_true", help="1 seed, 6 steps: checks the pipeline in under 5 minutes")
+    a.add_argument("--quick", action="store_true", help="1 seed, 2 steps: checks the pipeline in under 5 minutes")
     a.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     a.add_argument("--tasks", nargs="+", default=None, help="override the budget's tasks")
     a.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
@@ -939,7 +967,7 @@ def main(argv=None):
     a.add_argument("--prompts-per-step", type=int, default=None, help="override the budget's prompts per step")
     a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted")
     a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
-    a.add_argument("--threshold", type=float, default=0.8, help="accuracy for the steps-to-threshold column")
+    a.add_argument("--threshold", type=float, default=0.9, help="accuracy for the steps-to-threshold column")
     a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")
     a.add_argument("--results-dir", default=None, help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)")
     o = sub.add_parser("overhead", help="seconds per training step and phase for each algorithm on the same rollouts",

@@ -52,6 +52,10 @@ import vppo
 PERTURBATIONS = vppo.PERTURBATIONS  # (the Args field `vppo` shadows the module inside the class)
 
 
+ABLATIONS = ["pepo-prior-only", "pepo-entropy-only", "pepo-no-ramp", "pepo-additive",
+             "vppo-tas-only", "vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"]
+
+
 def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -101,6 +105,7 @@ class Args:
     vppo_perturb: str = arg("blacken", "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)", choices=list(PERTURBATIONS))
     vppo_kl: str = arg("k3", "dependency: k3 estimate on the sampled token (paper) or the exact KL", choices=["k3", "exact"])
     entropy_penalty: float = arg(None, "weight of mean(-log p) of sampled tokens added to the loss (preset: vppo 0.06)", type=float)
+    ablation: str = arg("none", "one part of a method switched off or replaced (the papers' ablations): pepo-prior-only and pepo-entropy-only feed the gate one signal, pepo-no-ramp fixes lambda = 1, pepo-additive adds the gate term instead of multiplying; vppo-tas-only, vppo-tgf-only, and vppo-random-mask / vppo-entropy-mask (TGF's top 40%% picked at random / by entropy, without TAS)", choices=["none", *ABLATIONS])
     token_rule: str = arg("none", "extra token mask: entropy_top keeps only the top 20%% highest-entropy tokens (arXiv 2506.01939)", choices=["none", "entropy_top"])
     # evaluation
     eval_size: int = arg(100, "held-out examples for greedy accuracy before and after RL")
@@ -249,7 +254,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.05, temperature: float = 1.8) -> torch.Tensor:
+def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.05, temperature: float = 1.8,
+                       gate_on: str = "both", fusion: str = "gate") -> torch.Tensor:
     """PEPO token weights (arXiv 2603.22847, Sec. 3.2).  [B, L] x3 -> [B, L]
 
       V^, H^ = per-row min-max of prior and entropy over valid tokens
@@ -259,13 +265,17 @@ def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.T
     Weights average exactly 1 over each row's valid tokens and are 0 on padding.
     Computed without gradient: they act like advantages (the authors' code lets
     gradient flow through them; on-policy that gradient sums to zero within a row).
+    Ablations (the paper's Sec. 4): gate_on="prior" or "entropy" feeds the gate V^ or H^ alone;
+    fusion="add" adds the gate's term to VS_t instead of multiplying: softmax((VS_t + g_t - 1) / tau).
     """
     prior, entropy, mask = prior.float(), entropy.float(), mask.float()
     if mask.shape[1] == 0:  # empty completions: nothing to weight (max over an empty dim would raise)
         return torch.zeros_like(mask)
-    fused = masked_minmax(prior, mask) + masked_minmax(entropy, mask)
+    fused = {"both": lambda: masked_minmax(prior, mask) + masked_minmax(entropy, mask),
+             "prior": lambda: masked_minmax(prior, mask), "entropy": lambda: masked_minmax(entropy, mask)}[gate_on]()
     gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
-    z = (prior * gate / temperature).masked_fill(mask == 0, float("-inf"))
+    z = prior * gate if fusion == "gate" else prior + (gate - 1)
+    z = (z / temperature).masked_fill(mask == 0, float("-inf"))
     z = z - z.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # rows of all padding stay finite
     e = torch.exp(z) * mask
     return e / e.sum(dim=1, keepdim=True).clamp(min=1e-30) * mask.sum(dim=1, keepdim=True)
@@ -649,12 +659,15 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
     weights = torch.ones_like(mask)
     stats = {"entropy": masked_mean(scores["entropy"], mask).item()}
     signals = {"pepo_weight": None, "vppo_mask": None}
+    ablation = args.ablation
     if scores["prior"] is not None:  # PEPO w_t = T_i softmax(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2)
-        signals["pepo_weight"] = pepo_token_weights(scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature)
+        gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(ablation, "both")
+        signals["pepo_weight"] = pepo_token_weights(scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature,
+                                                    gate_on, "add" if ablation == "pepo-additive" else "gate")
     if scores["dependency"] is not None:  # VPPO TGF: top 40% of each completion by dependency S_t
         signals["vppo_mask"] = vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac)
     if args.pepo:  # PEPO, ramped in: A_{i,t} = ((1 - lambda) + lambda w_t) A_i  (Eq. 6)
-        w, lam = signals["pepo_weight"], pepo_ramp(step, args.steps)
+        w, lam = signals["pepo_weight"], 1.0 if ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
         weights = weights * ((1 - lam) + lam * w)
         valid = w[mask.bool()]
         if valid.numel():
@@ -664,7 +677,15 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
         stats["pepo_lambda"] = lam
     if args.vppo:  # VPPO: TGF masks tokens, TAS rescales each completion's advantage by its mean S (Sec. 3.3)
         dep, keep = scores["dependency"], signals["vppo_mask"]
+        if ablation == "vppo-random-mask":  # the same number of tokens, picked at random (a seeded stream of its own)
+            keep = vppo.random_token_mask(mask, args.vppo_top_frac, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        elif ablation == "vppo-entropy-mask":
+            keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
+        elif ablation == "vppo-tas-only":
+            keep = mask.clone()
         scale = vppo.trajectory_advantage_scale(dep, mask, args.vppo_min_scale)
+        if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
+            scale = torch.ones_like(scale)
         weights, advantages = weights * keep, advantages * scale
         stats.update(vppo_dep_kept=masked_mean(dep, keep).item(), vppo_dep_dropped=masked_mean(dep, mask * (1 - keep)).item(),
                      vppo_kept_frac=(keep.sum() / mask.sum().clamp(min=1)).item(),
@@ -820,6 +841,8 @@ def check_args(args: Args) -> None:
     if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
         raise UsageError(f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl")
     rules = [
+        (not args.ablation.startswith("pepo-") or args.pepo, f"--ablation {args.ablation} changes PEPO; use it with --algo pepo_g or pepo_d"),
+        (not args.ablation.startswith("vppo-") or args.vppo, f"--ablation {args.ablation} changes VPPO; use it with --algo vppo"),
         (args.group_size >= 2, f"--group-size {args.group_size}: advantages compare completions of one prompt, so use at least 2"),
         (args.steps >= 1, f"--steps {args.steps}: use at least 1"),
         (args.prompts_per_step >= 1, f"--prompts-per-step {args.prompts_per_step}: use at least 1"),

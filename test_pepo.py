@@ -1,5 +1,9 @@
-"""Tests for pepo.py, vppo.py and tasks.py on toy inputs. Expected values are worked out by hand
-in the comments. Run: python -m pytest -q test_pepo.py"""
+"""Tests for pepo.py, vppo.py, tasks.py and bench.py on toy inputs, in the order of pepo.py's sections.
+Expected values are worked out by hand in the comments.
+
+    python -m pytest -q test_pepo.py                  # everything
+    python -m pytest -q -m "not slow" test_pepo.py    # the math and the tasks only, no model built
+"""
 
 import base64
 import functools
@@ -11,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -33,10 +38,27 @@ from vppo import (blacken_patches, ceil_count, entropy_top_mask, gaussian_blur, 
                   solid_grey, token_gradient_mask, token_visual_dependency, token_visual_kl, trajectory_advantage_scale)
 from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
 
+slow = pytest.mark.slow  # builds or trains a model, or starts a process: `pytest -m "not slow"` skips it
 
-# ---------------------------------------------------------------------------------------
-# GRPO / DAPO math
-# ---------------------------------------------------------------------------------------
+
+# ========================================================================================
+# §1 Arguments and presets (pepo.py §1)
+# ========================================================================================
+def test_presets_and_explicit_override():
+    a = pepo.parse_args(["--algo", "dapo", "--clip-high", "0.3"])
+    assert (a.loss_type, a.clip_low, a.clip_high, a.beta, a.dynamic_sampling, a.pepo) == ("dapo", 0.2, 0.3, 0.0, True, False)
+    g = pepo.parse_args(["--algo", "pepo_g"])
+    assert (g.loss_type, g.clip_high, g.beta, g.dynamic_sampling, g.pepo) == ("grpo", 0.2, 0.001, False, True)
+    v = pepo.parse_args(["--algo", "vppo", "--no-dynamic-sampling"])
+    assert (v.vppo, v.entropy_penalty, v.clip_high, v.dynamic_sampling) == (True, 0.06, 0.28, False)
+    # as the VPPO authors run it: no overlong filter, dual clip 3
+    assert (v.overlong_filter, v.clip_dual) == (False, 3.0)
+    assert pepo.parse_args(["--algo", "dapo"]).overlong_filter and pepo.parse_args(["--algo", "dapo"]).clip_dual == 0.0
+
+
+# ========================================================================================
+# §2 The math (pepo.py §2): every pure function against values worked out by hand
+# ========================================================================================
 def test_grpo_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
@@ -62,9 +84,6 @@ def test_token_entropy():
     assert torch.allclose(token_entropy(torch.tensor([[[0.0, 0.0, float("-inf")]]])), torch.tensor([[math.log(2)]]))
 
 
-# ---------------------------------------------------------------------------------------
-# PEPO
-# ---------------------------------------------------------------------------------------
 def toy_hidden():
     # T = 4: positions 0, 1 are image tokens; the completion is the last L = 2 positions.
     h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])
@@ -160,9 +179,6 @@ def test_pepo_ramp_as_the_authors_trainer():
     assert pepo_ramp(0, 10) == 0.0 and pepo_ramp(1, 1) == 0.0 and pepo_ramp(2, 1) == 1.0
 
 
-# ---------------------------------------------------------------------------------------
-# Loss: each aggregation against its formula written out
-# ---------------------------------------------------------------------------------------
 def loss_inputs():
     old = torch.zeros(2, 3)
     logp = torch.tensor([[0.5, -0.5, 0.0], [0.1, 0.0, 0.0]])  # ratios e^0.5 = 1.65 (clipped), e^-0.5 = 0.61
@@ -226,21 +242,6 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     assert torch.allclose(g_whole, g_parts, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------
-# Flags and presets
-# ---------------------------------------------------------------------------------------
-def test_presets_and_explicit_override():
-    a = pepo.parse_args(["--algo", "dapo", "--clip-high", "0.3"])
-    assert (a.loss_type, a.clip_low, a.clip_high, a.beta, a.dynamic_sampling, a.pepo) == ("dapo", 0.2, 0.3, 0.0, True, False)
-    g = pepo.parse_args(["--algo", "pepo_g"])
-    assert (g.loss_type, g.clip_high, g.beta, g.dynamic_sampling, g.pepo) == ("grpo", 0.2, 0.001, False, True)
-    v = pepo.parse_args(["--algo", "vppo", "--no-dynamic-sampling"])
-    assert (v.vppo, v.entropy_penalty, v.clip_high, v.dynamic_sampling) == (True, 0.06, 0.28, False)
-    # as the VPPO authors run it: no overlong filter, dual clip 3
-    assert (v.overlong_filter, v.clip_dual) == (False, 3.0)
-    assert pepo.parse_args(["--algo", "dapo"]).overlong_filter and pepo.parse_args(["--algo", "dapo"]).clip_dual == 0.0
-
-
 def test_dual_clip_by_hand():
     logp, old = torch.tensor([[2.0, 2.0, 0.0]]), torch.zeros(1, 3)  # ratios e^2 = 7.39, e^2, 1
     adv, mask = torch.tensor([-1.0]), torch.ones(1, 3)
@@ -256,9 +257,101 @@ def test_dual_clip_by_hand():
         assert policy_loss(lp, old, a, mask, "dapo", clip_dual=3.0)[0].item() == policy_loss(lp, old, a, mask, "dapo")[0].item()
 
 
-# ---------------------------------------------------------------------------------------
-# Model plumbing on tiny checkpoints built here
-# ---------------------------------------------------------------------------------------
+def test_pepo_weight_ablations_by_hand():
+    prior = torch.tensor([[0.1, 0.5, 0.3, 0.0]])
+    entropy = torch.tensor([[2.0, 0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    v_hat, h_hat = torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1.0, 0.0, 0.5])  # min-max over the 3 valid tokens
+    vs, a, tau = prior[0, :3], 0.5, 2.0
+
+    def weights(z):
+        return 3 * torch.softmax(z, 0)
+    for gate_on, fused in (("both", v_hat + h_hat), ("prior", v_hat), ("entropy", h_hat)):
+        g = 1 + a * torch.tanh(fused - fused.mean())
+        w = pepo_token_weights(prior, entropy, mask, a, tau, gate_on=gate_on)
+        assert torch.allclose(w[0, :3], weights(vs * g / tau), atol=1e-6) and w[0, 3] == 0, gate_on
+    g = 1 + a * torch.tanh(v_hat + h_hat - (v_hat + h_hat).mean())
+    w = pepo_token_weights(prior, entropy, mask, a, tau, fusion="add")
+    assert torch.allclose(w[0, :3], weights((vs + g - 1) / tau), atol=1e-6)
+
+
+DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token", "no_image_tokens", "extreme_logits"]
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_update_math_stays_finite_on_degenerate_batches(case):
+    """Every pure function of the update, chained as score, shape and update chain them: no nan/inf in
+    advantages, weights, masks, loss or gradient, and the values the degenerate case implies."""
+    g = seeded(0)
+    B, V, T, D = 4, 6, 9, 5  # 2 groups of 2; T prompt positions before the L completion positions
+    L = {"empty_completions": 0, "single_token": 1}.get(case, 3)
+    logits = torch.randn(B, L, V, generator=g)
+    old_logits = logits - 0.3 * torch.randn(B, L, V, generator=g)
+    hidden = [torch.randn(B, T + L, D, generator=g) for _ in range(2)]
+    if case == "extreme_logits":  # one-hot at +-1e4; the old and reference policies put -+1e4 where this one puts +-1e4
+        logits = torch.full_like(logits, -1e4).scatter(-1, logits.argmax(-1, keepdim=True), 1e4)
+        old_logits, hidden = -logits, [h * 1e4 for h in hidden]
+    logits.requires_grad_()
+    tokens = torch.randint(0, V, (B, L), generator=g)
+    rewards = torch.full((B,), 0.1) if case == "flat_rewards" else torch.tensor([1.0, 0.0, 0.2, 0.7])
+    mask = torch.zeros(B, L) if case == "no_end_token" else torch.ones(B, L)  # no end token: overlong filter masks all
+    if L > 1 and case != "no_end_token":
+        mask[1, -1] = 0  # one padded position
+    vision = torch.zeros(B, T + L, dtype=torch.bool)
+    if case != "no_image_tokens":
+        vision[:, 1:5] = True
+
+    adv = grpo_advantages(rewards, 2)
+    entropy, logp = token_entropy(logits), pepo.token_logprobs(logits, tokens)
+    old = pepo.token_logprobs(old_logits, tokens)  # also the reference and the perturbed-image pass
+    prior = perception_prior(hidden, vision, L)
+    w = pepo_token_weights(prior, entropy, mask)
+    dep, kl = token_visual_dependency(logp, old), token_visual_kl(logits, old_logits)
+    keep, tas = token_gradient_mask(dep, mask), trajectory_advantage_scale(dep, mask)
+    top = entropy_top_mask(entropy, mask)
+    for t in (adv, entropy, logp, prior, pepo.masked_minmax(prior, mask), w, dep, kl, keep, tas, top):
+        assert torch.isfinite(t).all()
+    assert prior.shape == w.shape == keep.shape == (B, L)
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        for beta in (0.0, 0.1):
+            loss, stats = policy_loss(logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta)
+            (grad,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
+            grad = torch.zeros_like(logits) if grad is None else grad
+            assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(math.isfinite(v) for v in stats.values())
+            if case in ("flat_rewards", "empty_completions", "no_end_token") and beta == 0:
+                assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))  # nothing to learn
+    if case == "flat_rewards":
+        assert torch.equal(adv, torch.zeros(B))
+    if case == "single_token":
+        assert torch.equal(w, torch.ones(B, 1)) and torch.equal(keep, torch.ones(B, 1))  # ceil(0.4 * 1) = 1 kept
+    if case == "no_end_token":
+        assert torch.equal(w, torch.zeros(B, L)) and torch.equal(keep, torch.zeros(B, L)) and torch.equal(tas, torch.ones(B))
+    if case == "no_image_tokens":
+        assert torch.equal(prior, torch.zeros(B, L)) and torch.allclose(w, mask)  # prior 0: uniform weights
+    if case == "extreme_logits":
+        assert entropy.max().item() < 1e-6  # one-hot distributions
+
+
+def test_masked_minmax_all_padding_row_is_zero():
+    x = torch.tensor([[3.0, 1.0, 2.0], [-1e4, 5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 0: (x - 1) / (3 - 1) on valid tokens; row 1 has none: 0, not (x - max) / floor * 0 = nan
+    assert torch.equal(pepo.masked_minmax(x, mask), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_policy_loss_far_off_ratio_is_clamped_not_inf():
+    # log-ratio 30 (and -30 to the reference): exp is taken of 20, so the loss is large but finite
+    logp, old, ref = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-30.0]]), torch.tensor([[-30.0]])
+    loss, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), "dapo", ref_logp=ref, beta=0.1)
+    d = torch.tensor(-20.0)
+    assert loss.item() == pytest.approx(math.exp(20) + 0.1 * (torch.exp(d) - d - 1).item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all()
+
+
+# ========================================================================================
+# §3-§4 Qwen-VL inputs and outputs, rollouts (pepo.py §3, §4), on tiny checkpoints built here
+# ========================================================================================
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The built-in tiny Qwen2.5-VL, built once (format warm-up included)."""
@@ -312,6 +405,7 @@ def run(tmp_path, tiny, *flags):
     return pepo.main(run_argv(tmp_path, *flags))
 
 
+@slow
 def test_completion_mask_runs_to_first_end_token(loaded):
     _, vl = loaded
     end, pad = vl.end_ids[0], vl.pad_id
@@ -322,6 +416,7 @@ def test_completion_mask_runs_to_first_end_token(loaded):
     assert b["attention_mask"][:, 3:].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
+@slow
 def test_sampling_never_emits_placeholders(loaded):
     model, vl = loaded
     task = tasks.get_task("color")
@@ -340,6 +435,7 @@ def test_sampling_never_emits_placeholders(loaded):
     assert torch.isin(raw[:, prompts["input_ids"].shape[1]:], torch.tensor(vl.suppress_ids)).all()  # the bias works
 
 
+@slow
 def test_multi_image_prompt_has_one_token_per_feature(loaded):
     model, vl = loaded
     ex = tasks.get_task("fewshot").sample(random.Random(0))
@@ -354,6 +450,7 @@ def test_multi_image_prompt_has_one_token_per_feature(loaded):
     assert sum(f.shape[0] for f in feats) == n_tokens
 
 
+@slow
 def test_perturbed_pass_changes_only_pixels(loaded):
     model, vl = loaded
     rows = [tasks.get_task("fewshot").sample(random.Random(i)) for i in range(2)]
@@ -369,9 +466,87 @@ def test_perturbed_pass_changes_only_pixels(loaded):
     assert not torch.allclose(clean, other)
 
 
+def metrics_of(path) -> list[dict]:
+    return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ========================================================================================
+# §5 One step: score, shape, update (pepo.py §5)
+# ========================================================================================
+def shaped(*flags, step=3):
+    """pepo.shape on a hand-made batch of 2 groups of 2 completions with 5 tokens each."""
+    args = pepo.parse_args(["--group-size", "2", "--steps", "10", *flags])
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] * 4 + [0.0], [1.0] * 5])
+    scores = {"prior": torch.rand(4, 5), "entropy": torch.rand(4, 5), "dependency": torch.rand(4, 5) * mask}
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    return args, mask, scores, pepo.shape(scores, rewards, mask, torch.zeros(4, dtype=torch.bool), step, args)
+
+
+def test_ablation_flags_change_only_their_part():
+    _, _, _, (_, _, _, _, stats) = shaped("--algo", "pepo_g", "--ablation", "pepo-no-ramp")
+    assert stats["pepo_lambda"] == 1.0  # fixed lambda = 1 instead of (3 - 1) / 10
+    assert shaped("--algo", "pepo_g")[3][4]["pepo_lambda"] == pytest.approx(0.2)
+    args, mask, scores, (adv, weights, _, signals, stats) = shaped("--algo", "vppo")
+    tgf, plain_adv = signals["vppo_mask"], grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    assert torch.equal(weights, tgf) and not torch.allclose(adv, plain_adv)  # both parts on
+    _, _, _, (adv, weights, _, _, stats) = shaped("--algo", "vppo", "--ablation", "vppo-tas-only")
+    assert torch.equal(weights, mask) and not torch.allclose(adv, plain_adv)  # no token filter, TAS kept
+    _, _, _, (adv, weights, _, _, stats) = shaped("--algo", "vppo", "--ablation", "vppo-tgf-only")
+    assert torch.equal(weights, tgf) and torch.allclose(adv, plain_adv) and stats["tas_mean"] == 1.0
+    _, _, _, (adv, weights, _, _, _) = shaped("--algo", "vppo", "--ablation", "vppo-entropy-mask")
+    assert torch.equal(weights, token_gradient_mask(scores["entropy"], mask, 0.4)) and torch.allclose(adv, plain_adv)
+    _, _, _, (adv, weights, _, _, _) = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")
+    assert weights.sum(1).tolist() == [2, 2, 2, 2]  # ceil(0.4 * T_i) for T_i = 5, 3, 4, 5
+    assert torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1])  # seeded by seed and step
+    assert not torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask", step=4)[3][1])
+    assert ((weights == 1) <= (mask == 1)).all() and torch.allclose(adv, plain_adv)
+
+
+@slow
+def test_mini_batches_take_one_optimizer_step_each(loaded):
+    model, vl = loaded
+    model = __import__("copy").deepcopy(model)
+    rows = [tasks.get_task("color").sample(random.Random(i)) for i in range(3) for _ in range(2)]  # 3 groups of 2
+    batch = vl.with_completions(vl.encode_prompts(rows), [[5, 6, vl.end_ids[0]]] * 6)
+    inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
+    args = pepo.parse_args(["--algo", "dapo", "--group-size", "2", "--mini-batches", "2"])
+    old = torch.zeros(6, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stats = pepo.update(model, optimizer, inputs, old, None, torch.tensor([1.0, -1, 1, -1, 1, -1]), torch.ones(6, 3),
+                        batch["completion_mask"], args, 1, nullcontext())
+    assert {s["step"].item() for s in optimizer.state.values()} == {2.0}  # groups [0] and [1, 2]: two optimizer steps
+    assert math.isfinite(stats["loss"]) and stats["nonfinite_skipped"] == 0
+
+
+@slow
+def test_nonfinite_loss_skips_the_optimizer_step(tmp_path, tiny, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    real = pepo.policy_loss
+    monkeypatch.setattr(pepo, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("nan"), s))(*real(*a, **k)))
+    run(tmp_path / "nan", tiny, "--algo", "grpo") if (tmp_path / "nan").mkdir() is None else None
+    metrics = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["nonfinite_skipped"] for m in metrics] == [1, 1]
+    assert all(m["grad_norm"] is None for m in metrics)  # nan is written as null: metrics.jsonl stays valid JSON
+    assert capsys.readouterr().err.count("non-finite loss or gradient norm, optimizer step skipped") == 2
+    init = load_file(tmp_path / "nan" / "tiny_init" / "model.safetensors")
+    weights = lambda d: load_file(tmp_path / d / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(init[k], v) for k, v in weights("nan").items())  # weights never updated
+    assert torch.load(tmp_path / "nan" / "checkpoint" / pepo.TRAINER_PT, weights_only=True)["optimizer"]["state"] == {}  # nor Adam
+    monkeypatch.setattr(pepo, "policy_loss", real)  # the same run with a finite loss does move the weights
+    run(tmp_path / "ok", tiny, "--algo", "grpo") if (tmp_path / "ok").mkdir() is None else None
+    assert [json.loads(line)["nonfinite_skipped"] for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()] == [0, 0]
+    assert not all(torch.equal(init[k], v) for k, v in weights("ok").items())
+
+
+# ========================================================================================
+# §6 The training loop, end to end (pepo.py §6)
+# ========================================================================================
 METRIC_KEYS = {"step", "reward", "accuracy", "completion_len", "entropy", "loss", "clip_frac", "seconds", "time_scoring", "time_update"}
 
 
+@slow
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
 def test_end_to_end_each_algo(tmp_path, tiny, algo):
     summary = run(tmp_path, tiny, "--algo", algo)
@@ -391,15 +566,13 @@ def test_end_to_end_each_algo(tmp_path, tiny, algo):
     assert json.loads((tmp_path / "summary.json").read_text())["algo"] == algo
 
 
+@slow
 def test_entropy_top_rule_keeps_a_fifth_of_tokens(tmp_path, tiny):
     run(tmp_path, tiny, "--algo", "dapo", "--token-rule", "entropy_top", "--no-dynamic-sampling")
     assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
 
 
-def metrics_of(path) -> list[dict]:
-    return [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
-
-
+@slow
 def test_gradient_checkpointing_gives_the_same_metrics(tmp_path, tiny):
     run(tmp_path / "plain", tiny, "--algo", "grpo")
     run(tmp_path / "ckpt", tiny, "--algo", "grpo", "--gradient-checkpointing")
@@ -408,6 +581,7 @@ def test_gradient_checkpointing_gives_the_same_metrics(tmp_path, tiny):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
 
 
+@slow
 def test_freeze_vision_leaves_every_vision_weight_unchanged(tmp_path, tiny):
     from safetensors.torch import load_file
 
@@ -419,6 +593,7 @@ def test_freeze_vision_leaves_every_vision_weight_unchanged(tmp_path, tiny):
     assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
 
 
+@slow
 def test_bf16_autocast_on_cpu_trains_finite_steps(tmp_path, tiny):
     assert pepo.parse_args([]).bf16 is None  # resolved at start: on with CUDA, off on CPU
     summary = run(tmp_path, tiny, "--algo", "grpo", "--bf16")
@@ -426,37 +601,6 @@ def test_bf16_autocast_on_cpu_trains_finite_steps(tmp_path, tiny):
     for m in metrics_of(tmp_path):
         assert all(math.isfinite(m[k]) for k in ("loss", "entropy", "kl", "grad_norm")) and m["nonfinite_skipped"] == 0
     assert run(tmp_path / "fp32", tiny, "--algo", "grpo")["args"]["bf16"] is False
-
-
-def test_mini_batches_take_one_optimizer_step_each(loaded):
-    model, vl = loaded
-    model = __import__("copy").deepcopy(model)
-    rows = [tasks.get_task("color").sample(random.Random(i)) for i in range(3) for _ in range(2)]  # 3 groups of 2
-    batch = vl.with_completions(vl.encode_prompts(rows), [[5, 6, vl.end_ids[0]]] * 6)
-    inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
-    args = pepo.parse_args(["--algo", "dapo", "--group-size", "2", "--mini-batches", "2"])
-    old = torch.zeros(6, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = pepo.update(model, optimizer, inputs, old, None, torch.tensor([1.0, -1, 1, -1, 1, -1]), torch.ones(6, 3),
-                        batch["completion_mask"], args, 1, nullcontext())
-    assert {s["step"].item() for s in optimizer.state.values()} == {2.0}  # groups [0] and [1, 2]: two optimizer steps
-    assert math.isfinite(stats["loss"]) and stats["nonfinite_skipped"] == 0
-
-
-def test_blacken_raw_keeps_the_grid_and_matches_blacken_at_model_size(loaded):
-    _, vl = loaded
-    ip = vl.ip
-    at_size = Image.new("RGB", (112, 112), (200, 50, 50))  # already the size the processor picks: blocks = patches
-    a = vppo.perturb_image(at_size, "blacken-raw", ip, torch.Generator().manual_seed(3))
-    b = vppo.perturb_image(at_size, "blacken", ip, torch.Generator().manual_seed(3))
-    assert np.array_equal(np.array(a), np.array(b))
-    odd = Image.new("RGB", (100, 75), (200, 50, 50))  # resized by the processor after blackening
-    pert = vppo.perturb_image(odd, "blacken-raw", ip, torch.Generator().manual_seed(0))
-    assert pert.size == (100, 75) and 0 < (np.array(pert).sum(-1) == 0).mean() < 1
-    assert torch.equal(ip([pert], return_tensors="pt")["image_grid_thw"], ip([vppo.resize_for_model(odd, ip)], return_tensors="pt")["image_grid_thw"])
-    big = Image.new("RGB", (400, 300))  # outside the processor's pixel range: scaled into it, aspect kept
-    scaled = vppo.scale_into_pixel_range(big, ip.size["shortest_edge"], ip.size["longest_edge"])
-    assert scaled.width * scaled.height <= ip.size["longest_edge"] and abs(scaled.width / scaled.height - 4 / 3) < 0.02
 
 
 class HeatmapParser(HTMLParser):
@@ -486,6 +630,7 @@ class HeatmapParser(HTMLParser):
             self.rollouts[-1]["tokens"][-1][0] += data
 
 
+@slow
 def test_visualize_shows_every_token_and_leaves_training_unchanged(tmp_path, tiny, monkeypatch):
     import bench
 
@@ -524,51 +669,7 @@ def test_visualize_shows_every_token_and_leaves_training_unchanged(tmp_path, tin
     assert plain[-1]["eval_accuracy"] == summary["accuracy_after"]  # same model, same greedy evaluation
 
 
-def fake_runs():
-    """Two seeds of two algorithms on one task, with held-out curves worked out by hand."""
-    curve = lambda accs: dict(eval_steps=[0, 10, 20, 30], eval_accuracy=accs, accuracy_before=accs[0], accuracy_after=accs[-1])
-    return [dict(task="color", algo="grpo", seed=1, **curve([0.2, 0.5, 0.8, 0.9])),
-            dict(task="color", algo="grpo", seed=2, **curve([0.2, 0.85, 0.7, 0.7])),
-            dict(task="color", algo="pepo_g", seed=1, **curve([0.2, 0.3, 0.4, 0.5])),
-            dict(task="color", algo="pepo_g", seed=2, **curve([0.2, 0.3, 0.9, 0.6]))]
-
-
-def test_learning_table_by_hand():
-    import bench
-
-    s = bench.summarize(fake_runs(), 0.8)["color"]
-    # grpo: final 0.9, 0.7 -> mean 0.8, sample std 0.1414; reached 0.8 at steps 20 and 10 -> median (lower) 10
-    assert s["grpo"]["final_mean"] == pytest.approx(0.8) and s["grpo"]["final_std"] == pytest.approx(0.1414, abs=1e-4)
-    assert s["grpo"]["steps_to_threshold"] == [20, 10] and s["grpo"]["steps_cell"] == "10 (2/2)"
-    # pepo_g: only seed 2 reached it (step 20); the median of {20, never} counts 'never' as the slower one
-    assert s["pepo_g"]["steps_to_threshold"] == [None, 20] and s["pepo_g"]["steps_cell"] == "20 (1/2)"
-    assert bench.summarize(fake_runs()[2:3], 0.8)["color"]["pepo_g"]["steps_cell"] == "not reached (0/1)"
-    table = bench.markdown_table(bench.summarize(fake_runs(), 0.8), ["grpo", "pepo_g", "vppo"], 0.8).splitlines()
-    assert table[2] == "| grpo | 0.80 ± 0.14 | 10 (2/2) |" and table[4] == "| vppo | — | — |"
-
-
-def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
-    import bench
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    config = {"budget": dict(steps=30, prompts_per_step=8, group_size=8, seeds=[1, 2], eval_every=10, eval_size=100)}
-    bench.write_learning(tmp_path, fake_runs(), config, ["grpo", "pepo_g"], 0.8)
-    out = capsys.readouterr().out
-    assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
-    saved = json.loads((tmp_path / "learning.json").read_text())
-    assert saved["config"] == config and len(saved["runs"]) == 4 and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
-    assert "| pepo_g | 0.55 ± 0.07 | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
-    assert not (tmp_path / "learning.png").exists()
-
-
-def test_learning_plot_with_matplotlib(tmp_path):
-    pytest.importorskip("matplotlib")  # optional (requirements-bench.txt); CI does not install it
-    import bench
-
-    assert bench.plot_learning(tmp_path / "learning.png", fake_runs(), ["grpo", "pepo_g"], 0.8)
-    assert (tmp_path / "learning.png").read_bytes()[:4] == b"\x89PNG"
-
-
+@slow
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
     ckpt = make_checkpoint(kind, tiny, tmp_path / kind)
@@ -581,6 +682,7 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@slow
 def test_eval_only_writes_eval_json(tmp_path, tiny):
     result = run(tmp_path, tiny, "--eval-only", "--eval-samples", "2")
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -588,6 +690,7 @@ def test_eval_only_writes_eval_json(tmp_path, tiny):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@slow
 @pytest.mark.parametrize("fmt", ["swift", "easyr1"])
 def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
     data = tasks.export(tasks.get_task("color"), tmp_path / "data", 6, fmt=fmt)
@@ -595,15 +698,288 @@ def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
     assert summary["task"] == data.name and summary["steps"] == 2
 
 
-def test_task_list(capsys):
-    pepo.main(["--task", "list"])
-    out = capsys.readouterr().out
-    assert all(name in out for name in tasks.TASKS)
+# ========================================================================================
+# §7 Run management (pepo.py §7): bad input, checkpoints and resume
+# ========================================================================================
+@pytest.mark.parametrize("argv, expected", [
+    (["--algo", "grpo", "--ablation", "pepo-no-ramp"], "--ablation pepo-no-ramp changes PEPO; use it with --algo pepo_g or pepo_d"),
+    (["--algo", "pepo_d", "--ablation", "vppo-tgf-only"], "--ablation vppo-tgf-only changes VPPO; use it with --algo vppo"),
+])
+def test_ablation_needs_its_method(argv, expected):
+    with pytest.raises(pepo.UsageError, match=expected):
+        pepo.parse_args(argv)
 
 
-# ======================================================================================
-# VPPO (vppo.py)
-# ======================================================================================
+def usage_error(capsys, *argv) -> str:
+    """pepo.main(argv) must exit with status 2 and print exactly one line, `error: ...`, to stderr."""
+    capsys.readouterr()  # drop earlier output
+    with pytest.raises(SystemExit) as e:
+        pepo.main(list(argv))
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was built or loaded before the input was checked")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--algo", "ppo"], "error: argument --algo: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'pepo_g', 'pepo_d', 'vppo')"),
+    (["--task", "colour"], "error: unknown --task 'colour'; choose from color, shape,"),
+    (["--group-size", "1"], "error: --group-size 1: advantages compare completions of one prompt, so use at least 2"),
+    (["--steps", "0"], "error: --steps 0: use at least 1"),
+    (["--steps", "-3"], "error: --steps -3: use at least 1"),
+    (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
+    (["--model", "/no/such/model"], "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id"),
+    (["--resume", "/no/such/run"], "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)"),
+    (["--mini-batches", "0"], "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups"),
+    (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
+    (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
+])
+def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    assert usage_error(capsys, *argv).startswith(expected)
+
+
+OK_ROW = json.dumps({"problem": "<image>Q", "answer": "1", "images": ["ok.png"]})
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (None, "{d}/bad.jsonl: file not found; pass a JSONL file (--data)"),
+    ([], "{d}/bad.jsonl: empty file, no rows; write one JSON object per line"),
+    ([OK_ROW, '{"problem": "<image>Q", "answer":'], "{d}/bad.jsonl:2: not valid JSON (Expecting value); write one JSON object per line"),
+    ([OK_ROW, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})], "{d}/bad.jsonl:2: no answer field; add the ground truth"),
+    ([OK_ROW, json.dumps({"problem": "<image>Q", "answer": "1"})], "{d}/bad.jsonl:2: no image field; add 'images'"),
+    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["x.png"]})], "{d}/bad.jsonl:2: image not found: {d}/x.png; fix the path or set --image-root"),
+    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["fake.png"]})], "{d}/bad.jsonl:2: not a readable image: {d}/fake.png ("),
+])
+def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkeypatch, lines, expected):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "fake.png").write_text("not an image")
+    if lines is not None:
+        (tmp_path / "bad.jsonl").write_text("".join(line + "\n" for line in lines))
+    msg = usage_error(capsys, "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "out"))
+    assert msg.startswith("error: " + expected.format(d=tmp_path))
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+@slow
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "d.jsonl").write_text(OK_ROW + "\n" + OK_ROW + "\n" + "{oops\n")
+    proc = subprocess.run([sys.executable, "pepo.py", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "out")],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"error: {tmp_path}/d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes); "
+                                        "write one JSON object per line"]
+
+
+@slow
+def test_bad_model_folders_exit_2(tmp_path, tiny, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    (tmp_path / "empty").mkdir()
+    msg = usage_error(capsys, "--model", str(tmp_path / "empty"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/empty: no config.json in it; pass a folder written by save_pretrained")
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    msg = usage_error(capsys, "--model", str(tmp_path / "text_only"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint")
+    # a Qwen-VL config whose image_token_id the tokenizer does not hold (config and tokenizer only: it fails before weights)
+    shutil.copytree(tiny, tmp_path / "no_image_token", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((tmp_path / "no_image_token" / "config.json").read_text())
+    (tmp_path / "no_image_token" / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
+    msg = usage_error(capsys, "--model", str(tmp_path / "no_image_token"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5")
+    shutil.copytree(tiny, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    msg = usage_error(capsys, "--model", str(tmp_path / "no_weights"), *out)
+    assert msg.startswith(f"error: --model {tmp_path}/no_weights: cannot be loaded as a Qwen-VL checkpoint (")
+
+
+@pytest.mark.parametrize("offline_env", [True, False])
+def test_hub_id_without_network_fails_fast(capsys, monkeypatch, offline_env):
+    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.utils as hub_utils
+
+    class NoNetwork:
+        def head(self, *args, **kwargs):
+            raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline_env)
+    monkeypatch.setattr(hub_utils, "get_session", lambda: NoNetwork())  # this test must not depend on the network
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")  # load_policy (from_pretrained's retries) never ran
+    why = "HF_HUB_OFFLINE is set" if offline_env else f"{hub_constants.ENDPOINT} cannot be reached"
+    assert msg == (f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
+                   "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder")
+
+
+@slow
+def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):
+    shutil.copytree(tiny, tmp_path / "tiny_init")
+    _, tok, _ = pepo.load_policy(tiny)
+    for name in ("color", "grounding"):  # the budget is the longest answer plus the end token
+        task, rng = tasks.get_task(name), random.Random(1)
+        longest = max(len(tok(task.random_completion(rng) + "<|im_end|>").input_ids) for _ in range(300))
+        assert tasks.answer_budget(task, tok) == longest
+    assert tasks.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
+    msg = usage_error(capsys, "--output-dir", str(tmp_path), "--max-new-tokens", "3")
+    assert msg == ("error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
+                   "with the end token; use --max-new-tokens 4 or more")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+# Checkpoints and resume. These flags draw on every random stream (task stream, sampling, VPPO
+# masks, avg@K evaluation) and use the PEPO ramp and a KL reference model.
+RESUME_FLAGS = ["--algo", "vppo", "--pepo", "--beta", "0.01", "--eval-samples", "2", "--steps", "5"]
+
+
+def metrics_without_time(path) -> list[dict]:
+    timing = {"seconds", "time_scoring", "time_update"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tiny):
+    """(metrics without timing, summary) of one uninterrupted 5-step run."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = run(out, tiny, *RESUME_FLAGS)
+    metrics = metrics_without_time(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5] and sum("kl" in m and "tas_mean" in m for m in metrics) >= 2
+    return metrics, summary
+
+
+@slow
+def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, uninterrupted):
+    summary = run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "2")
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
+    assert (summary["eval_before"], summary["eval_after"]) == (uninterrupted[1]["eval_before"], uninterrupted[1]["eval_after"])
+    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
+    assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 0.8)
+    assert state["metrics_bytes"] == (tmp_path / "metrics.jsonl").stat().st_size
+
+
+@slow
+def test_sigterm_mid_run_saves_and_resume_matches_uninterrupted(tmp_path, tiny, uninterrupted):
+    shutil.copytree(tiny, tmp_path / "tiny_init")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads, same float sums
+    proc = subprocess.Popen([sys.executable, "pepo.py", *run_argv(tmp_path, *RESUME_FLAGS, "--save-every", "1")],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before step 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err
+    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
+    assert 2 <= state["step"] < 5 and state["pepo_lambda"] == (state["step"] - 1) / 5
+    assert f"SIGTERM: stopped after step {state['step']} of 5; checkpoint in {tmp_path}/checkpoint" in err
+    assert len(metrics.read_text().splitlines()) == state["step"] and not (tmp_path / "summary.json").exists()
+    summary = pepo.main(["--resume", str(tmp_path)])
+    assert metrics_without_time(metrics) == uninterrupted[0]
+    assert summary["eval_after"] == uninterrupted[1]["eval_after"]
+
+
+@slow
+def test_sigint_finishes_the_step_saves_and_resume_is_exact(tmp_path, tiny, uninterrupted, monkeypatch):
+    real, calls = pepo.collect_rollouts, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pepo, "collect_rollouts", ctrl_c_in_step_2)
+    assert run(tmp_path, tiny, *RESUME_FLAGS) == {"stopped_at_step": 2, "signal": "SIGINT"}  # no --save-every needed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main gave the handler back
+    assert json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())["step"] == 2
+    pepo.main(run_argv(tmp_path, *RESUME_FLAGS, "--resume", str(tmp_path)))  # the starting command plus --resume
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
+
+
+@slow
+def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
+    run(tmp_path, tiny, "--algo", "grpo", "--steps", "1")
+    resume = ["--resume", str(tmp_path)]
+    msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
+    assert msg == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+    msg = usage_error(capsys, *resume, "--algo", "dapo")
+    assert msg == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
+    # equal values (given or preset-filled) are accepted: the run is complete, so it only evaluates and saves again
+    args = pepo.parse_args(run_argv(tmp_path, "--algo", "grpo", "--steps", "1", "--beta", "0.001", *resume))
+    assert (args.algo, args.steps, args.beta, args.output_dir) == ("grpo", 1, 0.001, str(tmp_path))
+
+
+class Killed(BaseException):
+    """Stands in for a kill: nothing in pepo catches it."""
+
+
+@slow
+@pytest.mark.parametrize("when", ["writing", "swapping"])
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uninterrupted, monkeypatch, capsys, when):
+    count = []
+    if when == "writing":  # dies inside the step-2 save: weights written to checkpoint.tmp, trainer state not
+        real_save = torch.save
+
+        def save(*args, **kwargs):
+            count.append(1)
+            if len(count) == 2:
+                raise Killed
+            return real_save(*args, **kwargs)
+        monkeypatch.setattr(torch, "save", save)
+    else:  # dies between the step-2 save's renames: checkpoint/ is already checkpoint.old/, the new one still .tmp
+        real_rename = Path.rename
+
+        def rename(self, target):
+            if self.name.endswith(".tmp"):
+                count.append(1)
+                if len(count) == 2:
+                    raise Killed
+            return real_rename(self, target)
+        monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(Killed):
+        run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "1")
+    ckpt = pepo.find_checkpoint(str(tmp_path))
+    assert ckpt.name == {"writing": "checkpoint", "swapping": "checkpoint.old"}[when]
+    assert json.loads((ckpt / pepo.TRAINER_JSON).read_text())["step"] == 1
+    assert pepo.load_policy(str(ckpt))[0].config.image_token_id is not None  # the previous checkpoint loads
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # step 2 was logged, not saved
+    os.rename(tmp_path / "metrics.jsonl", tmp_path / "kept")
+    assert "metrics.jsonl is missing or shorter than at the checkpoint (step 1)" in usage_error(capsys, "--resume", str(tmp_path))
+    os.rename(tmp_path / "kept", tmp_path / "metrics.jsonl")
+    pepo.main(["--resume", str(tmp_path)])
+    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]  # step 2 done again, written once
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint"]
+
+
+# ========================================================================================
+# vppo.py: visual dependency, token masks, TAS, image perturbations
+# ========================================================================================
+@slow
+def test_blacken_raw_keeps_the_grid_and_matches_blacken_at_model_size(loaded):
+    _, vl = loaded
+    ip = vl.ip
+    at_size = Image.new("RGB", (112, 112), (200, 50, 50))  # already the size the processor picks: blocks = patches
+    a = vppo.perturb_image(at_size, "blacken-raw", ip, torch.Generator().manual_seed(3))
+    b = vppo.perturb_image(at_size, "blacken", ip, torch.Generator().manual_seed(3))
+    assert np.array_equal(np.array(a), np.array(b))
+    odd = Image.new("RGB", (100, 75), (200, 50, 50))  # resized by the processor after blackening
+    pert = vppo.perturb_image(odd, "blacken-raw", ip, torch.Generator().manual_seed(0))
+    assert pert.size == (100, 75) and 0 < (np.array(pert).sum(-1) == 0).mean() < 1
+    assert torch.equal(ip([pert], return_tensors="pt")["image_grid_thw"], ip([vppo.resize_for_model(odd, ip)], return_tensors="pt")["image_grid_thw"])
+    big = Image.new("RGB", (400, 300))  # outside the processor's pixel range: scaled into it, aspect kept
+    scaled = vppo.scale_into_pixel_range(big, ip.size["shortest_edge"], ip.size["longest_edge"])
+    assert scaled.width * scaled.height <= ip.size["longest_edge"] and abs(scaled.width / scaled.height - 4 / 3) < 0.02
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -620,9 +996,6 @@ def blocks(a: np.ndarray, p: int) -> np.ndarray:
     return a.reshape(H // p, p, W // p, p, C).transpose(0, 2, 1, 3, 4).reshape(H // p, W // p, -1)
 
 
-# ----------------------------------------------------------------------------------------
-# token_visual_dependency (k3) and token_visual_kl (exact)
-# ----------------------------------------------------------------------------------------
 def test_dependency_zero_when_equal():
     logp = torch.tensor([[-0.1, -2.3, -7.0], [0.0, -30.0, -1e-4]])
     assert torch.equal(token_visual_dependency(logp, logp.clone()), torch.zeros(2, 3))
@@ -698,9 +1071,6 @@ def test_k3_is_unbiased_estimate_of_exact_kl():
     assert abs(k3.item() - exact.item()) < 3e-3
 
 
-# ----------------------------------------------------------------------------------------
-# token_gradient_mask, ceil_count, entropy_top_mask
-# ----------------------------------------------------------------------------------------
 def test_ceil_count_is_exact():
     # the float traps: float32 tensor math 0.3 * 50 = 15.000001 -> naive ceil 16; float64 (0.1 * 3) * 10 -> 4
     assert torch.ceil(0.3 * torch.tensor([50])).item() == 16 and math.ceil(0.1 * 3 * 10) == 4
@@ -798,9 +1168,6 @@ def test_entropy_top_mask_counts():
     assert entropy_top_mask(torch.rand(2, 25, generator=seeded(6)), torch.ones(2, 25), top_frac=0.3).sum().item() == 15
 
 
-# ----------------------------------------------------------------------------------------
-# trajectory_advantage_scale
-# ----------------------------------------------------------------------------------------
 def test_tas_hand_values():
     # row means 0, 1, 2, 3 -> n = 0, 1/3, 2/3, 1, mean(n) = 1/2 -> alpha = 0.9 + 0.2 n
     dep = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 3.0], [3.0, 3.0]])
@@ -840,9 +1207,6 @@ def test_tas_rows_without_valid_tokens():
     assert torch.equal(trajectory_advantage_scale(dep, torch.zeros(3, 3)), torch.ones(3))  # no valid tokens at all
 
 
-# ----------------------------------------------------------------------------------------
-# Image perturbations
-# ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(28, 28), (30, 17), (1, 1), (15, 29), (281, 140)])
 def test_blacken_keeps_size_and_blocks_are_all_or_nothing(size):
     img = random_image(*size)
@@ -989,9 +1353,15 @@ def test_perturb_image_unknown_kind():
         perturb_image(random_image(30, 30), "sparkle", PROCESSORS["patch14"])
 
 
-# ======================================================================================
-# Tasks, grading and datasets (tasks.py)
-# ======================================================================================
+# ========================================================================================
+# tasks.py: toy tasks, verifiers, grading, datasets
+# ========================================================================================
+def test_task_list(capsys):
+    pepo.main(["--task", "list"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in tasks.TASKS)
+
+
 CLASSIFIERS = ["color", "shape", "count", "position", "compare", "fewshot"]  # plain <answer>label</answer> tasks
 
 
@@ -1000,9 +1370,6 @@ def plain_grader(monkeypatch):
     monkeypatch.setattr(tasks, "math_verify", None)  # the plain fallback must pass on its own
 
 
-# ---------------------------------------------------------------------------------------
-# Pixel helpers: read the answer back from the image, independently of the generator
-# ---------------------------------------------------------------------------------------
 def pixels(image: Image.Image, match) -> set[tuple[int, int]]:
     px = image.load()
     return {(x, y) for x in range(image.width) for y in range(image.height) if match(px[x, y])}
@@ -1045,9 +1412,6 @@ def samples(name, n, seed=0):
     return [tasks.TASKS[name].sample(rng) for _ in range(n)]
 
 
-# ---------------------------------------------------------------------------------------
-# Generators: the answer is really what the image shows
-# ---------------------------------------------------------------------------------------
 def test_every_task_prompt_has_one_mark_per_image_of_112px():
     for name in tasks.TASKS:
         for ex in samples(name, 20):
@@ -1154,9 +1518,6 @@ def test_labels_are_balanced():
         assert all(abs(answers.count(lab) - expected) < 0.2 * expected for lab in task.labels), name
 
 
-# ---------------------------------------------------------------------------------------
-# Verifiers
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_verifier(name):
     task = tasks.TASKS[name]
@@ -1393,9 +1754,6 @@ def test_every_task_labels_its_perception_tokens():
         assert marked.replace(" ", "") == expected, name
 
 
-# ---------------------------------------------------------------------------------------
-# Grading for real datasets
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("completion, truth", [
     ("<answer>0.5</answer>", "\\frac{1}{2}"),
     ("<answer>\\dfrac{1}{2}</answer>", "0.5"),
@@ -1443,9 +1801,6 @@ def test_answer_extraction():
     assert grade("Thinking... \\boxed{\\dfrac{3}{4}}", "0.75") == 1.0
 
 
-# ---------------------------------------------------------------------------------------
-# JSONL datasets
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["swift", "easyr1"])
 @pytest.mark.parametrize("name", ["fewshot", "count"])
 def test_export_roundtrip(tmp_path, fmt, name):
@@ -1554,9 +1909,6 @@ def test_truncated_images(tmp_path):
         ds.sample(random.Random(0))
 
 
-# ---------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------
 def test_cli_list_and_export(tmp_path, capsys):
     tasks.main(["--list"])
     out = capsys.readouterr().out
@@ -1568,343 +1920,67 @@ def test_cli_list_and_export(tmp_path, capsys):
     assert len(list((tmp_path / "fs" / "images").glob("*.png"))) == 9
 
 
-# ======================================================================================
-# Robustness: degenerate batches, bad input, non-finite steps, checkpoints and resume
-# ======================================================================================
-DEGENERATE = ["flat_rewards", "empty_completions", "single_token", "no_end_token", "no_image_tokens", "extreme_logits"]
+# ========================================================================================
+# bench.py: learning table, heatmap page
+# ========================================================================================
+def fake_runs():
+    """Two seeds of two algorithms on one task, with held-out curves worked out by hand."""
+    curve = lambda accs: dict(eval_steps=[0, 10, 20, 30], eval_accuracy=accs, accuracy_before=accs[0], accuracy_after=accs[-1])
+    return [dict(task="color", algo="grpo", seed=1, **curve([0.2, 0.5, 0.8, 0.9])),
+            dict(task="color", algo="grpo", seed=2, **curve([0.2, 0.85, 0.7, 0.7])),
+            dict(task="color", algo="pepo_g", seed=1, **curve([0.2, 0.3, 0.4, 0.5])),
+            dict(task="color", algo="pepo_g", seed=2, **curve([0.2, 0.3, 0.9, 0.6]))]
 
 
-@pytest.mark.parametrize("case", DEGENERATE)
-def test_update_math_stays_finite_on_degenerate_batches(case):
-    """Every pure function of the update, chained as score, shape and update chain them: no nan/inf in
-    advantages, weights, masks, loss or gradient, and the values the degenerate case implies."""
-    g = seeded(0)
-    B, V, T, D = 4, 6, 9, 5  # 2 groups of 2; T prompt positions before the L completion positions
-    L = {"empty_completions": 0, "single_token": 1}.get(case, 3)
-    logits = torch.randn(B, L, V, generator=g)
-    old_logits = logits - 0.3 * torch.randn(B, L, V, generator=g)
-    hidden = [torch.randn(B, T + L, D, generator=g) for _ in range(2)]
-    if case == "extreme_logits":  # one-hot at +-1e4; the old and reference policies put -+1e4 where this one puts +-1e4
-        logits = torch.full_like(logits, -1e4).scatter(-1, logits.argmax(-1, keepdim=True), 1e4)
-        old_logits, hidden = -logits, [h * 1e4 for h in hidden]
-    logits.requires_grad_()
-    tokens = torch.randint(0, V, (B, L), generator=g)
-    rewards = torch.full((B,), 0.1) if case == "flat_rewards" else torch.tensor([1.0, 0.0, 0.2, 0.7])
-    mask = torch.zeros(B, L) if case == "no_end_token" else torch.ones(B, L)  # no end token: overlong filter masks all
-    if L > 1 and case != "no_end_token":
-        mask[1, -1] = 0  # one padded position
-    vision = torch.zeros(B, T + L, dtype=torch.bool)
-    if case != "no_image_tokens":
-        vision[:, 1:5] = True
+def test_learning_table_by_hand():
+    import bench
 
-    adv = grpo_advantages(rewards, 2)
-    entropy, logp = token_entropy(logits), pepo.token_logprobs(logits, tokens)
-    old = pepo.token_logprobs(old_logits, tokens)  # also the reference and the perturbed-image pass
-    prior = perception_prior(hidden, vision, L)
-    w = pepo_token_weights(prior, entropy, mask)
-    dep, kl = token_visual_dependency(logp, old), token_visual_kl(logits, old_logits)
-    keep, tas = token_gradient_mask(dep, mask), trajectory_advantage_scale(dep, mask)
-    top = entropy_top_mask(entropy, mask)
-    for t in (adv, entropy, logp, prior, pepo.masked_minmax(prior, mask), w, dep, kl, keep, tas, top):
-        assert torch.isfinite(t).all()
-    assert prior.shape == w.shape == keep.shape == (B, L)
-    for loss_type in ("grpo", "dapo", "dr_grpo"):
-        for beta in (0.0, 0.1):
-            loss, stats = policy_loss(logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta)
-            (grad,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
-            grad = torch.zeros_like(logits) if grad is None else grad
-            assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(math.isfinite(v) for v in stats.values())
-            if case in ("flat_rewards", "empty_completions", "no_end_token") and beta == 0:
-                assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))  # nothing to learn
-    if case == "flat_rewards":
-        assert torch.equal(adv, torch.zeros(B))
-    if case == "single_token":
-        assert torch.equal(w, torch.ones(B, 1)) and torch.equal(keep, torch.ones(B, 1))  # ceil(0.4 * 1) = 1 kept
-    if case == "no_end_token":
-        assert torch.equal(w, torch.zeros(B, L)) and torch.equal(keep, torch.zeros(B, L)) and torch.equal(tas, torch.ones(B))
-    if case == "no_image_tokens":
-        assert torch.equal(prior, torch.zeros(B, L)) and torch.allclose(w, mask)  # prior 0: uniform weights
-    if case == "extreme_logits":
-        assert entropy.max().item() < 1e-6  # one-hot distributions
+    s = bench.summarize(fake_runs(), 0.8)["color"]
+    # grpo: final 0.9, 0.7 -> mean 0.8, sample std 0.1414; reached 0.8 at steps 20 and 10 -> median (lower) 10
+    assert s["grpo"]["final_mean"] == pytest.approx(0.8) and s["grpo"]["final_std"] == pytest.approx(0.1414, abs=1e-4)
+    # resampling 2 seeds gives means 0.7, 0.8 or 0.9 (each extreme with probability 1/4): the interval is [0.7, 0.9]
+    assert s["grpo"]["final_ci95"] == pytest.approx([0.7, 0.9])
+    # curve areas: (10 * (0.35 + 0.65 + 0.85)) / 30 = 0.6167 and (10 * (0.525 + 0.775 + 0.7)) / 30 = 0.6667
+    assert s["grpo"]["area_mean"] == pytest.approx((18.5 / 30 + 20 / 30) / 2) and s["grpo"]["area_ci95"] == pytest.approx([18.5 / 30, 20 / 30])
+    assert s["grpo"]["steps_to_threshold"] == [20, 10] and s["grpo"]["steps_cell"] == "10 (2/2)"
+    # pepo_g: only seed 2 reached it (step 20); the median of {20, never} counts 'never' as the slower one
+    assert s["pepo_g"]["steps_to_threshold"] == [None, 20] and s["pepo_g"]["steps_cell"] == "20 (1/2)"
+    assert bench.summarize(fake_runs()[2:3], 0.8)["color"]["pepo_g"]["steps_cell"] == "not reached (0/1)"
+    table = bench.markdown_table(bench.summarize(fake_runs(), 0.8), ["grpo", "pepo_g", "vppo"], 0.8).splitlines()
+    assert table[2] == "| grpo | 0.80 [0.70, 0.90] | 0.64 [0.62, 0.67] | 10 (2/2) |" and table[4] == "| vppo | — | — | — |"
 
 
-def test_masked_minmax_all_padding_row_is_zero():
-    x = torch.tensor([[3.0, 1.0, 2.0], [-1e4, 5.0, 7.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    # row 0: (x - 1) / (3 - 1) on valid tokens; row 1 has none: 0, not (x - max) / floor * 0 = nan
-    assert torch.equal(pepo.masked_minmax(x, mask), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+def test_curve_area_and_bootstrap_by_hand():
+    import bench
+
+    assert bench.curve_area([0, 10, 30], [0.0, 1.0, 1.0]) == pytest.approx((10 * 0.5 + 20 * 1.0) / 30)
+    assert bench.curve_area([0], [0.4]) == 0.4
+    assert bench.bootstrap_ci(statistics.mean, [0.5] * 5) == (0.5, 0.5)  # no spread, no width
+    lo, hi = bench.bootstrap_ci(statistics.mean, [0.0, 0.0, 0.0, 1.0, 1.0], n=4000)
+    # the mean of 5 draws with p = 0.4 is Binomial(5, 0.4) / 5: 2.5% and 97.5% quantiles 0.0 and 0.8
+    assert (lo, hi) == (0.0, 0.8)
 
 
-def test_policy_loss_far_off_ratio_is_clamped_not_inf():
-    # log-ratio 30 (and -30 to the reference): exp is taken of 20, so the loss is large but finite
-    logp, old, ref = torch.tensor([[0.0]], requires_grad=True), torch.tensor([[-30.0]]), torch.tensor([[-30.0]])
-    loss, _ = policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 1), "dapo", ref_logp=ref, beta=0.1)
-    d = torch.tensor(-20.0)
-    assert loss.item() == pytest.approx(math.exp(20) + 0.1 * (torch.exp(d) - d - 1).item(), rel=1e-6)
-    (grad,) = torch.autograd.grad(loss, logp)
-    assert torch.isfinite(grad).all()
+def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    config = {"budget": dict(steps=30, prompts_per_step=8, group_size=8, seeds=[1, 2], eval_every=10, eval_size=100)}
+    bench.write_learning(tmp_path, fake_runs(), config, ["grpo", "pepo_g"], 0.8)
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    saved = json.loads((tmp_path / "learning.json").read_text())
+    assert saved["config"] == config and len(saved["runs"]) == 4 and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
+    assert "| pepo_g | 0.55 [0.50, 0.60] | 0.44 [0.35, 0.53] | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
+    assert not (tmp_path / "learning.png").exists()
 
 
-def usage_error(capsys, *argv) -> str:
-    """pepo.main(argv) must exit with status 2 and print exactly one line, `error: ...`, to stderr."""
-    capsys.readouterr()  # drop earlier output
-    with pytest.raises(SystemExit) as e:
-        pepo.main(list(argv))
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+def test_learning_plot_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")  # optional (requirements-bench.txt); CI does not install it
+    import bench
 
-
-def no_model(*args, **kwargs):
-    raise AssertionError("a model was built or loaded before the input was checked")
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["--algo", "ppo"], "error: argument --algo: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'pepo_g', 'pepo_d', 'vppo')"),
-    (["--task", "colour"], "error: unknown --task 'colour'; choose from color, shape,"),
-    (["--group-size", "1"], "error: --group-size 1: advantages compare completions of one prompt, so use at least 2"),
-    (["--steps", "0"], "error: --steps 0: use at least 1"),
-    (["--steps", "-3"], "error: --steps -3: use at least 1"),
-    (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
-    (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
-    (["--model", "/no/such/model"], "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id"),
-    (["--resume", "/no/such/run"], "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)"),
-    (["--mini-batches", "0"], "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups"),
-    (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
-    (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
-])
-def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
-    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
-    monkeypatch.setattr(pepo, "load_policy", no_model)
-    assert usage_error(capsys, *argv).startswith(expected)
-
-
-OK_ROW = json.dumps({"problem": "<image>Q", "answer": "1", "images": ["ok.png"]})
-
-
-@pytest.mark.parametrize("lines, expected", [
-    (None, "{d}/bad.jsonl: file not found; pass a JSONL file (--data)"),
-    ([], "{d}/bad.jsonl: empty file, no rows; write one JSON object per line"),
-    ([OK_ROW, '{"problem": "<image>Q", "answer":'], "{d}/bad.jsonl:2: not valid JSON (Expecting value); write one JSON object per line"),
-    ([OK_ROW, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})], "{d}/bad.jsonl:2: no answer field; add the ground truth"),
-    ([OK_ROW, json.dumps({"problem": "<image>Q", "answer": "1"})], "{d}/bad.jsonl:2: no image field; add 'images'"),
-    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["x.png"]})], "{d}/bad.jsonl:2: image not found: {d}/x.png; fix the path or set --image-root"),
-    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["fake.png"]})], "{d}/bad.jsonl:2: not a readable image: {d}/fake.png ("),
-])
-def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkeypatch, lines, expected):
-    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
-    monkeypatch.setattr(pepo, "load_policy", no_model)
-    write_png(tmp_path / "ok.png")
-    (tmp_path / "fake.png").write_text("not an image")
-    if lines is not None:
-        (tmp_path / "bad.jsonl").write_text("".join(line + "\n" for line in lines))
-    msg = usage_error(capsys, "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "out"))
-    assert msg.startswith("error: " + expected.format(d=tmp_path))
-    assert not (tmp_path / "out").exists()  # nothing written either
-
-
-def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
-    write_png(tmp_path / "ok.png")
-    (tmp_path / "d.jsonl").write_text(OK_ROW + "\n" + OK_ROW + "\n" + "{oops\n")
-    proc = subprocess.run([sys.executable, "pepo.py", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "out")],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [f"error: {tmp_path}/d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes); "
-                                        "write one JSON object per line"]
-
-
-def test_bad_model_folders_exit_2(tmp_path, tiny, capsys):
-    out = ["--output-dir", str(tmp_path / "out")]
-    (tmp_path / "empty").mkdir()
-    msg = usage_error(capsys, "--model", str(tmp_path / "empty"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/empty: no config.json in it; pass a folder written by save_pretrained")
-    (tmp_path / "text_only").mkdir()
-    (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    msg = usage_error(capsys, "--model", str(tmp_path / "text_only"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint")
-    # a Qwen-VL config whose image_token_id the tokenizer does not hold (config and tokenizer only: it fails before weights)
-    shutil.copytree(tiny, tmp_path / "no_image_token", ignore=shutil.ignore_patterns("*.safetensors"))
-    config = json.loads((tmp_path / "no_image_token" / "config.json").read_text())
-    (tmp_path / "no_image_token" / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
-    msg = usage_error(capsys, "--model", str(tmp_path / "no_image_token"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5")
-    shutil.copytree(tiny, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
-    msg = usage_error(capsys, "--model", str(tmp_path / "no_weights"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/no_weights: cannot be loaded as a Qwen-VL checkpoint (")
-
-
-@pytest.mark.parametrize("offline_env", [True, False])
-def test_hub_id_without_network_fails_fast(capsys, monkeypatch, offline_env):
-    import huggingface_hub.constants as hub_constants
-    import huggingface_hub.utils as hub_utils
-
-    class NoNetwork:
-        def head(self, *args, **kwargs):
-            raise ConnectionError("Name or service not known")
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", offline_env)
-    monkeypatch.setattr(hub_utils, "get_session", lambda: NoNetwork())  # this test must not depend on the network
-    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
-    monkeypatch.setattr(pepo, "load_policy", no_model)
-    msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")  # load_policy (from_pretrained's retries) never ran
-    why = "HF_HUB_OFFLINE is set" if offline_env else f"{hub_constants.ENDPOINT} cannot be reached"
-    assert msg == (f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
-                   "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder")
-
-
-def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):
-    shutil.copytree(tiny, tmp_path / "tiny_init")
-    _, tok, _ = pepo.load_policy(tiny)
-    for name in ("color", "grounding"):  # the budget is the longest answer plus the end token
-        task, rng = tasks.get_task(name), random.Random(1)
-        longest = max(len(tok(task.random_completion(rng) + "<|im_end|>").input_ids) for _ in range(300))
-        assert tasks.answer_budget(task, tok) == longest
-    assert tasks.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
-    msg = usage_error(capsys, "--output-dir", str(tmp_path), "--max-new-tokens", "3")
-    assert msg == ("error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
-                   "with the end token; use --max-new-tokens 4 or more")
-    assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_nonfinite_loss_skips_the_optimizer_step(tmp_path, tiny, monkeypatch, capsys):
-    from safetensors.torch import load_file
-
-    real = pepo.policy_loss
-    monkeypatch.setattr(pepo, "policy_loss", lambda *a, **k: (lambda loss, s: (loss * float("nan"), s))(*real(*a, **k)))
-    run(tmp_path / "nan", tiny, "--algo", "grpo") if (tmp_path / "nan").mkdir() is None else None
-    metrics = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["nonfinite_skipped"] for m in metrics] == [1, 1]
-    assert all(m["grad_norm"] is None for m in metrics)  # nan is written as null: metrics.jsonl stays valid JSON
-    assert capsys.readouterr().err.count("non-finite loss or gradient norm, optimizer step skipped") == 2
-    init = load_file(tmp_path / "nan" / "tiny_init" / "model.safetensors")
-    weights = lambda d: load_file(tmp_path / d / "checkpoint" / "model.safetensors")
-    assert all(torch.equal(init[k], v) for k, v in weights("nan").items())  # weights never updated
-    assert torch.load(tmp_path / "nan" / "checkpoint" / pepo.TRAINER_PT, weights_only=True)["optimizer"]["state"] == {}  # nor Adam
-    monkeypatch.setattr(pepo, "policy_loss", real)  # the same run with a finite loss does move the weights
-    run(tmp_path / "ok", tiny, "--algo", "grpo") if (tmp_path / "ok").mkdir() is None else None
-    assert [json.loads(line)["nonfinite_skipped"] for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()] == [0, 0]
-    assert not all(torch.equal(init[k], v) for k, v in weights("ok").items())
-
-
-# Checkpoints and resume. These flags draw on every random stream (task stream, sampling, VPPO
-# masks, avg@K evaluation) and use the PEPO ramp and a KL reference model.
-RESUME_FLAGS = ["--algo", "vppo", "--pepo", "--beta", "0.01", "--eval-samples", "2", "--steps", "5"]
-
-
-def metrics_without_time(path) -> list[dict]:
-    timing = {"seconds", "time_scoring", "time_update"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in Path(path).read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, tiny):
-    """(metrics without timing, summary) of one uninterrupted 5-step run."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    summary = run(out, tiny, *RESUME_FLAGS)
-    metrics = metrics_without_time(out / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5] and sum("kl" in m and "tas_mean" in m for m in metrics) >= 2
-    return metrics, summary
-
-
-def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, uninterrupted):
-    summary = run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "2")
-    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
-    assert (summary["eval_before"], summary["eval_after"]) == (uninterrupted[1]["eval_before"], uninterrupted[1]["eval_after"])
-    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
-    assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 0.8)
-    assert state["metrics_bytes"] == (tmp_path / "metrics.jsonl").stat().st_size
-
-
-def test_sigterm_mid_run_saves_and_resume_matches_uninterrupted(tmp_path, tiny, uninterrupted):
-    shutil.copytree(tiny, tmp_path / "tiny_init")
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads, same float sums
-    proc = subprocess.Popen([sys.executable, "pepo.py", *run_argv(tmp_path, *RESUME_FLAGS, "--save-every", "1")],
-                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before step 2"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "Traceback" not in err
-    state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
-    assert 2 <= state["step"] < 5 and state["pepo_lambda"] == (state["step"] - 1) / 5
-    assert f"SIGTERM: stopped after step {state['step']} of 5; checkpoint in {tmp_path}/checkpoint" in err
-    assert len(metrics.read_text().splitlines()) == state["step"] and not (tmp_path / "summary.json").exists()
-    summary = pepo.main(["--resume", str(tmp_path)])
-    assert metrics_without_time(metrics) == uninterrupted[0]
-    assert summary["eval_after"] == uninterrupted[1]["eval_after"]
-
-
-def test_sigint_finishes_the_step_saves_and_resume_is_exact(tmp_path, tiny, uninterrupted, monkeypatch):
-    real, calls = pepo.collect_rollouts, []
-
-    def ctrl_c_in_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pepo, "collect_rollouts", ctrl_c_in_step_2)
-    assert run(tmp_path, tiny, *RESUME_FLAGS) == {"stopped_at_step": 2, "signal": "SIGINT"}  # no --save-every needed
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main gave the handler back
-    assert json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())["step"] == 2
-    pepo.main(run_argv(tmp_path, *RESUME_FLAGS, "--resume", str(tmp_path)))  # the starting command plus --resume
-    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
-
-
-def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
-    run(tmp_path, tiny, "--algo", "grpo", "--steps", "1")
-    resume = ["--resume", str(tmp_path)]
-    msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
-    assert msg == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
-    msg = usage_error(capsys, *resume, "--algo", "dapo")
-    assert msg == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
-    # equal values (given or preset-filled) are accepted: the run is complete, so it only evaluates and saves again
-    args = pepo.parse_args(run_argv(tmp_path, "--algo", "grpo", "--steps", "1", "--beta", "0.001", *resume))
-    assert (args.algo, args.steps, args.beta, args.output_dir) == ("grpo", 1, 0.001, str(tmp_path))
-
-
-class Killed(BaseException):
-    """Stands in for a kill: nothing in pepo catches it."""
-
-
-@pytest.mark.parametrize("when", ["writing", "swapping"])
-def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uninterrupted, monkeypatch, capsys, when):
-    count = []
-    if when == "writing":  # dies inside the step-2 save: weights written to checkpoint.tmp, trainer state not
-        real_save = torch.save
-
-        def save(*args, **kwargs):
-            count.append(1)
-            if len(count) == 2:
-                raise Killed
-            return real_save(*args, **kwargs)
-        monkeypatch.setattr(torch, "save", save)
-    else:  # dies between the step-2 save's renames: checkpoint/ is already checkpoint.old/, the new one still .tmp
-        real_rename = Path.rename
-
-        def rename(self, target):
-            if self.name.endswith(".tmp"):
-                count.append(1)
-                if len(count) == 2:
-                    raise Killed
-            return real_rename(self, target)
-        monkeypatch.setattr(Path, "rename", rename)
-    with pytest.raises(Killed):
-        run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "1")
-    ckpt = pepo.find_checkpoint(str(tmp_path))
-    assert ckpt.name == {"writing": "checkpoint", "swapping": "checkpoint.old"}[when]
-    assert json.loads((ckpt / pepo.TRAINER_JSON).read_text())["step"] == 1
-    assert pepo.load_policy(str(ckpt))[0].config.image_token_id is not None  # the previous checkpoint loads
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # step 2 was logged, not saved
-    os.rename(tmp_path / "metrics.jsonl", tmp_path / "kept")
-    assert "metrics.jsonl is missing or shorter than at the checkpoint (step 1)" in usage_error(capsys, "--resume", str(tmp_path))
-    os.rename(tmp_path / "kept", tmp_path / "metrics.jsonl")
-    pepo.main(["--resume", str(tmp_path)])
-    assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]  # step 2 done again, written once
-    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint"]
+    assert bench.plot_learning(tmp_path / "learning.png", fake_runs(), ["grpo", "pepo_g"], 0.8)
+    assert (tmp_path / "learning.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1932,10 +2008,10 @@ def test_bootstrap_ci_known_answers():
     import bench
 
     same = [(np.array([0.1, 0.9, 0.3]), np.array([False, True, False]))] * 12  # every completion alike: every draw the same
-    lo, hi, dropped = bench.bootstrap_ci(bench.pooled_auroc, same, n=200)
-    assert (lo, hi, dropped) == (1.0, 1.0, 0)
+    ci = bench.bootstrap_ci(bench.pooled_auroc, same, n=200)
+    assert ci == (1.0, 1.0) and ci.dropped == 0
     # two units, mean: a draw of 2 gives 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the 95% interval is [0, 1]
-    assert bench.bootstrap_ci(lambda us: float(np.mean(us)), [0.0, 1.0], n=1000) == (0.0, 1.0, 0)
+    assert bench.bootstrap_ci(lambda us: float(np.mean(us)), [0.0, 1.0], n=1000) == (0.0, 1.0)
     # draws with only one class give nan: left out and counted (about half of them here)
     ci = bench.bootstrap_ci(bench.pooled_auroc, [(np.array([1.0]), np.array([True])), (np.array([0.0]), np.array([False]))], n=400)
     assert (ci.lo, ci.hi) == (1.0, 1.0) and 150 < ci.dropped < 250
@@ -1945,6 +2021,7 @@ def test_bootstrap_ci_known_answers():
     assert bench.first_run([False, True, True, False, True]) == [False, True, True, False, False]
 
 
+@slow
 def test_signal_collection_smoke(loaded):
     import bench
 

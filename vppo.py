@@ -242,6 +242,15 @@ def token_gradient_mask(dependency: torch.Tensor, mask: torch.Tensor, top_frac: 
     return _keep_top_k(dependency, valid, k)
 
 
+def random_token_mask(mask: torch.Tensor, top_frac: float = 0.4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """TGF's token count without its criterion (VPPO's ablation).  mask [B, L] -> [B, L] float 0/1
+
+    Per completion keep ceil(top_frac * T_i) valid tokens chosen uniformly at random."""
+    valid = mask.bool()
+    scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    return _keep_top_k(scores, valid, ceil_count(top_frac, valid.sum(dim=1)))
+
+
 @torch.no_grad()
 def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9) -> torch.Tensor:
     """Trajectory Advantage Shaping, VPPO (arXiv 2510.09285).  dependency, mask [B, L] -> alpha [B]

@@ -906,7 +906,8 @@ def signals(opt) -> dict:
         args = pepo.parse_args(argv)
         summary_path = out / "summary.json"
         want = {k: v for k, v in dataclasses.asdict(args).items() if k != "bf16"}  # bf16 is filled in at run time
-        reused = summary_path.is_file() and all(json.loads(summary_path.read_text())["args"].get(k) == v for k, v in want.items())
+        defaults = {f.name: f.default for f in dataclasses.fields(pepo.Args)}  # a flag newer than the run: its default
+        reused = summary_path.is_file() and all(json.loads(summary_path.read_text())["args"].get(k, defaults[k]) == v for k, v in want.items())
         t0 = time.time()
         if not reused:  # train: a finished run with the same settings is reused
             print(f"signals: seed {seed}: training `python pepo.py {' '.join(argv)}` (log: {out}.log)", flush=True)

@@ -7,6 +7,7 @@
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
     python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameter counts
     python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
+    python bench.py signals [--quick]  # results/signals.{json,md,png}: AUROC of each token signal for perception tokens
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
 Run torch jobs with OMP_NUM_THREADS=1 on a shared machine: `learn` runs 2 single-threaded workers.
@@ -25,8 +26,11 @@ import shutil
 import statistics
 import sys
 import time
+import math
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
+
+import numpy as np
 
 ALGOS = {  # table row -> pepo.py flags
     "grpo": ["--algo", "grpo"],
@@ -119,14 +123,37 @@ def curve_area(steps: list[int], acc: list[float]) -> float:
     return area / (steps[-1] - steps[0]) if steps[-1] > steps[0] else acc[0]
 
 
-def bootstrap_ci(fn, groups: list, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of fn(groups): resample the groups (seeds, or completions)
-    with replacement n times. Resample the units that are independent of each other."""
-    import random
+class CI(tuple):
+    """(lo, hi) of a bootstrap interval; .dropped = the draws left out because the statistic was nan."""
 
-    rng = random.Random(seed)
-    stats = sorted(fn([groups[rng.randrange(len(groups))] for _ in groups]) for _ in range(n))
-    return stats[int((1 - level) / 2 * n)], stats[min(n - 1, int((1 + level) / 2 * n))]
+    def __new__(cls, lo: float, hi: float, dropped: int = 0):
+        ci = super().__new__(cls, (lo, hi))
+        ci.dropped = dropped
+        return ci
+
+    lo, hi = property(lambda self: self[0]), property(lambda self: self[1])
+
+
+def bootstrap_ci(fn, groups: list, n: int = 1000, seed: int = 0, level: float = 0.95) -> CI:
+    """Percentile bootstrap interval of the statistic fn(groups).
+
+    groups: the independent units, each passed whole to fn: seeds for a learning curve;
+    completions (or prompts) for a token statistic, not tokens: the tokens of one completion are
+    correlated (same context, same image), so resampling tokens would pretend there are more
+    independent observations than there are and give too narrow an interval. Each draw takes
+    len(groups) units with replacement and recomputes fn; draws where fn is nan (e.g. no
+    positive token drawn) are left out and counted in `.dropped`.
+    Returns CI(lo, hi): the (1-level)/2 and (1+level)/2 quantiles of the draws; nan if no draw
+    was finite.
+    """
+    rng = np.random.default_rng(seed)
+    values = np.asarray([fn([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n)], dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return CI(float("nan"), float("nan"), n)
+    q = (1 - level) / 2 * 100
+    lo, hi = np.percentile(finite, [q, 100 - q])
+    return CI(float(lo), float(hi), int(n - finite.size))
 
 
 def summarize(runs: list[dict], threshold: float) -> dict:
@@ -659,6 +686,10 @@ SIGNALS = {  # record key -> label shown in the switch
     "vppo_mask": "VPPO mask (TGF)",
     "weight": "token weight used",
 }
+EXTRA_SIGNALS = {  # shown only when the records carry them (bench.py signals writes them; pepo.py does not)
+    "dependency_exact": "VPPO dependency, exact KL",
+    "perception": "perception token (label)",
+}
 
 
 CSS = """
@@ -676,14 +707,15 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
     """Self-contained HTML: images inlined as base64 PNG, tokens coloured by the signal picked with
     a CSS-only radio switch (no script, no external resource). Colour = the signal min-max
     normalised within each rollout; hover a token for every signal's raw value."""
-    names = [k for k in SIGNALS if any(k in r["signals"] for r in records)]
+    labels = {**SIGNALS, **EXTRA_SIGNALS}
+    names = [k for k in labels if any(k in r["signals"] for r in records)]
     css = CSS + "".join(f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n"
                         f"#s-{k}:checked~.switch label[for=s-{k}]{{background:#d22;color:#fff;border-color:#d22}}\n" for k in names)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
              f"<h1>Per-token signals: {html.escape(title)}</h1>"]
     for j, k in enumerate(names):  # the radios must precede .rollouts for the ~ selector
         parts.append(f"<input type='radio' name='signal' id='s-{k}'{' checked' if j == 0 else ''}>")
-    parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{SIGNALS[k]}</label>" for k in names) + "</div>")
+    parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{labels[k]}</label>" for k in names) + "</div>")
     parts.append("<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
                  "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
                  "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
@@ -698,7 +730,7 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
         for t, tok in enumerate(r["tokens"]):
             values = {k: r["signals"][k][t] for k in names if k in r["signals"]}
             style = ";".join(f"--{k}:rgba(220,40,30,{_norm(r['signals'][k], t):.2f})" for k in values)
-            tip = " | ".join(f"{SIGNALS[k]} {v:.4g}" for k, v in values.items())
+            tip = " | ".join(f"{labels[k]} {v:.4g}" for k, v in values.items())
             spans.append(f"<span class='tok' style='{style}' title='{html.escape(tip)}'>{html.escape(tok)}</span>")
         meta = (f"step {r['step']} · rollout {r['row']} · reward {r['reward']:.2f} · accuracy {r['accuracy']:.2f} · "
                 f"advantage {r['advantage']:+.3f} · answer {html.escape(r['answer'])}")
@@ -793,6 +825,395 @@ def memory_table(opt) -> dict:
             "markdown": "\n".join(lines)}
 
 # ----------------------------------------------------------------------------------------
+# signals: how well each per-token signal finds the perception tokens, before and after RL
+# ----------------------------------------------------------------------------------------
+SIGNAL_NAMES = {  # key in collect_signals' output -> name in the table
+    "prior": "PEPO prior VS_t",
+    "entropy": "entropy H_t",
+    "pepo_weight": "PEPO weight w_t",
+    "dep_k3": "VPPO dependency (k3)",
+    "dep_exact": "VPPO dependency (exact KL)",
+}
+LABELINGS = {  # which tokens count as perception tokens
+    "slot": "every colour word inside <think>, whichever colour the policy wrote (the slot where the image is read)",
+    "first": "only the first colour word inside <think> (the one read off the image; the second restates it)",
+    "task": "Task.perception_mask: the ground-truth colour word inside <think> (a wrong colour is not marked)",
+    "answer": "the name inside <answer> (colour + rule): where the image is read once the <think> text no longer names the colour",
+}
+SIGNALS_BUDGETS = {  # prompts x group_size completions per collection; train = extra pepo.py flags (none: the default run)
+    "full": dict(seeds=[1], prompts=32, group_size=8, train=[]),
+    "quick": dict(seeds=[1], prompts=16, group_size=8, train=["--steps", "8", "--prompts-per-step", "8", "--eval-size", "20"]),
+}
+HIGH_DEPENDENCY = 0.1  # VPPO sparsity: share of tokens whose dependency exceeds this
+TOP_SHARE = 0.2  # ... and the share of all dependency that the top 20% of tokens carry
+
+
+def average_ranks(x) -> np.ndarray:
+    """1-based ranks of x, tied values sharing the average of their ranks: [3, 1, 3] -> [2.5, 1, 2.5]."""
+    x = np.asarray(x, dtype=float)
+    if np.isnan(x).any():
+        raise ValueError("average_ranks: scores contain nan")
+    order = np.argsort(x)  # any order within a run of ties: they all get the run's average rank
+    xs = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(xs)) + 1]  # first position of each run of equal values
+    ends = np.r_[starts[1:], len(xs)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of the 1-based ranks starts+1 .. ends
+    return ranks
+
+
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for telling labels True from False.
+
+    The Mann-Whitney form: the probability that a random positive scores above a random
+    negative, ties counting one half (average ranks): AUROC = (R+ - n+(n+ + 1)/2) / (n+ n-),
+    R+ the rank sum of the positives. 1 = every positive above every negative, 0 = below,
+    0.5 = no separation. One class empty: nan (there is nothing to separate), never 0.5.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = average_ranks(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pooled_auroc(units: list) -> float:
+    """AUROC over all tokens of a list of (scores, labels) units (completions or prompts)."""
+    if not units:
+        return float("nan")
+    return auroc(np.concatenate([u[0] for u in units]), np.concatenate([u[1] for u in units]))
+
+
+def first_run(flags: list[bool]) -> list[bool]:
+    """Only the first run of consecutive True values: [F, T, T, F, T] -> [F, T, T, F, F]."""
+    out, started = [False] * len(flags), False
+    for i, f in enumerate(flags):
+        if f:
+            out[i], started = True, True
+        elif started:
+            break
+    return out
+
+
+def slot_words(task) -> set[str]:
+    """Every word that can fill the task's perception slot: for the colour tasks any colour, so
+    a token counts as a perception token whether or not the policy read the colour right."""
+    import tasks
+
+    return set(tasks.COLORS) if task.name in ("color", "color-think") else set()
+
+
+def answer_words(task) -> set[str]:
+    """Every answer the task accepts (its label pool): for color-think the four colour names."""
+    return set(task.labels)
+
+
+def collect_signals(model, vl, task, examples: list, group_size: int, args, seed: int, micro_batch: int = 64) -> dict:
+    """Sample group_size completions per example at args.temperature and compute every per-token
+    signal in one place, from the same two passes: the clean pass with hidden states (log-probs,
+    entropy, PEPO prior) and one pass on the perturbed images (VPPO dependency, k3 on the sampled
+    token and the exact KL over the vocabulary, from the same perturbation). PEPO's w_t follows
+    from the prior and the entropy. -> {"batch", "scores" ([B, L] tensors), "completions": one dict
+    per completion with its valid tokens, per-token signal lists, perception labels, correctness}."""
+    import torch
+
+    import pepo
+    import tasks
+    import vppo
+
+    torch.manual_seed(seed)
+    batch = pepo.rollout(model, vl, task, examples, group_size, args, torch.device("cpu"), nullcontext())
+    inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
+    inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed))
+    model.eval()
+    parts = {k: [] for k in ("entropy", "prior", "dep_k3", "dep_exact")}
+    with torch.no_grad():
+        for mb in pepo.micro_batches(inputs, micro_batch):
+            logits, hidden = pepo.forward(model, mb, args.temperature, hidden_states=True)
+            logits_pert, _ = pepo.forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
+            logp = pepo.token_logprobs(logits, mb["completion_ids"])
+            vision = mb["input_ids"] == model.config.image_token_id
+            parts["entropy"].append(pepo.token_entropy(logits))
+            parts["prior"].append(pepo.perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
+            parts["dep_k3"].append(vppo.token_visual_dependency(logp, pepo.token_logprobs(logits_pert, mb["completion_ids"])))
+            parts["dep_exact"].append(vppo.token_visual_kl(logits, logits_pert))
+    scores = {k: torch.cat(v) for k, v in parts.items()}
+    mask = batch["completion_mask"]
+    scores["pepo_weight"] = pepo.pepo_token_weights(scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature)
+    words = slot_words(task)
+    completions = []
+    for i in range(mask.shape[0]):
+        valid = mask[i].bool()
+        pieces = vl.tok.convert_ids_to_tokens(batch["completion_ids"][i][valid].tolist())
+        example = batch["examples"][i]
+        slot = tasks.perception_token_mask(pieces, words, task.perception_region) if words else task.perception_mask(pieces, example)
+        completions.append({
+            "prompt": i // group_size, "correct": bool(batch["accuracy"][i] > 0.5), "text": batch["texts"][i],
+            "tokens": [tasks.token_text(p) for p in pieces],
+            "signals": {k: v[i][valid].tolist() for k, v in scores.items()},
+            "labels": {"slot": slot, "first": first_run(slot), "task": task.perception_mask(pieces, example),
+                       "answer": tasks.perception_token_mask(pieces, answer_words(task), "answer")},
+        })
+    return {"batch": batch, "scores": scores, "completions": completions}
+
+
+def quantiles(x, qs=(10, 50, 90)) -> dict:
+    x = np.asarray(x, dtype=float)
+    return {f"p{q}": float(np.percentile(x, q)) for q in qs} if x.size else {f"p{q}": float("nan") for q in qs}
+
+
+def mean_or_nan(x) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Everything the table reports for one collection: AUROC of each signal for each labelling
+    with a bootstrap interval over completions (and, for the main labelling, over prompts),
+    VPPO's sparsity and trajectory spread, PEPO's correct-vs-wrong contrast."""
+    out = {"completions": len(completions), "tokens": sum(len(c["tokens"]) for c in completions),
+           "accuracy": mean_or_nan([c["correct"] for c in completions]), "auroc": {}}
+    for lab in LABELINGS:
+        out[f"perception_tokens_{lab}"] = sum(sum(c["labels"][lab]) for c in completions)
+        out["auroc"][lab] = {}
+        for key in SIGNAL_NAMES:
+            units = [(np.asarray(c["signals"][key]), np.asarray(c["labels"][lab], dtype=bool)) for c in completions]
+            ci = bootstrap_ci(pooled_auroc, units, n_boot, seed)
+            entry = {"auroc": pooled_auroc(units), "ci": list(ci), "ci_dropped_draws": ci.dropped}
+            pos = [v for c in completions for v, f in zip(c["signals"][key], c["labels"][lab]) if f]
+            rest = [v for c in completions for v, f in zip(c["signals"][key], c["labels"][lab]) if not f]
+            entry.update(mean_perception=mean_or_nan(pos), mean_rest=mean_or_nan(rest))
+            if lab == "slot":  # the same, resampling whole prompts (their 8 completions share one image)
+                by_prompt = {}
+                for c, u in zip(completions, units):
+                    by_prompt.setdefault(c["prompt"], []).append(u)
+                prompt_units = [(np.concatenate([u[0] for u in us]), np.concatenate([u[1] for u in us])) for us in by_prompt.values()]
+                entry["ci_prompts"] = list(bootstrap_ci(pooled_auroc, prompt_units, n_boot, seed))
+            out["auroc"][lab][key] = entry
+    out["vppo"] = {}
+    for key in ("dep_k3", "dep_exact"):
+        tokens = np.sort(np.concatenate([c["signals"][key] for c in completions]))[::-1]
+        k = int(np.ceil(TOP_SHARE * tokens.size))
+        per_completion = [np.mean(c["signals"][key]) for c in completions if c["signals"][key]]
+        out["vppo"][key] = {"share_above_threshold": float((tokens > HIGH_DEPENDENCY).mean()), "threshold": HIGH_DEPENDENCY,
+                            "top20_share_of_total": float(tokens[:k].sum() / max(tokens.sum(), 1e-30)),
+                            "token": quantiles(tokens, (50, 90, 99)), "token_max": float(tokens.max()),
+                            "completion_mean": quantiles(per_completion)}
+    out["pepo_contrast"] = {}
+    for key in ("prior", "entropy"):
+        for where in ("all", "perception"):  # mean over all of a completion's tokens, or over its slot tokens
+            def per_completion(c):
+                vals = [v for v, f in zip(c["signals"][key], c["labels"]["slot"]) if f or where == "all"]
+                return (float(np.mean(vals)) if vals else float("nan")), c["correct"]
+
+            units = [u for u in map(per_completion, completions) if np.isfinite(u[0])]
+
+            def diff(us):
+                right = [v for v, ok in us if ok]
+                wrong = [v for v, ok in us if not ok]
+                return mean_or_nan(right) - mean_or_nan(wrong) if right and wrong else float("nan")
+
+            right = [v for v, ok in units if ok]
+            wrong = [v for v, ok in units if not ok]
+            out["pepo_contrast"][f"{key}_{where}"] = {
+                "correct": mean_or_nan(right), "wrong": mean_or_nan(wrong), "n_correct": len(right), "n_wrong": len(wrong),
+                "diff": diff(units), "ci": list(bootstrap_ci(diff, units, n_boot, seed))}
+    return out
+
+
+def pick_rows(batch: dict, scores: dict, rows: list[int]) -> tuple[dict, dict]:
+    """The given rows of a rollout batch and its [B, L] scores (for pepo.token_records)."""
+    import torch
+
+    idx = torch.tensor(rows)
+    keys = ("completion_ids", "completion_mask", "rewards", "accuracy")
+    sub = {k: batch[k][idx] for k in keys}
+    sub["examples"] = [batch["examples"][i] for i in rows]
+    return sub, {k: v[idx] for k, v in scores.items()}
+
+
+def signal_records(vl, coll: dict, group_size: int, step: int, n: int = 4) -> list[dict]:
+    """pepo.token_records of the first completion of n prompts (the heatmap page), the exact
+    dependency and the slot labels added to each record's signals."""
+    import pepo
+    import vppo
+
+    rows = [p * group_size for p in range(min(n, len(coll["completions"]) // group_size))]
+    batch, sc = pick_rows(coll["batch"], coll["scores"], rows)
+    mask = batch["completion_mask"]
+    advantages = pepo.grpo_advantages(coll["batch"]["rewards"], group_size)[rows]
+    scores = {"prior": sc["prior"], "entropy": sc["entropy"], "dependency": sc["dep_k3"]}
+    signals = {"pepo_weight": sc["pepo_weight"], "vppo_mask": vppo.token_gradient_mask(sc["dep_k3"], mask)}
+    records = pepo.token_records(vl, batch, scores, signals, advantages, None, step, len(rows))
+    for r, i in zip(records, rows):
+        c = coll["completions"][i]
+        r["signals"]["dependency_exact"] = c["signals"]["dep_exact"]
+        r["signals"]["perception"] = [float(f) for f in c["labels"]["slot"]]
+    return records
+
+
+def json_safe(v):
+    """nan and inf -> None (null), recursively: strict JSON."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def fmt_ci(e: dict) -> str:
+    a, (lo, hi) = e["auroc"], e["ci"]
+    return "n/a (one class empty)" if not np.isfinite(a) else f"{a:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def signals_markdown(result: dict) -> str:
+    """The compact tables of results/signals.md (the reading is added by hand)."""
+    seeds = result["seeds"]
+    lines = []
+    for seed, r in seeds.items():
+        s, e = r["start"], r["end"]
+        lines += [f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
+                  f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
+                  f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}", "",
+                  "AUROC [95% bootstrap CI, resampling completions] for telling perception tokens from the rest "
+                  "(perception tokens at the start / end in brackets):", "",
+                  "| perception tokens | signal | start | end |", "|---|---|---|---|"]
+        for lab in LABELINGS:
+            for j, (key, name) in enumerate(SIGNAL_NAMES.items()):
+                head = f"{lab} ({s[f'perception_tokens_{lab}']} / {e[f'perception_tokens_{lab}']})" if j == 0 else ""
+                lines.append(f"| {head} | {name} | {fmt_ci(s['auroc'][lab][key])} | {fmt_ci(e['auroc'][lab][key])} |")
+        lines += ["", "| VPPO dependency | estimator | start | end |", "|---|---|---|---|"]
+        for label, f in [(f"share of tokens > {HIGH_DEPENDENCY}", lambda v: f"{v['share_above_threshold']:.3f}"),
+                         (f"share of the total in the top {TOP_SHARE:.0%} of tokens", lambda v: f"{v['top20_share_of_total']:.2f}"),
+                         ("per token: p50 / p90 / p99", lambda v: "{p50:.2g} / {p90:.2g} / {p99:.2g}".format(**v["token"])),
+                         ("per-completion mean: p10 / p50 / p90", lambda v: "{p10:.2g} / {p50:.2g} / {p90:.2g}".format(**v["completion_mean"]))]:
+            for j, (k, est) in enumerate((("dep_k3", "k3"), ("dep_exact", "exact KL"))):
+                lines.append(f"| {label if j == 0 else ''} | {est} | {f(r['start']['vppo'][k])} | {f(r['end']['vppo'][k])} |")
+        lines += ["", "| PEPO contrast: correct - wrong (per-completion means) | start | end |", "|---|---|---|"]
+        for key in ("prior_all", "prior_perception", "entropy_all", "entropy_perception"):
+            cells = []
+            for w in ("start", "end"):
+                c = r[w]["pepo_contrast"][key]
+                d, (lo, hi) = c["diff"], c["ci"]
+                cells.append(f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n {c['n_correct']}/{c['n_wrong']})"
+                             if np.isfinite(d) else f"n/a (n {c['n_correct']} correct / {c['n_wrong']} wrong)")
+            where = "all tokens" if key.endswith("all") else "perception (slot) tokens"
+            lines.append(f"| {key.split('_')[0]}, {where} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_signals(path: Path, result: dict) -> bool:
+    """AUROC with its interval per signal, start vs end, one panel per labelling (first seed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written")
+        return False
+    seed, r = next(iter(result["seeds"].items()))
+    fig, axes = plt.subplots(1, len(LABELINGS), figsize=(4.2 * len(LABELINGS), 4), sharey=True)
+    x = np.arange(len(SIGNAL_NAMES))
+    for ax, lab in zip(axes, LABELINGS):
+        for j, when in enumerate(("start", "end")):
+            es = [r[when]["auroc"][lab][k] for k in SIGNAL_NAMES]
+            a = np.array([e["auroc"] for e in es])
+            err = np.array([[e["auroc"] - e["ci"][0], e["ci"][1] - e["auroc"]] for e in es]).T
+            ax.bar(x + (j - 0.5) * 0.38, a, 0.38, yerr=err, capsize=3, label=f"{when} of training")
+        ax.axhline(0.5, color="grey", ls=":", lw=1)
+        n = f"{r['start'][f'perception_tokens_{lab}']} / {r['end'][f'perception_tokens_{lab}']}"
+        ax.set(title=f"perception tokens: {lab} ({n})", ylim=(0, 1), ylabel="AUROC (95% CI)" if lab == "slot" else None)
+        ax.set_xticks(x, ["PEPO\nprior", "entropy", "PEPO\nw_t", "VPPO\nk3", "VPPO\nexact KL"], fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{result['config']['task']}, seed {seed}: which signal finds the perception tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def signals(opt) -> dict:
+    import dataclasses
+    import random
+
+    import torch
+
+    import pepo
+    import tasks
+
+    torch.set_num_threads(opt.threads)
+    os.environ["TQDM_DISABLE"] = "1"
+    mode = "quick" if opt.quick else "full"
+    budget = dict(SIGNALS_BUDGETS[mode])
+    if opt.seeds:
+        budget["seeds"] = opt.seeds
+    task = tasks.get_task(opt.task)
+    root = Path(opt.runs_dir) / mode
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    examples = [task.sample(random.Random(20_000 + i)) for i in range(budget["prompts"])]  # held out: training and eval use other streams
+    result = {"seeds": {}}
+    records = []
+    for seed in budget["seeds"]:
+        out = root / f"seed{seed}"
+        argv = ["--task", task.name, "--algo", "grpo", "--seed", str(seed), *budget["train"], "--output-dir", str(out)]
+        args = pepo.parse_args(argv)
+        summary_path = out / "summary.json"
+        want = {k: v for k, v in dataclasses.asdict(args).items() if k != "bf16"}  # bf16 is filled in at run time
+        defaults = {f.name: f.default for f in dataclasses.fields(pepo.Args)}  # a flag newer than the run: its default
+        reused = summary_path.is_file() and all(json.loads(summary_path.read_text())["args"].get(k, defaults[k]) == v for k, v in want.items())
+        t0 = time.time()
+        if not reused:  # train: a finished run with the same settings is reused
+            print(f"signals: seed {seed}: training `python pepo.py {' '.join(argv)}` (log: {out}.log)", flush=True)
+            summary_path.unlink(missing_ok=True)
+            with open(f"{out}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+                pepo.main(argv)
+        summary = json.loads(summary_path.read_text())
+        print(f"signals: seed {seed}: {'reused' if reused else 'trained'} ({summary['seconds']:.0f} s of training); "
+              f"greedy accuracy {summary['accuracy_before']:.2f} -> {summary['accuracy_after']:.2f}", flush=True)
+        entry = {"train": {"argv": argv, "reused": reused, "seconds": summary["seconds"], "steps": summary["steps"],
+                           "accuracy_before": summary["accuracy_before"], "accuracy_after": summary["accuracy_after"]}}
+        for when, path, step in (("start", out / "tiny_init", 0), ("end", out / "checkpoint", summary["steps"])):
+            t1 = time.time()
+            model, tokenizer, image_processor = pepo.load_policy(str(path))
+            vl = pepo.VLHelper(tokenizer, image_processor, model.config)
+            coll = collect_signals(model, vl, task, examples, budget["group_size"], args, seed=1000 + seed)
+            t2 = time.time()
+            entry[when] = signal_stats(coll["completions"], opt.bootstrap, seed=seed)
+            entry[when]["seconds"] = {"collect": round(t2 - t1, 1), "stats": round(time.time() - t2, 1)}
+            s = entry[when]["auroc"]["slot"]
+            print(f"signals: seed {seed} {when}: {entry[when]['tokens']} tokens, {entry[when]['perception_tokens_slot']} perception; AUROC "
+                  + ", ".join(f"{k} {fmt_ci(s[k])}" for k in SIGNAL_NAMES), flush=True)
+            if seed == budget["seeds"][0]:
+                records += signal_records(vl, coll, budget["group_size"], step)
+        result["seeds"][str(seed)] = entry
+    with open(root / "tokens.jsonl", "w") as f:  # `python bench.py heatmap RUNS_DIR/MODE` renders it
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    write_token_heatmap(root / "tokens.html", records, title=f"grpo on {task.name}, held-out rollouts (bench.py signals)")
+    result["config"] = {"task": task.name, "mode": mode, "budget": budget, "bootstrap": opt.bootstrap, "temperature": args.temperature,
+                        "perturbation": args.vppo_perturb, "labelings": LABELINGS, "signals": SIGNAL_NAMES,
+                        "held_out_prompts": "task.sample(random.Random(20_000 + i)) for i < prompts",
+                        "ci": "percentile bootstrap, 95%, resampling whole completions (ci) or whole prompts (ci_prompts)",
+                        "wall_seconds": round(time.time() - t_start, 1), "command": " ".join(["python", "bench.py", *sys.argv[1:]]),
+                        "machine": machine(), "tokens_jsonl": str(root / "tokens.jsonl")}
+    results = Path(opt.results_dir or ("results" if mode == "full" else "results/quick"))
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "signals.json").write_text(json.dumps(json_safe(result), indent=1))
+    md = signals_markdown(result)
+    (results / "signals.md").write_text(md)
+    plot_signals(results / "signals.png", result)
+    print(md + f"\nwall time {result['config']['wall_seconds']:.0f} s; wrote {results}/signals.json, signals.md, signals.png; "
+          f"heatmap {root / 'tokens.html'}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -860,7 +1281,18 @@ def main(argv=None):
     mm.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
     mm.add_argument("--results-dir", default="results", help="memory.json and memory.md go here")
     mm.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "phase,version,L", one measurement as JSON
+    g = sub.add_parser("signals", help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token statistics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--quick", action="store_true", help="16 held-out prompts and an 8-step training run instead of 32 and the default 100 steps: under 10 minutes")
+    g.add_argument("--task", default="color-think", help="toy task with perception labels")
+    g.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
+    g.add_argument("--threads", type=int, default=1, help="torch threads")
+    g.add_argument("--runs-dir", default="runs/signals", help="training runs, tokens.jsonl and tokens.html (under full/ or quick/)")
+    g.add_argument("--results-dir", default=None, help="signals.{json,md,png} (default: results, --quick: results/quick)")
     opt = p.parse_args(argv)
+    if opt.command == "signals":
+        return signals(opt)
     if opt.command == "learn":
         return learn(opt)
     if opt.command == "heatmap":

@@ -965,13 +965,16 @@ def save_atomic(path: str, *objects, state: dict | None = None) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int = 60) -> str:
+def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int | None = None) -> str:
     """Write a small random Qwen2.5-VL checkpoint to `path`, taught only the answer format.
 
     The tokenizer is a byte-level BPE trained on the toy tasks' text, holding Qwen's real
     special tokens and used in Qwen's chat format. The format warm-up trains on *random*
-    labels, so the saved policy answers in the right format but at chance accuracy.
+    labels (task.random_completion), so the saved policy answers in the right format but at
+    chance accuracy. It runs task.warmup_steps steps (60; `color-think` takes 200 to also learn
+    its text-only rule) unless `warmup_steps` is given.
     """
+    warmup_steps = task.warmup_steps if warmup_steps is None else warmup_steps
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

@@ -61,6 +61,8 @@ class Task:
     name = "task"
     description = "one line shown by --task list"
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
+    perception_region = "answer"  # where the perception words are written: "answer" or "think"
+    warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -81,6 +83,75 @@ class Task:
         answer = self.parse(completion)
         acc = self.accuracy(answer, example)
         return acc + FORMAT_BONUS * float(answer is not None), acc
+
+    def perception_words(self, example: Example) -> set[str]:
+        """Ground truth from the generator: the words of a correct completion that are read off
+        the image (a colour, a count), written inside `perception_region`. Empty: no labels."""
+        return set()
+
+    def perception_mask(self, token_strings: list[str], example: Example) -> list[bool]:
+        """Which completion tokens spell this example's perception words (see perception_token_mask)."""
+        return perception_token_mask(token_strings, self.perception_words(example), self.perception_region)
+
+
+# ----------------------------------------------------------------------------------------
+# Token labels: which completion tokens are perception tokens
+# ----------------------------------------------------------------------------------------
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2 style: printable bytes stand for
+    themselves, the others, space and newline among them, move to chr(256 + k)) -> that byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(moved)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_text(piece: str) -> str:
+    """The text of one token: a byte-level BPE piece ('Ġred' -> ' red') or text as it is (' red',
+    '<think>'). A piece made only of byte-level stand-ins is decoded; anything else is text."""
+    if piece and all(ch in BYTE_LEVEL for ch in piece):
+        return bytes(BYTE_LEVEL[ch] for ch in piece).decode("utf-8", errors="replace")
+    return piece
+
+
+def perception_token_mask(token_strings: list[str], words, region: str = "think") -> list[bool]:
+    """Marks the tokens of a completion that spell one of `words` inside `region`.
+
+    token_strings: the completion's tokens, as byte-level BPE pieces (tokenizer.convert_ids_to_tokens:
+                   'Ġred') or as decoded text per token (' red'); special tokens as they are.
+    words:         the perception words (Task.perception_words); matched whole-word, ignoring case.
+    region:        "think": inside the first <think>...</think>; "answer": inside the first
+                   <answer>...</answer>; "all": anywhere. An unclosed tag runs to the end.
+    returns:       one bool per token: True where the token holds a character of a matched word.
+
+    A word split over several tokens ('yel', 'low') marks each of them; a token that only adds
+    the space before it ('Ġ' in 'Ġ', 'yellow') does not. Ground-truth words mark nothing where the
+    policy wrote another colour; pass every candidate (e.g. set(COLORS)) to mark the slot instead.
+    """
+    texts = [token_text(t) for t in token_strings]
+    starts, pos = [], 0
+    for t in texts:
+        starts.append(pos)
+        pos += len(t)
+    full = "".join(texts)
+    lo, hi = 0, len(full)
+    if region != "all":
+        if region not in ("think", "answer"):
+            raise ValueError(f"unknown region {region!r}; choose think, answer or all")
+        open_tag, close_tag = f"<{region}>", f"</{region}>"
+        i = full.find(open_tag)
+        if i < 0:
+            return [False] * len(texts)
+        lo = i + len(open_tag)
+        j = full.find(close_tag, lo)
+        hi = j if j >= 0 else len(full)
+    spans = []
+    for w in {w.strip() for w in words if w.strip()}:
+        pattern = r"(?<![A-Za-z0-9])" + re.escape(w) + r"(?![A-Za-z0-9])"
+        spans += [m.span() for m in re.finditer(pattern, full[lo:hi], re.IGNORECASE)]
+    return [any(s < lo + b and lo + a < s + len(t) for a, b in spans) for s, t in zip(starts, texts)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,6 +226,9 @@ class ColorTask(Task):
         prompt = f"{IMAGE}What colour is the shape? Answer as <answer>colour</answer>."
         return Example(prompt, [image], color)
 
+    def perception_words(self, example):
+        return {example.answer}  # the colour word
+
 
 class ShapeTask(Task):
     name = "shape"
@@ -164,6 +238,9 @@ class ShapeTask(Task):
     def sample(self, rng):
         shape = rng.choice(self.labels)
         return Example(f"{IMAGE}What shape is this? Answer as <answer>shape</answer>.", [shape_image(rng, shape)], shape)
+
+    def perception_words(self, example):
+        return {example.answer}  # the shape word
 
 
 class CountTask(Task):
@@ -177,6 +254,9 @@ class CountTask(Task):
         for c in place_dots(rng, n):
             draw_dot(draw, c, COLORS[color])
         return Example(f"{IMAGE}How many dots are there? Answer as <answer>number</answer>.", [image], str(n))
+
+    def perception_words(self, example):
+        return {example.answer}  # the number
 
 
 class PositionTask(Task):
@@ -193,6 +273,9 @@ class PositionTask(Task):
         x, y = {"left": (edge, mid), "right": (SIZE - s - edge, mid), "top": (mid, edge), "bottom": (mid, SIZE - s - edge)}[where]
         image = shape_image(rng, shape, (x, y, x + s, y + s))
         return Example(f"{IMAGE}Where is the shape? Answer as <answer>left, right, top or bottom</answer>.", [image], where)
+
+    def perception_words(self, example):
+        return {example.answer}  # the side
 
 
 class CompareTask(Task):
@@ -213,6 +296,9 @@ class CompareTask(Task):
             draw.line((x, y, x + lengths[label], y), fill=(30, 30, 30), width=5)
         prompt = f"{IMAGE}Which segment is longer, A or B? Answer as <answer>A</answer> or <answer>B</answer>."
         return Example(prompt, [image], answer, {"lengths": lengths, "rows": dict(zip("AB", rows))})
+
+    def perception_words(self, example):
+        return {example.answer}  # the letter of the longer segment, as seen
 
 
 BOX_RE = re.compile(r"^\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]$")
@@ -244,6 +330,9 @@ class GroundingTask(Task):
         image = shape_image(rng, rng.choice(SHAPES), box)
         prompt = f"{IMAGE}Where is the shape? Answer with its box in pixels as <answer>[x1,y1,x2,y2]</answer>."
         return Example(prompt, [image], "[{},{},{},{}]".format(*box), {"box": box})
+
+    def perception_words(self, example):
+        return {example.answer}  # the whole box
 
     def random_completion(self, rng):
         return "<answer>[{},{},{},{}]</answer>".format(*random_box(rng))
@@ -304,13 +393,65 @@ class DotsSumTask(Task):
         red, blue = self.counts(rng)
         return f"<think>{red} red, {blue} blue</think><answer>{red + blue}</answer>"
 
+    perception_region = "think"
+
+    def perception_words(self, example):
+        return {str(example.meta["red"]), str(example.meta["blue"])}  # the two counts; the sum is reasoning
+
     def parse(self, completion):
         m = THINK_ANSWER_RE.match(completion)
         return m.group(2).strip() if m else None
 
 
+COLOR_NAMES = {"red": "dax", "green": "wug", "blue": "blick", "yellow": "fep"}  # the rule color-think states
+
+
+class ColorThinkTask(Task):
+    """Chain of thought on what the tiny model can see: read one shape's colour (perception),
+    apply a rule that the prompt states (colour -> made-up name, reasoning), answer the name:
+
+        <think>red shape, red is dax</think><answer>dax</answer>      12-13 tokens with the end token
+
+    The rule is the same in every prompt and the colour is uniform, so the text alone gives
+    chance (1/4). Reward = accuracy of the name + the format bonus for the think/answer format.
+    The format warm-up (random_completion) writes a *random* colour and the name that the rule
+    gives for it: it teaches the format and the rule but never a correct reading of the image,
+    so RL has to learn exactly one thing, the colour token inside <think>: the perception token.
+    The colour comes first in <think>, where each colour is a single token of the tiny tokenizer
+    ('red', 'green', ...; after a space 'green' and 'yellow' would take two, see TOKENIZER_TASKS).
+    """
+    name = "color-think"
+    description = "chain of thought: <think>C shape, C is N</think><answer>N</answer>: the name N of the colour C by a stated rule"
+    labels = list(COLOR_NAMES.values())
+    perception_region = "think"
+    warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
+    # A large shape, as in `color`: its colour fills most of the 16 image tokens.
+    PROMPT = (f"{IMAGE}Colour names: " + ", ".join(f"{c} is {n}" for c, n in COLOR_NAMES.items())
+              + ". Name the shape's colour. Answer as <think>colour shape, colour is name</think><answer>name</answer>.")
+
+    @staticmethod
+    def completion(color: str) -> str:
+        return f"<think>{color} shape, {color} is {COLOR_NAMES[color]}</think><answer>{COLOR_NAMES[color]}</answer>"
+
+    def sample(self, rng):
+        color, shape = rng.choice(list(COLOR_NAMES)), rng.choice(SHAPES)
+        image, draw = blank()
+        draw_shape(draw, shape, random_box(rng, 48, 84), COLORS[color])
+        return Example(self.PROMPT, [image], COLOR_NAMES[color], {"color": color, "shape": shape})
+
+    def random_completion(self, rng):
+        return self.completion(rng.choice(list(COLOR_NAMES)))
+
+    def parse(self, completion):
+        m = THINK_ANSWER_RE.match(completion)
+        return m.group(2).strip() if m else None
+
+    def perception_words(self, example):
+        return {example.meta["color"]}
+
+
 TASKS: dict[str, Task] = {t.name: t for t in [ColorTask(), ShapeTask(), CountTask(), PositionTask(), CompareTask(),
-                                              GroundingTask(), FewShotTask(), DotsSumTask()]}
+                                              GroundingTask(), FewShotTask(), DotsSumTask(), ColorThinkTask()]}
 
 
 def get_task(name: str) -> Task:
@@ -322,11 +463,17 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+# The tiny model's tokenizer (pepo.build_tiny_model) is trained on these tasks' text only, so that
+# adding a task never changes the tokenizer, and with it every tiny run's numbers. Later tasks
+# write with words already in it (a word outside it is spelled in smaller pieces, which also works).
+TOKENIZER_TASKS = ("color", "shape", "count", "position", "compare", "grounding", "fewshot", "dots-sum")
+
+
 def tokenizer_corpus(n_per_task: int = 20, seed: int = 0) -> list[str]:
-    """Text the built-in tiny tokenizer is trained on: prompts and answers of every task."""
+    """Text the built-in tiny tokenizer is trained on: prompts and answers of TOKENIZER_TASKS."""
     rng = random.Random(seed)
     texts = []
-    for task in TASKS.values():
+    for task in (TASKS[name] for name in TOKENIZER_TASKS):
         for _ in range(n_per_task):
             texts += [task.sample(rng).prompt.replace(IMAGE, ""), task.random_completion(rng)]
     return texts

@@ -6,6 +6,7 @@ Expected values are worked out by hand in the comments.
 """
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -1673,17 +1674,30 @@ def test_random_completions_are_well_formatted():
     assert r + b == s
 
 
-def test_random_completions_fit_the_tiny_model():
-    # The tiny model's tokenizer (pepo.build_tiny_model) is a 512-token byte BPE on this corpus;
-    # completions plus <|im_end|> must fit max_new_tokens = 24.
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+@functools.lru_cache(maxsize=1)
+def tiny_bpe():
+    """The tiny model's tokenizer as pepo.build_tiny_model trains it: a 512-token byte BPE on the
+    tokenizer corpus, with one token per tag."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-    corpus = tasks.tokenizer_corpus()
-    assert len(corpus) == 2 * 20 * len(tasks.TASKS)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(tasks.tokenizer_corpus(), trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
+                                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>", "<think>", "</think>"]])
+    return bpe
+
+
+def test_tokenizer_corpus_is_unchanged_by_new_tasks():
+    # Tasks added after TOKENIZER_TASKS must not change the tiny tokenizer (and every tiny run's numbers).
+    corpus = tasks.tokenizer_corpus()
+    assert len(corpus) == 2 * 20 * len(tasks.TOKENIZER_TASKS) and set(tasks.TOKENIZER_TASKS) < set(tasks.TASKS)
+    assert hashlib.sha256("\n".join(corpus).encode()).hexdigest() == "f83a5df9b0d0079ad36e98eaaab1bac9ce023dc28cffd36890fd626b36e70937"
+
+
+def test_random_completions_fit_the_tiny_model():
+    # Completions plus <|im_end|> must fit max_new_tokens = 24 with the tiny model's tokenizer.
+    bpe = tiny_bpe()
     for task in tasks.TASKS.values():
         rng = random.Random(0)
         assert max(len(bpe.encode(task.random_completion(rng) + "<|im_end|>").ids) for _ in range(100)) <= 24
@@ -1705,6 +1719,128 @@ def test_blind_baseline_is_majority_accuracy():
             return Example("", [], "x" if rng.random() < 0.75 else "y")
 
     assert abs(blind_baseline(Skewed(), n=400) - 0.75) < 0.06
+
+
+# ---------------------------------------------------------------------------------------
+# color-think: chain of thought with a labelled perception token
+# ---------------------------------------------------------------------------------------
+def test_color_think_generator():
+    task = tasks.TASKS["color-think"]
+    exs = samples("color-think", 60)
+    for ex in exs:
+        colour = ex.meta["color"]
+        assert {ex.images[0].getpixel(p) for p in ink(ex.images[0])} == {tasks.COLORS[colour]}  # one shape, that colour
+        assert ex.answer == tasks.COLOR_NAMES[colour] and task.perception_words(ex) == {colour}
+        x1, y1, x2, y2 = bbox(ink(ex.images[0]))
+        assert max(x2 - x1, y2 - y1) >= 47  # large, as in `color`
+    # The prompt is the same for every example and states the rule the answer follows.
+    assert {ex.prompt for ex in exs} == {exs[0].prompt}
+    assert dict(re.findall(r"(\w+) is (\w+)[,.]", exs[0].prompt)) == tasks.COLOR_NAMES
+    answers = [ex.answer for ex in samples("color-think", 1200, seed=3)]
+    assert all(abs(answers.count(lab) - 300) < 60 for lab in task.labels)  # balanced
+    # The warm-up's completions: a random colour and the name the rule gives it, never the image's colour.
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        colour, c1, name1, name2 = re.fullmatch(r"<think>(\w+) shape, (\w+) is (\w+)</think><answer>(\w+)</answer>",
+                                                task.random_completion(rng)).groups()
+        assert colour == c1 and tasks.COLOR_NAMES[colour] == name1 == name2
+        seen.add(colour)
+    assert seen == set(tasks.COLORS)
+
+
+def test_color_think_verifier():
+    task = tasks.TASKS["color-think"]
+    ex = Example("", [], "dax", {"color": "red"})
+    assert task.score("<think>red shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score(" <think>red shape, red is dax</think>\n<answer> DAX </answer>\n", ex) == pytest.approx((1 + FB, 1))
+    # Rewarded on the final answer only: a wrong colour with the right name still scores.
+    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>blue shape, blue is blick</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx((FB, 0))  # the colour is not the name
+    assert task.score("<answer>dax</answer>", ex) == (0, 0)  # missing think
+    assert task.score("<think>red shape, red is dax</think>dax", ex) == (0, 0)  # missing answer tags
+    assert task.score("<think>red shape, red is dax</think><answer>dax</answer> ok", ex) == (0, 0)  # extra text
+    assert task.score("<answer>dax</answer><think>red shape</think>", ex) == (0, 0)  # wrong order
+    assert task.score("<think>red shape, red is dax<answer>dax</answer>", ex) == (0, 0)  # unclosed think
+
+
+def test_color_think_blind_baseline_is_chance():
+    assert abs(blind_baseline(tasks.TASKS["color-think"]) - 1 / 4) < 0.05
+
+
+def test_warmup_steps_per_task():
+    # Only color-think asks for a longer warm-up (its rule); the other tasks' initial models stay as they were.
+    assert {name: t.warmup_steps for name, t in tasks.TASKS.items()} == {**{name: 60 for name in tasks.TOKENIZER_TASKS}, "color-think": 200}
+
+
+def test_color_think_completions_are_long_with_one_colour_token():
+    # 8 tokens or more, and the colour right after <think> is a single token: the one perception token.
+    bpe, task = tiny_bpe(), tasks.TASKS["color-think"]
+    for colour in tasks.COLOR_NAMES:
+        pieces = bpe.encode(task.completion(colour) + "<|im_end|>").tokens
+        assert 12 <= len(pieces) <= 13 and pieces[:2] == ["<think>", colour]
+        mask = tasks.perception_token_mask(pieces, {colour})
+        assert mask[1] and [tasks.token_text(p).strip() for p, m in zip(pieces, mask) if m] == [colour, colour]
+        assert not any(mask[pieces.index("</think>"):])  # the name and the answer are not perception
+
+
+# ---------------------------------------------------------------------------------------
+# Perception token labels
+# ---------------------------------------------------------------------------------------
+def test_token_text_is_byte_level_decoding():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert tasks.BYTE_LEVEL == {ch: b for b, ch in bytes_to_unicode().items()}
+    assert [tasks.token_text(t) for t in ["Ġred", "Ċ", "red", " red", "<think>", "Ġ", ""]] == [" red", "\n", "red", " red", "<think>", " ", ""]
+    assert tasks.token_text("Ã©") == "é"  # two bytes of one character
+
+
+def test_perception_token_mask_by_hand():
+    mask = tasks.perception_token_mask
+    toks = ["<think>", "yellow", "Ġshape", ",", "Ġ", "yellow", "Ġis", "Ġfep", "</think>", "<answer>", "fep", "</answer>", "<|im_end|>"]
+    assert mask(toks, {"yellow"}) == [False, True, False, False, False, True] + [False] * 7  # 'Ġ' alone is only the space
+    assert mask(toks, {"fep"}) == [False] * 7 + [True] + [False] * 5  # inside <think> only
+    assert mask(toks, {"fep"}, "answer") == [False] * 10 + [True] + [False] * 2
+    assert mask(toks, {"fep"}, "all") == [False] * 7 + [True, False, False, True, False, False]
+    assert mask(toks, set()) == [False] * 13
+    # Decoded text instead of byte-level pieces, and a word split over tokens.
+    assert mask(["<think>", "the", " ye", "llow", " one", "</think>"], {"Yellow"}) == [False, False, True, True, False, False]
+    assert mask(["<think>", "yel", "low", "</think>"], {"yellow"}) == [False, True, True, False]
+    # Whole words only: 'red' is not in 'reddish' or 'bored'; a token sharing letters with the word is not marked.
+    assert mask(["<think>", "Ġreddish", "Ġbored", "Ġre", "d", "</think>"], {"red"}) == [False, False, False, True, True, False]
+    # dots-sum: the two counts inside <think>, not the sum (nor the '1' of '12').
+    toks = ["<think>", "2", "Ġred", ",", "Ġ3", "Ġblue", "Ġ12", "</think>", "<answer>", "5", "</answer>"]
+    assert mask(toks, {"2", "3", "1"}) == [False, True, False, False, True, False, False, False, False, False, False]
+    # No <think>: nothing; an unclosed <think> runs to the end.
+    assert mask(["<answer>", "red", "</answer>"], {"red"}) == [False, False, False]
+    assert mask(["<think>", "red", "Ġshape"], {"red"}) == [False, True, False]
+    assert mask([], {"red"}) == []
+    with pytest.raises(ValueError):
+        mask(toks, {"red"}, "image")
+
+
+def test_every_task_labels_its_perception_tokens():
+    # A correct completion of every task with perception words marks exactly those words.
+    bpe = tiny_bpe()
+    for name, task in tasks.TASKS.items():
+        ex = task.sample(random.Random(5))
+        words = task.perception_words(ex)
+        if name == "fewshot":
+            assert words == set()  # the answer is a name from the prompt, not read off the image
+            continue
+        assert words, name
+        if name == "dots-sum":
+            completion = f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
+        elif name == "color-think":
+            completion = task.completion(ex.meta["color"])
+        else:
+            completion = f"<answer>{ex.answer}</answer>"
+        pieces = bpe.encode(completion + "<|im_end|>").tokens
+        marked = "".join(tasks.token_text(p) for p, m in zip(pieces, task.perception_mask(pieces, ex)) if m)
+        expected = (f"{ex.meta['red']}{ex.meta['blue']}" if name == "dots-sum" else 2 * ex.meta["color"] if name == "color-think"
+                    else ex.answer)
+        assert marked.replace(" ", "") == expected, name
 
 
 @pytest.mark.parametrize("completion, truth", [
@@ -1934,3 +2070,71 @@ def test_learning_plot_with_matplotlib(tmp_path):
 
     assert bench.plot_learning(tmp_path / "learning.png", fake_runs(), ["grpo", "pepo_g"], 0.8)
     assert (tmp_path / "learning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py: signals
+# ---------------------------------------------------------------------------------------
+def test_auroc_by_hand():
+    import bench
+
+    assert bench.auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0  # every positive above every negative
+    assert bench.auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0  # every positive below
+    assert bench.auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # all tied
+    assert bench.average_ranks([3, 1, 3]).tolist() == [2.5, 1.0, 2.5]
+    # 3 positives (3, 5, 5) against 3 negatives (1, 5, 4), pair by pair (win 1, tie 1/2):
+    # 3: beats 1 -> 1;  5: beats 1 and 4, ties 5 -> 2.5;  5: the same -> 2.5;  total 6 of 9 pairs
+    assert math.isclose(bench.auroc([3, 5, 5, 1, 5, 4], [1, 1, 1, 0, 0, 0]), 6 / 9)
+    # the same from the rank sum: ranks 2, 5, 5 (5s share ranks 4-6) -> (12 - 3*4/2) / 9 = 6/9; order does not matter
+    assert math.isclose(bench.auroc([5, 1, 4, 5, 3, 5], [1, 0, 0, 0, 1, 1]), 6 / 9)
+    for scores, labels in [([1, 2, 3], [True] * 3), ([1, 2], [0, 0]), ([], [])]:  # one class empty: nan, not 0.5
+        assert math.isnan(bench.auroc(scores, labels))
+    with pytest.raises(ValueError, match="nan"):
+        bench.auroc([float("nan"), 1.0], [0, 1])
+
+
+def test_bootstrap_ci_known_answers():
+    import bench
+
+    same = [(np.array([0.1, 0.9, 0.3]), np.array([False, True, False]))] * 12  # every completion alike: every draw the same
+    ci = bench.bootstrap_ci(bench.pooled_auroc, same, n=200)
+    assert ci == (1.0, 1.0) and ci.dropped == 0
+    # two units, mean: a draw of 2 gives 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the 95% interval is [0, 1]
+    assert bench.bootstrap_ci(lambda us: float(np.mean(us)), [0.0, 1.0], n=1000) == (0.0, 1.0)
+    # draws with only one class give nan: left out and counted (about half of them here)
+    ci = bench.bootstrap_ci(bench.pooled_auroc, [(np.array([1.0]), np.array([True])), (np.array([0.0]), np.array([False]))], n=400)
+    assert (ci.lo, ci.hi) == (1.0, 1.0) and 150 < ci.dropped < 250
+    x = list(np.random.default_rng(3).normal(size=50))
+    a, b = bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1), bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1)
+    assert a == b and a.lo < np.mean(x) < a.hi and a.hi - a.lo < 4 * np.std(x) / math.sqrt(50)  # seeded; holds the estimate
+    assert bench.first_run([False, True, True, False, True]) == [False, True, True, False, False]
+
+
+@slow
+def test_signal_collection_smoke(loaded):
+    import bench
+
+    model, vl = loaded  # the `color` tiny model: same tokenizer, so it can write color-think completions
+    task = tasks.get_task("color-think")
+    args = pepo.parse_args(["--task", "color-think", "--algo", "grpo"])
+    examples = [task.sample(random.Random(20_000 + i)) for i in range(2)]
+    coll = bench.collect_signals(model, vl, task, examples, 2, args, seed=0)
+    comps = coll["completions"]
+    assert len(comps) == 4 and [c["prompt"] for c in comps] == [0, 0, 1, 1]
+    for c, m in zip(comps, coll["batch"]["completion_mask"]):
+        n = int(m.sum())
+        assert len(c["tokens"]) == n and all(len(v) == n for v in c["signals"].values())
+        assert all(len(v) == n for v in c["labels"].values()) and set(c["signals"]) == set(bench.SIGNAL_NAMES)
+        assert all(math.isfinite(x) for v in c["signals"].values() for x in v)
+        assert min(c["signals"]["dep_k3"]) >= 0 and min(c["signals"]["dep_exact"]) >= 0 and min(c["signals"]["entropy"]) >= 0
+        assert math.isclose(sum(c["signals"]["pepo_weight"]), n, rel_tol=1e-4)  # w_t averages 1 over a completion
+        assert "".join(c["tokens"]).startswith(vl.decode(coll["batch"]["completion_ids"][comps.index(c)][None], m[None])[0][:3])
+    stats = bench.signal_stats(comps, n_boot=20)
+    assert stats["tokens"] == sum(len(c["tokens"]) for c in comps) and set(stats["auroc"]) == set(bench.LABELINGS)
+    json.dumps(bench.json_safe(stats), allow_nan=False)  # strict JSON even where a class is empty (nan -> null)
+    result = {"seeds": {"1": {"train": {"accuracy_before": 0.25, "accuracy_after": 0.5}, "start": stats, "end": stats}},
+              "config": {"task": "color-think"}}
+    md = bench.signals_markdown(result)
+    assert md.count("| VPPO dependency (k3) |") == len(bench.LABELINGS) and "PEPO contrast" in md  # one row per labelling
+    records = bench.signal_records(vl, coll, 2, 0, n=2)
+    assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)

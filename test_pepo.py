@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import bench
 import pepo
 import tasks
 import vppo
@@ -84,21 +85,9 @@ def test_token_entropy():
     assert torch.allclose(token_entropy(torch.tensor([[[0.0, 0.0, float("-inf")]]])), torch.tensor([[math.log(2)]]))
 
 
-# The unchunked formulas, as they were first written: the reference for the chunked versions.
-def plain_entropy(logits):
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1)
-
-
-def plain_logprobs(logits, tokens):
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def plain_kl(logits, logits_perturbed):
-    lp, lq = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(logits_perturbed.float(), dim=-1)
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(dim=-1).clamp_min(0.0)
+# The unchunked formulas, as they were first written (bench.py keeps them as the memory benchmark's
+# "before"): the reference for the chunked versions.
+plain_entropy, plain_logprobs, plain_kl = bench._plain_entropy, bench._plain_logprobs, bench._plain_visual_kl
 
 
 def wide_logits(L: int, dtype, seed: int = 0):

@@ -283,12 +283,12 @@ def local_count(n: int) -> int:
     return len(split(n))
 
 
-def pad_to_global_rows(batch: dict, template: dict, group_size: int, concat, pad_id: int) -> dict:
+def pad_to_global_rows(batch: dict, group: dict, concat, pad_id: int) -> dict:
     """Give every rank the same number of rows by appending whole groups that carry no loss.
 
     FSDP runs collectives in every forward and backward, so all ranks must run the same number
     of passes (and micro-batches). A rank with fewer groups (an uneven split, or dynamic sampling
-    kept more groups elsewhere) appends copies of a group of `template` (any local rollout batch,
+    kept more groups elsewhere) appends copies of `group` (one group of any local rollout batch,
     e.g. one it dropped) with completion_mask = 0: they add exactly 0 to the loss and gradient.
     batch may be None (the rank kept nothing). Rows added are flagged in batch['padding'] [B] bool.
     concat: pepo.concat_batches. One process: the batch, with an all-False 'padding'.
@@ -299,19 +299,11 @@ def pad_to_global_rows(batch: dict, template: dict, group_size: int, concat, pad
         batch = dict(batch, padding=torch.zeros(have, dtype=torch.bool))
     if need == 0:
         return batch
+    group_size = group["input_ids"].shape[0]
     assert need % group_size == 0
-    group = _first_rows(template, group_size)
-    group["completion_mask"] = torch.zeros_like(group["completion_mask"])
-    group["padding"] = torch.ones(group_size, dtype=torch.bool)
+    group = dict(group, completion_mask=torch.zeros_like(group["completion_mask"]), padding=torch.ones(group_size, dtype=torch.bool))
     parts = ([batch] if batch is not None else []) + [group] * (need // group_size)
     return concat(parts, pad_id)
-
-
-def _first_rows(batch: dict, n: int) -> dict:
-    """The first n rows of a rollout batch (pixel rows sliced by image, like pepo.slice_batch)."""
-    import pepo  # late import: pepo.py imports this module
-
-    return pepo.slice_batch(batch, slice(0, n))
 
 
 def real_rows(batch: dict) -> int:

@@ -610,7 +610,7 @@ def collect_rollouts(model, vl, task, rng, args, device, autocast):
     kept = concat_batches(kept, vl.pad_id) if kept else None
     # Equal rows on every rank (FSDP2 runs each forward and backward on all ranks together): a rank
     # with fewer groups appends copies of one of its rollouts that carry no loss (batch["padding"]).
-    return dist_.pad_to_global_rows(kept, batch, G, concat_batches, vl.pad_id), seen, dist_.all_sum(dropped)
+    return dist_.pad_to_global_rows(kept, slice_batch(batch, slice(0, G)), concat_batches, vl.pad_id), seen, dist_.all_sum(dropped)
 
 
 @torch.no_grad()

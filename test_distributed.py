@@ -175,7 +175,7 @@ def _sharded_updates(rank, path, out):
     for name, flags in CASES.items():
         args, model, ref_model, optimizer, vl = setup(path, flags)
         local = fixed_batch(vl, task, distributed.split(GROUPS))
-        batch = distributed.pad_to_global_rows(local, local, G, pepo.concat_batches, vl.pad_id)
+        batch = distributed.pad_to_global_rows(local, pepo.slice_batch(local, slice(0, G)), pepo.concat_batches, vl.pad_id)
         stats = one_step(model, ref_model, optimizer, vl, batch, args)
         weights = distributed.full_state_dict(model)
         if rank == 0:
@@ -203,7 +203,7 @@ def test_two_processes_collectives_and_update_equals_one_process(tiny_random, tm
     reference = {}
     for name, flags in CASES.items():
         args, model, ref_model, optimizer, vl = setup(tiny_random, flags)
-        batch = distributed.pad_to_global_rows(fixed_batch(vl, task, range(GROUPS)), None, G, pepo.concat_batches, vl.pad_id)
+        batch = distributed.pad_to_global_rows(fixed_batch(vl, task, range(GROUPS)), None, pepo.concat_batches, vl.pad_id)
         stats = one_step(model, ref_model, optimizer, vl, batch, args)
         reference[name] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "stats": stats}
     spawn(_sharded_updates, tiny_random, tmp_path)

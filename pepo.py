@@ -974,11 +974,11 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     chance accuracy. It runs task.warmup_steps steps (60; `color-think` takes 200 to also learn
     its text-only rule) unless `warmup_steps` is given.
     """
-    warmup_steps = task.warmup_steps if warmup_steps is None else warmup_steps
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    warmup_steps = task.warmup_steps if warmup_steps is None else warmup_steps
     if (Path(path) / "config.json").exists():
         return path
     torch.manual_seed(seed)

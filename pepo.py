@@ -746,10 +746,10 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
     for _ in range(args.ppo_epochs):
         for lo, hi in zip(cuts, cuts[1:]):
             optimizer.zero_grad(set_to_none=True)
-            mini, mini_mask, row, finite = slice(lo, hi), mask[lo:hi], lo, True
-            rows = dist_.all_sum(dist_.real_rows(slice_batch(inputs, mini)))  # the mini-batch's rows over all ranks (padding left out)
+            mini, mini_mask, row, finite = slice_batch(inputs, slice(lo, hi)), mask[lo:hi], lo, True
+            rows = dist_.all_sum(dist_.real_rows(mini))  # the mini-batch's rows over all ranks (padding left out)
             tokens = dist_.all_sum(mini_mask.sum())  # and its valid tokens
-            for mb in micro_batches(slice_batch(inputs, mini), args.micro_batch_size):
+            for mb in micro_batches(mini, args.micro_batch_size):
                 sl = slice(row, row + mb["input_ids"].shape[0])
                 row = sl.stop
                 if logits is None:

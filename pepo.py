@@ -972,7 +972,8 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     special tokens and used in Qwen's chat format. The format warm-up trains on *random*
     labels (task.random_completion), so the saved policy answers in the right format but at
     chance accuracy. It runs task.warmup_steps steps (60; `color-think` takes 200 to also learn
-    its text-only rule) unless `warmup_steps` is given.
+    its text-only rule) unless `warmup_steps` is given. A task with a pretrain_task also trains
+    on that other task's correct answers: perception pre-training, as a real VLM has had.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig
@@ -1011,9 +1012,14 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     vl = VLHelper(tokenizer, image_processor, config)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if ".visual." not in n], lr=2e-3)
     model.model.visual.requires_grad_(False)  # no backward through a tower that is not trained
+    pretrain = task.pretrain_task and tasks.get_task(task.pretrain_task)
     for _ in range(warmup_steps):
         examples = [task.sample(rng) for _ in range(32)]
-        targets = [tokenizer(task.random_completion(rng) + "<|im_end|>").input_ids for _ in examples]
+        texts = [task.random_completion(rng) for _ in examples]
+        if pretrain:  # perception pre-training: another task's correct answers, never this task's
+            more = [pretrain.sample(rng) for _ in range(32)]
+            examples, texts = examples + more, texts + [pretrain.correct_completion(ex) for ex in more]
+        targets = [tokenizer(t + "<|im_end|>").input_ids for t in texts]
         batch = vl.with_completions(vl.encode_prompts(examples), targets)
         logits, _ = forward(model, batch)
         loss = -masked_mean(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])

@@ -63,6 +63,7 @@ class Task:
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
     warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
+    pretrain_task = None  # a *different* task whose correct answers the warm-up also trains on (perception pre-training)
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -70,6 +71,10 @@ class Task:
     def random_completion(self, rng: random.Random) -> str:
         """A well-formatted completion with a random label: what the format warm-up teaches."""
         return f"<answer>{rng.choice(self.labels)}</answer>"
+
+    def correct_completion(self, example: Example) -> str:
+        """A correct completion: what perception pre-training (pretrain_task) teaches."""
+        return f"<answer>{example.answer}</answer>"
 
     def parse(self, completion: str) -> str | None:
         """The answer of a well-formatted completion; None means the format is wrong."""
@@ -413,10 +418,14 @@ class ColorThinkTask(Task):
         <think>red shape, red is dax</think><answer>dax</answer>      12-13 tokens with the end token
 
     The rule is the same in every prompt and the colour is uniform, so the text alone gives
-    chance (1/4). Reward = accuracy of the name + the format bonus for the think/answer format.
+    chance (1/4). Correct = the shape's colour first in <think> and its name as the answer (score);
+    reward = correct + the format bonus for the think/answer format.
     The format warm-up (random_completion) writes a *random* colour and the name that the rule
-    gives for it: it teaches the format and the rule but never a correct reading of the image,
-    so RL has to learn exactly one thing, the colour token inside <think>: the perception token.
+    gives for it: it teaches the format and the rule but never a correct reading of this task's
+    image, so RL has to learn one thing, the colour token inside <think>: the perception token.
+    What a VLM brings to RL, the warm-up adds as perception pre-training on another task
+    (pretrain_task = `color`: colour words after another prompt). Without it GRPO stayed near
+    chance within the default run (greedy held-out 0.27 and 0.50 after 80 steps, 2 seeds).
     The colour comes first in <think>, where each colour is a single token of the tiny tokenizer
     ('red', 'green', ...; after a space 'green' and 'yellow' would take two, see TOKENIZER_TASKS).
     """
@@ -425,6 +434,7 @@ class ColorThinkTask(Task):
     labels = list(COLOR_NAMES.values())
     perception_region = "think"
     warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
+    pretrain_task = "color"  # what a VLM knows before RL: colour words, read off a shape (a different prompt and answer)
     # A large shape, as in `color`: its colour fills most of the 16 image tokens.
     PROMPT = (f"{IMAGE}Colour names: " + ", ".join(f"{c} is {n}" for c, n in COLOR_NAMES.items())
               + ". Name the shape's colour. Answer as <think>colour shape, colour is name</think><answer>name</answer>.")
@@ -445,6 +455,17 @@ class ColorThinkTask(Task):
     def parse(self, completion):
         m = THINK_ANSWER_RE.match(completion)
         return m.group(2).strip() if m else None
+
+    def score(self, completion, example):
+        """Correct only when the whole chain is: <think> starts with the shape's colour and the answer
+        is that colour's name. Checked on the answer alone, GRPO found a shortcut: one fixed colour in
+        <think> for every image, then the image read at the answer (0.30 -> 0.74, then stuck)."""
+        m = THINK_ANSWER_RE.match(completion)
+        if m is None:
+            return 0.0, 0.0
+        first = m.group(1).lower().split(maxsplit=1)[:1]
+        acc = float(first == [example.meta["color"]] and m.group(2).strip().lower() == example.answer)
+        return acc + FORMAT_BONUS, acc
 
     def perception_words(self, example):
         return {example.meta["color"]}

@@ -415,6 +415,18 @@ def tiny(tmp_path_factory):
     return pepo.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny_init"), tasks.get_task("color"), seed=1)
 
 
+@slow
+def test_warmup_adds_perception_pretraining(tmp_path, monkeypatch):
+    # color-think's warm-up: 32 random-label completions of its own plus 32 correct `color` answers a step.
+    seen = []
+    monkeypatch.setattr(tasks.ColorTask, "correct_completion", lambda self, ex: seen.append(ex) or f"<answer>{ex.answer}</answer>")
+    pepo.build_tiny_model(str(tmp_path / "think"), tasks.TASKS["color-think"], seed=1, warmup_steps=2)
+    assert len(seen) == 64 and {ex.answer for ex in seen} <= set(tasks.COLORS)
+    seen.clear()
+    pepo.build_tiny_model(str(tmp_path / "color"), tasks.TASKS["color"], seed=1, warmup_steps=2)
+    assert seen == []  # the other tasks' warm-ups are format only
+
+
 @pytest.fixture(scope="session")
 def loaded(tiny):
     model, tok, ip = pepo.load_policy(tiny)
@@ -1744,15 +1756,30 @@ def test_color_think_verifier():
     ex = Example("", [], "dax", {"color": "red"})
     assert task.score("<think>red shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
     assert task.score(" <think>red shape, red is dax</think>\n<answer> DAX </answer>\n", ex) == pytest.approx((1 + FB, 1))
-    # Rewarded on the final answer only: a wrong colour with the right name still scores.
-    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    # The whole chain is checked: the image's colour first in <think>, then its name as the answer.
+    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))  # the rest of <think> is free
+    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # read at the answer only
+    assert task.score("<think>yellow shape, yellow is fep</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
     assert task.score("<think>blue shape, blue is blick</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))  # rule not applied
+    assert task.score("<think>reddish shape</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # a whole word
+    assert task.score("<think></think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
     assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx((FB, 0))  # the colour is not the name
     assert task.score("<answer>dax</answer>", ex) == (0, 0)  # missing think
     assert task.score("<think>red shape, red is dax</think>dax", ex) == (0, 0)  # missing answer tags
     assert task.score("<think>red shape, red is dax</think><answer>dax</answer> ok", ex) == (0, 0)  # extra text
     assert task.score("<answer>dax</answer><think>red shape</think>", ex) == (0, 0)  # wrong order
     assert task.score("<think>red shape, red is dax<answer>dax</answer>", ex) == (0, 0)  # unclosed think
+
+
+def test_perception_pretraining_uses_another_task():
+    # Only color-think's warm-up adds perception pre-training, on `color`: another prompt, whose
+    # correct answers are colour words (never a name, never a <think>).
+    assert {name: t.pretrain_task for name, t in tasks.TASKS.items() if t.pretrain_task} == {"color-think": "color"}
+    colour_task = tasks.TASKS["color"]
+    for ex in samples("color", 20):
+        assert colour_task.correct_completion(ex) == f"<answer>{ex.answer}</answer>" and ex.answer in tasks.COLORS
+        assert ex.prompt != tasks.TASKS["color-think"].PROMPT and colour_task.score(colour_task.correct_completion(ex), ex)[1] == 1
 
 
 def test_color_think_blind_baseline_is_chance():

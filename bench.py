@@ -243,8 +243,8 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     (results / "learning.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     b = config["budget"]
     table = markdown_table(summary, algos, threshold)
-    steps = ", ".join(f"{n} on {t}" for t, n in b["steps"].items()) if isinstance(b["steps"], dict) else b["steps"]
-    md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {steps} steps of {b['prompts_per_step']} prompts x "
+    steps = " / ".join(f"{n} steps on {t}" for t, n in b["steps"].items()) if isinstance(b["steps"], dict) else f"{b['steps']} steps"
+    md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {steps}, each of {b['prompts_per_step']} prompts x "
           f"{b['group_size']} samples ({b.get('lr_schedule', 'cosine')} learning rate): mean over seeds {b['seeds']} "
           f"[bootstrap 95% interval over seeds]. Curve area: the mean "
           f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "

@@ -2081,6 +2081,19 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "learning.png").exists()
 
 
+def test_learning_budget_steps_per_task(tmp_path, monkeypatch):
+    import bench
+
+    assert bench.task_steps({"steps": 7}, "color") == 7
+    assert bench.task_steps({"steps": {"color": 50, "color-think": 30}}, "color-think") == 30
+    assert all(isinstance(b["steps"], int) or set(b["steps"]) == set(b["tasks"]) for b in bench.BUDGETS.values())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    config = {"budget": dict(steps={"color": 50}, prompts_per_step=16, group_size=8, lr_schedule="constant", seeds=[1, 2],
+                             eval_every=10, eval_size=100)}
+    md = bench.write_learning(tmp_path, fake_runs(), config, ["grpo"], 0.8)
+    assert md.startswith("Held-out greedy accuracy (100 examples) after 50 steps on color, each of 16 prompts x 8 samples (constant learning rate)")
+
+
 def test_learning_plot_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")  # optional (requirements-bench.txt); CI does not install it
     import bench

@@ -8,7 +8,7 @@ chain of thought expect `<think>...</think><answer>ANSWER</answer>`).
 
 Reward = accuracy + FORMAT_BONUS * format_ok. Accuracy is 1.0 for a correct answer
 (continuous for tasks like grounding), format_ok is 1.0 when the completion is exactly
-in the expected format. Adding a task takes one small class: `sample`, a label pool
+in the expected format with a non-empty answer. Adding a task takes one small class: `sample`, a label pool
 for the format warm-up, and (optionally) its own `parse` / `accuracy`.
 
 Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with `grade`.
@@ -87,7 +87,9 @@ class Task:
         """(reward, accuracy) of one completion."""
         answer = self.parse(completion)
         acc = self.accuracy(answer, example)
-        return acc + FORMAT_BONUS * float(answer is not None), acc
+        # No bonus for an empty answer: `<answer></answer>`, the shortest well-formed completion, is a
+        # collapse GRPO fell into (reward 0.1 on every rollout, so no signal was left to learn from).
+        return acc + FORMAT_BONUS * float(bool(answer)), acc
 
     def perception_words(self, example: Example) -> set[str]:
         """Ground truth from the generator: the words of a correct completion that are read off
@@ -461,7 +463,7 @@ class ColorThinkTask(Task):
         is that colour's name. Checked on the answer alone, GRPO found a shortcut: one fixed colour in
         <think> for every image, then the image read at the answer (0.30 -> 0.74, then stuck)."""
         m = THINK_ANSWER_RE.match(completion)
-        if m is None:
+        if m is None or not m.group(2).strip():  # no bonus for an empty answer (Task.score)
             return 0.0, 0.0
         first = m.group(1).lower().split(maxsplit=1)[:1]
         acc = float(first == [example.meta["color"]] and m.group(2).strip().lower() == example.answer)

@@ -1622,6 +1622,7 @@ def test_classifier_verifier(name):
         assert task.score(f"I think <answer>{a}</answer>", ex) == (0, 0)  # extra text before
         assert task.score(f"<answer>{a}</answer> done", ex) == (0, 0)  # extra text after
         assert task.score(f"<answer>{a} or {wrong}</answer>", ex) == pytest.approx((FB, 0))  # hedging
+        assert task.score("<answer></answer>", ex) == task.score("<answer>  </answer>", ex) == (0, 0)  # no answer, no bonus
 
 
 def test_dots_sum_verifier():
@@ -1764,6 +1765,7 @@ def test_color_think_verifier():
     assert task.score("<think>red shape, red is dax</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))  # rule not applied
     assert task.score("<think>reddish shape</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # a whole word
     assert task.score("<think></think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer></answer>", ex) == (0, 0)  # no answer, no bonus
     assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx((FB, 0))  # the colour is not the name
     assert task.score("<answer>dax</answer>", ex) == (0, 0)  # missing think
     assert task.score("<think>red shape, red is dax</think>dax", ex) == (0, 0)  # missing answer tags

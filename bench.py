@@ -255,19 +255,9 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     return md
 
 
-def learn(opt) -> None:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    budget = dict(BUDGETS["quick" if opt.quick else "full"])
-    for key in ("tasks", "seeds", "steps", "prompts_per_step"):
-        if getattr(opt, key) is not None:
-            budget[key] = getattr(opt, key)
-    algos = opt.algos or list(ALGOS)
-    root = Path(opt.runs_dir) / ("quick" if opt.quick else "full")
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
-    t_start = time.time()
+def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> tuple[list[dict], list[dict]]:
+    """(model builds, runs) of the learning table: one initial model per task and seed, shared by
+    every algorithm, and one pepo.py run per task, algorithm and seed (its argv and folders)."""
     builds, runs = [], []
     for task in budget["tasks"]:
         for seed in budget["seeds"]:  # one initial model per task and seed, shared by every algorithm
@@ -281,16 +271,33 @@ def learn(opt) -> None:
                         "--prompts-per-step", str(budget["prompts_per_step"]), "--group-size", str(budget["group_size"]),
                         "--lr-schedule", budget["lr_schedule"],
                         "--eval-every", str(budget["eval_every"]), "--eval-size", str(budget["eval_size"]),
-                        *shlex.split(opt.extra), "--output-dir", str(out)]
+                        *shlex.split(extra), "--output-dir", str(out)]
                 runs.append(dict(kind="run", task=task, algo=algo, seed=seed, argv=argv, out=str(out),
                                  log=str(root / "logs" / f"{task}_{algo}_s{seed}.log")))
+    return builds, runs
+
+
+def learn(opt) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    budget = dict(BUDGETS["quick" if opt.quick else "full"])
+    for key in ("tasks", "seeds", "steps", "prompts_per_step"):
+        if getattr(opt, key) is not None:
+            budget[key] = getattr(opt, key)
+    algos = opt.algos or list(ALGOS)
+    root = Path(opt.runs_dir) / ("quick" if opt.quick else "full")
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    t_start = time.time()
+    builds, runs = learn_jobs(budget, algos, root, opt.extra)
     # Finished runs with the same flags are reused, so an interrupted benchmark can be resumed.
     done = lambda j: all((Path(j["out"]) / f).exists() for f in ("summary.json", "job.json")) and \
         json.loads((Path(j["out"]) / "job.json").read_text()) == j["argv"]
-    todo = [j for j in runs if not done(j)]
-    print(f"learn: {len(runs)} runs ({len(runs) - len(todo)} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}")
+    todo = [] if opt.report else [j for j in runs if not done(j)]
+    print(f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}")
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        for b in pool.map(_job, builds):
+        for b in pool.map(_job, builds if todo else []):
             print(f"  built {b['task']} seed {b['seed']} ({b['seconds']:.0f} s)", flush=True)
         futures, t_runs = {}, time.time()
         for j in todo:
@@ -314,7 +321,8 @@ def learn(opt) -> None:
     if not results:
         sys.exit("learn: no run finished; see the logs")
     config = {"budget": budget, "algos": {a: ALGOS[a] for a in algos}, "extra_flags": opt.extra, "workers": opt.workers,
-              "threshold": opt.threshold, "quick": opt.quick, "wall_seconds": round(time.time() - t_start, 1),
+              "threshold": opt.threshold, "quick": opt.quick, "report_only": opt.report, "runs": f"{len(results)} of {len(runs)}",
+              "wall_seconds": round(time.time() - t_start, 1), "run_seconds_sum": round(sum(r["seconds"] for r in results), 1),
               "machine": machine(), "command": " ".join(sys.argv)}
     out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
     md = write_learning(out, results, config, algos, opt.threshold)
@@ -1240,6 +1248,7 @@ def main(argv=None):
     a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted")
     a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
     a.add_argument("--threshold", type=float, default=0.9, help="accuracy for the steps-to-threshold column")
+    a.add_argument("--report", action="store_true", help="run nothing: write the table from the runs already finished with these settings")
     a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")
     a.add_argument("--results-dir", default=None, help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)")
     o = sub.add_parser("overhead", help="seconds per training step and phase for each algorithm on the same rollouts",

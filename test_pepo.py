@@ -2096,6 +2096,31 @@ def test_learning_budget_steps_per_task(tmp_path, monkeypatch):
     assert md.startswith("Held-out greedy accuracy (100 examples) after 50 steps on color, each of 16 prompts x 8 samples (constant learning rate)")
 
 
+def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):
+    import argparse
+
+    import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    budget = {**bench.BUDGETS["quick"], "tasks": ["color"], "seeds": [1, 2]}
+    _, runs = bench.learn_jobs(budget, ["grpo"], tmp_path / "runs" / "quick")
+    assert [(j["algo"], j["seed"]) for j in runs] == [("grpo", 1), ("grpo", 2)] and "--lr-schedule" in runs[0]["argv"]
+    for j, after, argv in [(runs[0], 0.75, runs[0]["argv"]), (runs[1], 0.5, runs[1]["argv"][:-2])]:  # seed 2: other flags
+        out = Path(j["out"])
+        out.mkdir(parents=True)
+        (out / "job.json").write_text(json.dumps(argv))
+        (out / "summary.json").write_text(json.dumps(dict(accuracy_before=0.25, accuracy_after=after, steps=2, seconds=3.0)))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=k, reward=0.5, accuracy=0.5, seconds=1.0, eval_accuracy=a)) + "\n"
+                                                   for k, a in [(1, 0.5), (2, after)]))
+    opt = argparse.Namespace(quick=True, tasks=["color"], seeds=[1, 2], steps=None, prompts_per_step=None, algos=["grpo"], extra="",
+                             workers=1, threshold=0.9, report=True, runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+    bench.learn(opt)
+    saved = json.loads((tmp_path / "res" / "learning.json").read_text())
+    assert [(r["seed"], r["accuracy_after"]) for r in saved["runs"]] == [(1, 0.75)]  # seed 2 ran with other flags
+    assert saved["config"]["runs"] == "1 of 2" and saved["config"]["report_only"] and saved["config"]["run_seconds_sum"] == 3.0
+    assert not (tmp_path / "runs" / "quick" / "models").exists()  # nothing was built or run
+
+
 def test_learning_plot_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")  # optional (requirements-bench.txt); CI does not install it
     import bench

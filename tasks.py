@@ -8,8 +8,8 @@ chain of thought expect `<think>...</think><answer>ANSWER</answer>`).
 
 Reward = accuracy + FORMAT_BONUS * format_ok. Accuracy is 1.0 for a correct answer
 (continuous for tasks like grounding), format_ok is 1.0 when the completion is exactly
-in the expected format with a non-empty answer. Adding a task takes one small class: `sample`, a label pool
-for the format warm-up, and (optionally) its own `parse` / `accuracy`.
+in the expected format with a non-empty answer. Adding a task takes one small class:
+`sample`, a label pool for the format warm-up, and (optionally) its own `parse` / `accuracy`.
 
 Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with `grade`.
 

@@ -61,7 +61,7 @@ BUDGETS = {
                  steps={"color": 70, "color-think": 60}, prompts_per_step=16, group_size=8, lr_schedule="constant",
                  eval_every=5, eval_size=100),
     "quick": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1], steps=2, prompts_per_step=4,
-                  group_size=4, lr_schedule="constant", eval_every=2, eval_size=16),
+                  group_size=4, lr_schedule="constant", eval_every=2, eval_size=16, warmup_steps=20),  # a short warm-up too
 }
 
 
@@ -95,7 +95,7 @@ def _job(job: dict) -> dict:
     with open(job["log"], "w") as log, redirect_stdout(log), redirect_stderr(log):
         t0 = time.time()
         if job["kind"] == "build":
-            pepo.build_tiny_model(job["path"], tasks.get_task(job["task"]), job["seed"])
+            pepo.build_tiny_model(job["path"], tasks.get_task(job["task"]), job["seed"], job["warmup_steps"])
         else:
             pepo.main(job["argv"])
     return {**job, "seconds": time.time() - t0}
@@ -262,7 +262,8 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
     for task in budget["tasks"]:
         for seed in budget["seeds"]:  # one initial model per task and seed, shared by every algorithm
             model = root / "models" / f"{task}_s{seed}"
-            builds.append(dict(kind="build", task=task, seed=seed, path=str(model), log=str(root / "logs" / f"build_{task}_s{seed}.log")))
+            builds.append(dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=budget.get("warmup_steps"),
+                               log=str(root / "logs" / f"build_{task}_s{seed}.log")))
             for algo in algos:
                 if algo in ABLATION_ROWS and task not in budget["ablation_tasks"]:
                     continue

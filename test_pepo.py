@@ -2105,6 +2105,8 @@ def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):
     budget = {**bench.BUDGETS["quick"], "tasks": ["color"], "seeds": [1, 2]}
     _, runs = bench.learn_jobs(budget, ["grpo"], tmp_path / "runs" / "quick")
     assert [(j["algo"], j["seed"]) for j in runs] == [("grpo", 1), ("grpo", 2)] and "--lr-schedule" in runs[0]["argv"]
+    builds, _ = bench.learn_jobs(bench.BUDGETS["full"], ["grpo"], tmp_path)
+    assert {b["warmup_steps"] for b in builds} == {None}  # the full table's models: each task's own warm-up
     for j, after, argv in [(runs[0], 0.75, runs[0]["argv"]), (runs[1], 0.5, runs[1]["argv"][:-2])]:  # seed 2: other flags
         out = Path(j["out"])
         out.mkdir(parents=True)

@@ -244,12 +244,14 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     (results / "learning.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     b = config["budget"]
     table = markdown_table(summary, algos, threshold)
-    steps = " / ".join(f"{n} steps on {t}" for t, n in b["steps"].items()) if isinstance(b["steps"], dict) else f"{b['steps']} steps"
+    steps = " / ".join(f"{task_steps(b, t)} steps on {t}" for t in b["tasks"]) if isinstance(b["steps"], dict) else f"{b['steps']} steps"
     md = (f"Held-out greedy accuracy ({b['eval_size']} examples) after {steps}, each of {b['prompts_per_step']} prompts x "
           f"{b['group_size']} samples ({b.get('lr_schedule', 'cosine')} learning rate): mean over seeds {b['seeds']} "
           f"[bootstrap 95% interval over seeds]. Curve area: the mean "
           f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
-          f"over seeds of the first evaluation at or above it (seeds that reached it / seeds).\n\n{table}\n")
+          f"over seeds of the first evaluation at or above it (seeds that reached it / seeds)."
+          + (f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has." if config.get("report_only") else "")
+          + f"\n\n{table}\n")
     (results / "learning.md").write_text(md)
     plot_learning(results / "learning.png", runs, algos, threshold)
     return md
@@ -327,7 +329,7 @@ def learn(opt) -> None:
               "machine": machine(), "command": " ".join(sys.argv)}
     out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
     md = write_learning(out, results, config, algos, opt.threshold)
-    print(md + f"\nwall time {config['wall_seconds']:.0f} s; wrote {out}/learning.json, learning.md, learning.png")
+    print(md + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote {out}/learning.json, learning.md, learning.png")
 
 
 # ----------------------------------------------------------------------------------------

@@ -2090,7 +2090,7 @@ def test_learning_budget_steps_per_task(tmp_path, monkeypatch):
     assert bench.task_steps({"steps": {"color": 50, "color-think": 30}}, "color-think") == 30
     assert all(isinstance(b["steps"], int) or set(b["steps"]) == set(b["tasks"]) for b in bench.BUDGETS.values())
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    config = {"budget": dict(steps={"color": 50}, prompts_per_step=16, group_size=8, lr_schedule="constant", seeds=[1, 2],
+    config = {"budget": dict(tasks=["color"], steps={"color": 50, "color-think": 30}, prompts_per_step=16, group_size=8, lr_schedule="constant", seeds=[1, 2],
                              eval_every=10, eval_size=100)}
     md = bench.write_learning(tmp_path, fake_runs(), config, ["grpo"], 0.8)
     assert md.startswith("Held-out greedy accuracy (100 examples) after 50 steps on color, each of 16 prompts x 8 samples (constant learning rate)")
@@ -2120,6 +2120,7 @@ def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "res" / "learning.json").read_text())
     assert [(r["seed"], r["accuracy_after"]) for r in saved["runs"]] == [(1, 0.75)]  # seed 2 ran with other flags
     assert saved["config"]["runs"] == "1 of 2" and saved["config"]["report_only"] and saved["config"]["run_seconds_sum"] == 3.0
+    assert "Only 1 of 2 runs had finished" in (tmp_path / "res" / "learning.md").read_text()
     assert not (tmp_path / "runs" / "quick" / "models").exists()  # nothing was built or run
 
 

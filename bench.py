@@ -250,7 +250,7 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
           f"[bootstrap 95% interval over seeds]. Curve area: the mean "
           f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
           f"over seeds of the first evaluation at or above it (seeds that reached it / seeds)."
-          + (f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has." if config.get("report_only") else "")
+          + (f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has." if config.get("partial") else "")
           + f"\n\n{table}\n")
     (results / "learning.md").write_text(md)
     plot_learning(results / "learning.png", runs, algos, threshold)
@@ -324,7 +324,7 @@ def learn(opt) -> None:
     if not results:
         sys.exit("learn: no run finished; see the logs")
     config = {"budget": budget, "algos": {a: ALGOS[a] for a in algos}, "extra_flags": opt.extra, "workers": opt.workers,
-              "threshold": opt.threshold, "quick": opt.quick, "report_only": opt.report, "runs": f"{len(results)} of {len(runs)}",
+              "threshold": opt.threshold, "quick": opt.quick, "report_only": opt.report, "runs": f"{len(results)} of {len(runs)}", "partial": len(results) < len(runs),
               "wall_seconds": round(time.time() - t_start, 1), "run_seconds_sum": round(sum(r["seconds"] for r in results), 1),
               "machine": machine(), "command": " ".join(sys.argv)}
     out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))

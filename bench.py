@@ -632,7 +632,7 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
         start = _status_bytes("VmRSS")
     peak = lambda: torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
     t0 = time.perf_counter()
-    if phase == "scoring":  # as pepo.train_step's scoring pass for PEPO's prior plus VPPO's exact KL
+    if phase == "scoring":  # as pepo.score for PEPO's prior plus VPPO's exact KL
         with torch.no_grad(), autocast:
             logits, hidden = fwd(model, batch, 1.0, hidden_states=True)
             logp, ent = logprobs(logits, ids), entropy(logits)
@@ -641,7 +641,7 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
             dep = kl(logits, logits_pert)
         check = float(logp.sum() + ent.sum() + prior.sum() + dep.sum())
         forward_peak = None
-    else:  # as pepo.train_step's update: forward with grad, log-probs, clipped surrogate, backward
+    else:  # as pepo.update: forward with grad, log-probs, clipped surrogate, backward
         with autocast:
             logits, _ = fwd(model, batch, 1.0)
         logp = logprobs(logits, ids)

@@ -718,9 +718,10 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
             keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
         elif ablation == "vppo-tas-only":
             keep = mask.clone()
-        scale = dist_.on_all_rows(lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask)  # min/max/mean over all ranks' rows
-        if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
-            scale = torch.ones_like(scale)
+        if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):  # TGF alone: no TAS
+            scale = torch.ones(mask.shape[0], device=mask.device)
+        else:  # min/max/mean over all ranks' rows
+            scale = dist_.on_all_rows(lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask)
         weights, advantages = weights * keep, advantages * scale
         real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
         stats.update(vppo_dep_kept=dist_.global_mean(dep, keep), vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),

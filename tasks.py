@@ -463,11 +463,10 @@ class ColorThinkTask(Task):
         is that colour's name. Checked on the answer alone, GRPO found a shortcut: one fixed colour in
         <think> for every image, then the image read at the answer (0.30 -> 0.74, then stuck)."""
         m = THINK_ANSWER_RE.match(completion)
-        if m is None or not m.group(2).strip():  # no bonus for an empty answer (Task.score)
-            return 0.0, 0.0
-        first = m.group(1).lower().split(maxsplit=1)[:1]
-        acc = float(first == [example.meta["color"]] and m.group(2).strip().lower() == example.answer)
-        return acc + FORMAT_BONUS, acc
+        answer = m.group(2).strip() if m else None  # = self.parse(completion)
+        read = m.group(1).lower().split(maxsplit=1)[:1] if m else []  # the first word of <think>
+        acc = float(read == [example.meta["color"]] and answer is not None and answer.lower() == example.answer)
+        return acc + FORMAT_BONUS * float(bool(answer)), acc  # the format bonus as in Task.score
 
     def perception_words(self, example):
         return {example.meta["color"]}
@@ -509,7 +508,6 @@ def blind_baseline(task: Task, n: int = 500, seed: int = 0) -> float:
     examples = [task.sample(rng) for _ in range(n)]
     candidates = dict.fromkeys(ex.answer for ex in examples)
     return max(sum(task.accuracy(c, ex) for ex in examples) / n for c in candidates)
-
 
 
 def answer_budget(task: Task, tokenizer, n: int = 200) -> int:

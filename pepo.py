@@ -374,8 +374,9 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 #   pixel_values       [sum of patches, C*2*14*14]   per image, not per row
 #   image_grid_thw     [images, 3]                   (t, h, w) patches of each image
 #   completion_ids     [B, L], completion_mask [B, L], truncated [B]
-# Rows 0-1 share prompt 0's image and rows 2-3 prompt 1's, so slice_batch(batch, slice(2, 4))
-# takes rows 2-3, the 3rd and 4th entries of image_grid_thw, and those images' patch rows.
+# Rows 0-1 hold copies of prompt 0's image and rows 2-3 of prompt 1's, so slice_batch(batch,
+# slice(2, 4)) takes rows 2-3, the 3rd and 4th entries of image_grid_thw, and those images'
+# patch rows. forward and generate run the vision tower once per distinct image (encode_images).
 # ========================================================================================
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -472,6 +473,38 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict:
+    """The vision tower's output for a batch's images, run once per distinct image: the G rows of
+    a group repeat their prompt's images, and the tower would otherwise see each of them G times.
+    Copies are found by size and pixel sum, then confirmed exactly. Returns the `mm_encoder_outputs`
+    that Qwen-VL models in transformers 5 take instead of pixel_values; the gradients of an
+    image's copies add up in its one output."""
+    sizes = image_grid_thw.prod(-1)
+    images = pixel_values.split(sizes.tolist())
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
+    sums = torch.zeros(len(sizes), dtype=torch.float64, device=pixel_values.device).index_add_(0, owner, pixel_values.double().sum(-1))
+    first, index, seen = [], [], {}  # distinct images; each image's distinct image; (size, sum) -> distinct image
+    for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums.tolist())):
+        j = seen.get(key)
+        if j is None or not torch.equal(images[i], images[first[j]]):
+            j = seen[key] = len(first)
+            first.append(i)
+        index.append(j)
+    out = model.model.get_image_features(torch.cat([images[i] for i in first]), image_grid_thw[first], return_dict=True)
+    out.pooler_output = tuple(out.pooler_output[k] for k in index)  # [tokens, D] per image
+    if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
+        out.deepstack_features = [tuple(layer[k] for k in index) for layer in out.deepstack_features]
+    return {"image": out}
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The model's keyword arguments for a batch, with its images encoded once each (encode_images)."""
+    inputs = {k: batch[k] for k in MODEL_KEYS if k != "pixel_values"}
+    if batch["image_grid_thw"].shape[0]:
+        inputs["mm_encoder_outputs"] = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])
+    return inputs
+
+
 def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False):
     """The one forward helper (training pass, scoring pass, reference and perturbed passes).
 
@@ -479,7 +512,7 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
     predicts token t, so positions -L-1..-2 are kept), and the hidden states when asked.
     """
     L = batch["completion_ids"].shape[1]
-    out = model(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    out = model(**model_inputs(model, batch), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
     # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
     return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
 
@@ -524,7 +557,7 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
     cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k if not greedy else None,
                            top_p=top_p if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
                            pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
-    out = model.generate(**{k: prompts[k] for k in MODEL_KEYS}, generation_config=cfg,
+    out = model.generate(**model_inputs(model, prompts), generation_config=cfg,
                          synced_gpus=dist_.world() > 1)  # FSDP2: a rank that is done keeps stepping until all are
     dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
     return out[:, prompts["input_ids"].shape[1]:].cpu()

@@ -773,6 +773,30 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
 
 
 @slow
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_forward_runs_the_vision_tower_once_per_distinct_image(tmp_path, tiny, kind):
+    model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
+    vl = pepo.VLHelper(tok, ip, model.config)
+    examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
+    batch = vl.with_completions(pepo.repeat_rows(vl.encode_prompts(examples), 3), [[5, 6, 7]] * 9)  # 3 groups of 3 rows
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda mod, args, kw, out: calls.append(int(kw["grid_thw"].shape[0])),
+                                                    with_kwargs=True)  # images per call
+    try:
+        logits, _ = pepo.forward(model, batch)
+        grads = torch.autograd.grad(logits.square().sum(), list(model.model.visual.parameters()))
+    finally:
+        hook.remove()
+    distinct = 1 + len(examples[1].images) + 1
+    assert calls == [distinct] and batch["image_grid_thw"].shape[0] == 3 * distinct
+    L = batch["completion_ids"].shape[1]  # the same as the model on every row's own pixels
+    plain = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False).logits[:, :-1]
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    for g, g_plain in zip(grads, torch.autograd.grad(plain.square().sum(), list(model.model.visual.parameters()))):
+        torch.testing.assert_close(g, g_plain, rtol=1e-4, atol=1e-5)
+
+
+@slow
 def test_eval_only_writes_eval_json(tmp_path, tiny):
     result = run(tmp_path, tiny, "--eval-only", "--eval-samples", "2")
     saved = json.loads((tmp_path / "eval.json").read_text())

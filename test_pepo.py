@@ -2097,7 +2097,8 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     import bench
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    config = {"budget": dict(steps=30, prompts_per_step=8, group_size=8, seeds=[1, 2], eval_every=10, eval_size=100)}
+    config = {"budget": dict(tasks=["color"], steps=30, lr=1e-3, lr_schedule="constant", prompts_per_step=8, group_size=8, seeds=[1, 2],
+                             eval_every=10, eval_size=100)}
     bench.write_learning(tmp_path, fake_runs(), config, ["grpo", "pepo_g"], 0.8)
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
@@ -2107,17 +2108,22 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "learning.png").exists()
 
 
-def test_learning_budget_steps_per_task(tmp_path, monkeypatch):
+def test_learning_budget_settings_per_task(tmp_path, monkeypatch):
     import bench
 
-    assert bench.task_steps({"steps": 7}, "color") == 7
-    assert bench.task_steps({"steps": {"color": 50, "color-think": 30}}, "color-think") == 30
-    assert all(isinstance(b["steps"], int) or set(b["steps"]) == set(b["tasks"]) for b in bench.BUDGETS.values())
+    assert bench.per_task({"steps": 7}, "steps", "color") == 7
+    assert bench.per_task({"lr": {"color": 1e-3, "color-think": 5e-4}}, "lr", "color-think") == 5e-4
+    for b in bench.BUDGETS.values():  # a dict names every task
+        assert all(not isinstance(v, dict) or set(v) == set(b["tasks"]) for v in b.values())
+    _, runs = bench.learn_jobs(bench.BUDGETS["full"], ["grpo"], tmp_path)
+    flags = {(j["task"], j["argv"][j["argv"].index("--steps") + 1], j["argv"][j["argv"].index("--lr") + 1]) for j in runs}
+    assert flags == {("color", "70", "0.001"), ("color-think", "50", "0.0005")}
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    config = {"budget": dict(tasks=["color"], steps={"color": 50, "color-think": 30}, prompts_per_step=16, group_size=8, lr_schedule="constant", seeds=[1, 2],
-                             eval_every=10, eval_size=100)}
+    config = {"budget": dict(tasks=["color"], steps={"color": 50, "color-think": 30}, lr=1e-3, prompts_per_step=16, group_size=8,
+                             lr_schedule="constant", seeds=[1, 2], eval_every=10, eval_size=100)}
     md = bench.write_learning(tmp_path, fake_runs(), config, ["grpo"], 0.8)
-    assert md.startswith("Held-out greedy accuracy (100 examples) after 50 steps on color, each of 16 prompts x 8 samples (constant learning rate)")
+    assert md.startswith("Held-out greedy accuracy (100 examples) at the end of each run (color: 50 steps of 16 prompts x 8 samples, "
+                         "learning rate 0.001 (constant))")
 
 
 def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):

@@ -141,25 +141,6 @@ class UsageError(Exception):
     """Bad input the user can fix: main prints `error: <message>` as one line and exits with status 2."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see python pepo.py --help)")
-
-
-def build_parser(given_only: bool = False) -> ArgumentParser:
-    """One --flag per Args field; booleans get --x / --no-x, and None keeps the preset's value.
-    given_only: no defaults, so parsing returns just the flags on the command line."""
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"])
-        else:
-            typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=typ, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"], choices=meta.get("choices"))
-    return p
-
-
 def apply_preset(args: Args) -> Args:
     """Fill every knob left at None from the --algo preset: explicit flags win."""
     for key, value in PRESETS[args.algo].items():
@@ -378,9 +359,6 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 # slice(2, 4)) takes rows 2-3, the 3rd and 4th entries of image_grid_thw, and those images'
 # patch rows. forward and generate run the vision tower once per distinct image (encode_images).
 # ========================================================================================
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -821,37 +799,14 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
     return out
 
 
-def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weights, step: int, n: int) -> list[dict]:
-    """--visualize: plain-JSON records of the first n rollouts: tokens, every per-token signal,
-    reward, advantage and the images (base64 PNG). `python bench.py heatmap RUN` renders them."""
-    import base64
-    import io
-
-    per_token = {"prior": scores["prior"], "entropy": scores["entropy"], "pepo_weight": signals["pepo_weight"],
-                 "dependency": scores["dependency"], "vppo_mask": signals["vppo_mask"], "weight": weights}
-    rows = []
-    for i in range(min(n, batch["completion_ids"].shape[0])):
-        valid = batch["completion_mask"][i].bool()  # every generated token, also those a filter masked out
-        images = []
-        for im in batch["examples"][i].images:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            images.append(base64.b64encode(buf.getvalue()).decode())
-        rows.append({"step": step, "row": i, "tokens": [vl.tok.decode([t]) for t in batch["completion_ids"][i][valid].tolist()],
-                     "signals": {k: v[i].cpu()[valid].tolist() for k, v in per_token.items() if v is not None},
-                     "reward": float(batch["rewards"][i]), "accuracy": float(batch["accuracy"][i]),
-                     "advantage": float(advantages[i]), "answer": batch["examples"][i].answer,
-                     "prompt": batch["examples"][i].prompt, "images": images})
-    return rows
-
-
 # ========================================================================================
 # §6 The training loop: one loop for every algorithm
 # ========================================================================================
 def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_examples, first_step: int,
-          train_rng: random.Random, perturb_gen: torch.Generator, device, autocast, metrics, save, stop) -> int:
+          train_rng: random.Random, perturb_gen: torch.Generator, device, autocast, metrics, save, stop, record) -> int:
     """Steps first_step..args.steps: rollouts -> score -> shape -> update, one line of `metrics`
-    per step. `save(step)` writes a resumable checkpoint; `stop.name` is set by SIGINT/SIGTERM.
+    per step. `save(step)` writes a resumable checkpoint; `stop.name` is set by SIGINT/SIGTERM;
+    `record(step, batch, scores, signals, advantages, weights)` keeps --visualize's rollouts.
     Returns the last step done."""
     from tqdm import tqdm
 
@@ -889,9 +844,7 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
             m.update(stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2))  # the slowest rank
             if show:
                 shown = True
-                with open(Path(args.output_dir) / "tokens.jsonl" if dist_.is_main() else os.devnull, "a") as f:  # rank 0's rollouts
-                    for r in token_records(vl, batch, scores, signals, advantages, weights, step, args.visualize):
-                        f.write(json.dumps(r) + "\n")
+                record(step, batch, scores, signals, advantages, weights)
         m["seconds"] = dist_.all_max(time.time() - t0)
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
             m["eval_accuracy"] = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
@@ -997,6 +950,12 @@ def save_atomic(path: str, *objects, state: dict | None = None) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Qwen's special tokens, given to the tiny model's tokenizer
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 
 def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int | None = None) -> str:
@@ -1125,6 +1084,25 @@ class StopRequest:
         print(f"\n{self.name}: finishing this step, then saving a checkpoint (send it again to stop at once)", file=sys.stderr)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see python pepo.py --help)")
+
+
+def build_parser(given_only: bool = False) -> ArgumentParser:
+    """One --flag per Args field; booleans get --x / --no-x, and None keeps the preset's value.
+    given_only: no defaults, so parsing returns just the flags on the command line."""
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"])
+        else:
+            typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
+            p.add_argument(flag, type=typ, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"], choices=meta.get("choices"))
+    return p
+
+
 def parse_args(argv=None) -> Args:
     """Flags -> Args with the preset filled in and checked. With --resume DIR the saved run's
     settings come back: the command that started the run, plus --resume DIR, continues it. A
@@ -1147,6 +1125,30 @@ def parse_args(argv=None) -> Args:
     apply_preset(args)
     check_args(args)
     return args
+
+
+def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weights, step: int, n: int) -> list[dict]:
+    """--visualize: plain-JSON records of the first n rollouts: tokens, every per-token signal,
+    reward, advantage and the images (base64 PNG). `python bench.py heatmap RUN` renders them."""
+    import base64
+    import io
+
+    per_token = {"prior": scores["prior"], "entropy": scores["entropy"], "pepo_weight": signals["pepo_weight"],
+                 "dependency": scores["dependency"], "vppo_mask": signals["vppo_mask"], "weight": weights}
+    rows = []
+    for i in range(min(n, batch["completion_ids"].shape[0])):
+        valid = batch["completion_mask"][i].bool()  # every generated token, also those a filter masked out
+        images = []
+        for im in batch["examples"][i].images:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            images.append(base64.b64encode(buf.getvalue()).decode())
+        rows.append({"step": step, "row": i, "tokens": [vl.tok.decode([t]) for t in batch["completion_ids"][i][valid].tolist()],
+                     "signals": {k: v[i].cpu()[valid].tolist() for k, v in per_token.items() if v is not None},
+                     "reward": float(batch["rewards"][i]), "accuracy": float(batch["accuracy"][i]),
+                     "advantage": float(advantages[i]), "answer": batch["examples"][i].answer,
+                     "prompt": batch["examples"][i].prompt, "images": images})
+    return rows
 
 
 def run(args: Args):
@@ -1241,10 +1243,14 @@ def run(args: Args):
     torch.manual_seed(seed)
     if state:
         set_rng_states(state["rng"][dist_.rank()], train_rng, perturb_gen)
+    def record(step, *rollouts):  # --visualize: rank 0's first rollouts with every per-token signal, as data
+        with open(out_dir / "tokens.jsonl" if dist_.is_main() else os.devnull, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in token_records(vl, *rollouts, step, args.visualize))
+
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
         step = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
-                     train_rng, perturb_gen, device, autocast, metrics, save, stop)
+                     train_rng, perturb_gen, device, autocast, metrics, save, stop, record)
     if step < args.steps:  # stopped by a signal, after saving this step
         print(f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
               f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)

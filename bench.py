@@ -422,6 +422,14 @@ def overhead(opt) -> dict:
 # ----------------------------------------------------------------------------------------
 # speed: wall time of the default run, this tree against an earlier commit, side by side
 # ----------------------------------------------------------------------------------------
+def children_cpu_seconds() -> float:
+    """CPU seconds used so far by finished child processes: unlike wall time, hardly moved by other jobs."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def speed(opt) -> dict:
     import subprocess
 
@@ -439,17 +447,19 @@ def speed(opt) -> dict:
         for name, tree in trees.items():  # alternate, so a slow phase of the machine hits both alike
             out = root / f"{name}{rep}"
             shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), children_cpu_seconds()
             subprocess.run([sys.executable, "pepo.py", *shlex.split(opt.flags), "--output-dir", str(out)], cwd=tree, env=env,
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             s = json.loads((out / "summary.json").read_text())
-            runs[name].append({"wall_s": round(time.perf_counter() - t0, 1), "accuracy_before": s["accuracy_before"],
-                               "accuracy_after": s["accuracy_after"]})
+            runs[name].append({"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_seconds() - c0, 1),
+                               "accuracy_before": s["accuracy_before"], "accuracy_after": s["accuracy_after"]})
             print(f"{name:8s} repeat {rep}: {runs[name][-1]}", flush=True)
     wall = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["cpu_s"] for r in rs) for name, rs in runs.items()}
     return {"runs": runs, "median_wall_s": wall, "ratio_current_over_baseline": round(wall["current"] / wall["baseline"], 3),
+            "median_cpu_s": cpu, "cpu_ratio_current_over_baseline": round(cpu["current"] / cpu["baseline"], 3),
             "config": {"baseline": opt.baseline, "flags": opt.flags or "(defaults)", "repeats": opt.repeats,
-                       "note": "wall time of the whole `python pepo.py` process: model build, evaluation, training", "machine": machine()}}
+                       "note": "wall and CPU time of the whole `python pepo.py` process: model build, evaluation, training", "machine": machine()}}
 
 
 # ----------------------------------------------------------------------------------------

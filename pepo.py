@@ -457,10 +457,9 @@ def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tenso
     Copies are found by size and pixel sum, then confirmed exactly. Returns the `mm_encoder_outputs`
     that Qwen-VL models in transformers 5 take instead of pixel_values; the gradients of an
     image's copies add up in its one output."""
-    sizes = image_grid_thw.prod(-1)
-    images = pixel_values.split(sizes.tolist())
-    owner = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes)
-    sums = torch.zeros(len(sizes), dtype=torch.float64, device=pixel_values.device).index_add_(0, owner, pixel_values.double().sum(-1))
+    sizes = image_grid_thw.prod(-1).tolist()
+    images = pixel_values.split(sizes)
+    sums = torch.stack([rows.sum() for rows in pixel_values.double().sum(-1).split(sizes)])  # the same for every copy
     first, index, seen = [], [], {}  # distinct images; each image's distinct image; (size, sum) -> distinct image
     for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums.tolist())):
         j = seen.get(key)

@@ -51,15 +51,15 @@ ABLATION_ROWS = {  # each paper's ablations at toy scale: one --ablation flag of
     "vppo top 40% entropy": ["--algo", "vppo", "--ablation", "vppo-entropy-mask"],
 }
 ALGOS.update(ABLATION_ROWS)
-# Per-run budget, the same for every row; the ablation rows run on `ablation_tasks` only. Steps
-# per task: GRPO with 50 steps on `color` reached 0.77, 0.99, 1.00, 1.00, 0.78 over seeds 1-5 (two
-# still climbing), with 30 on `color-think` 1.00, 0.52, 0.50, 0.25, 0.77, hence 70 and 60. At 70,
-# `color` passed 0.9 on every seed; at 60, `color-think` did on seed 1 only (results/learning.md).
+# Per-run budget, the same for every row; the ablation rows run on `ablation_tasks` only.
+# `color`: GRPO at lr 1e-3 reached 0.77, 0.99, 1.00, 1.00, 0.78 over seeds 1-5 after 50 steps
+# (two still climbing) and passed 0.9 on every seed after 70. `color-think` at 1e-3 stalled on 4 of
+# 5 seeds (0.46-0.77 after 60 steps): once the policy stopped sampling one colour's word, that
+# colour's groups were all wrong and carried no signal. At 5e-4, 5 trial runs of 40 steps all passed
+# 0.97; in the table's 50-step runs 4 of 5 seeds pass 0.9 (results/learning.md).
 # The learning rate is constant so that the cosine decay does not cut a short run short.
 # --quick checks the pipeline in < 5 minutes; its numbers mean nothing.
 BUDGETS = {
-    # color-think at lr 1e-3 stalled on 4 of 5 seeds (greedy 0.46-0.77 after 60 steps): a colour the policy had
-    # stopped sampling correctly gave all-wrong groups, so no signal. At 5e-4 all 5 seeds passed 0.97 by step 40.
     "full": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1, 2, 3, 4, 5],
                  steps={"color": 70, "color-think": 50}, lr={"color": 1e-3, "color-think": 5e-4}, prompts_per_step=16,
                  group_size=8, lr_schedule="constant", eval_every=5, eval_size=100),

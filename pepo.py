@@ -454,12 +454,13 @@ def to_device(batch: dict, device) -> dict:
 def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict:
     """The vision tower's output for a batch's images, run once per distinct image: the G rows of
     a group repeat their prompt's images, and the tower would otherwise see each of them G times.
-    Copies are found by size and pixel sum, then confirmed exactly. Returns the `mm_encoder_outputs`
-    that Qwen-VL models in transformers 5 take instead of pixel_values; the gradients of an
-    image's copies add up in its one output."""
+    Copies are found by size and the sum of the pixels' bit patterns, then confirmed exactly.
+    Returns the `mm_encoder_outputs` that Qwen-VL models in transformers 5 take instead of
+    pixel_values; the gradients of an image's copies add up in its one output."""
     sizes = image_grid_thw.prod(-1).tolist()
     images = pixel_values.split(sizes)
-    sums = torch.stack([rows.sum() for rows in pixel_values.double().sum(-1).split(sizes)])  # the same for every copy
+    bits = pixel_values.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[pixel_values.element_size()])
+    sums = torch.stack([rows.sum(dtype=torch.int64) for rows in bits.split(sizes)])  # integers: exact, the same for every copy
     first, index, seen = [], [], {}  # distinct images; each image's distinct image; (size, sum) -> distinct image
     for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums.tolist())):
         j = seen.get(key)

@@ -723,8 +723,8 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
         stats["pepo_lambda"] = lam
     if args.vppo:  # VPPO: TGF masks tokens, TAS rescales each completion's advantage by its mean S (Sec. 3.3)
         dep, keep = scores["dependency"], signals["vppo_mask"]
-        if ablation == "vppo-random-mask":  # the same number of tokens, picked at random (a seeded stream of its own)
-            keep = vppo.random_token_mask(mask, args.vppo_top_frac, torch.Generator().manual_seed(args.seed * 1_000_003 + step))
+        if ablation == "vppo-random-mask":  # the same number of tokens, picked at random (a seeded stream of its own, per rank)
+            keep = vppo.random_token_mask(mask, args.vppo_top_frac, torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step))
         elif ablation == "vppo-entropy-mask":
             keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
         elif ablation == "vppo-tas-only":

@@ -593,6 +593,14 @@ def test_ablation_flags_change_only_their_part():
     assert ((weights == 1) <= (mask == 1)).all() and torch.allclose(adv, plain_adv)
 
 
+def test_random_mask_differs_between_ranks(monkeypatch):
+    """Under torchrun the ranks hold different rows: each draws its own random mask (rank 0 keeps the one-process mask)."""
+    rank0 = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1]
+    monkeypatch.setattr(pepo.dist_, "rank", lambda: 1)
+    rank1 = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1]
+    assert not torch.equal(rank0, rank1) and rank0.sum(1).tolist() == rank1.sum(1).tolist()
+
+
 @slow
 def test_mini_batches_take_one_optimizer_step_each(loaded):
     model, vl = loaded

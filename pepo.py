@@ -357,7 +357,8 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 #   completion_ids     [B, L], completion_mask [B, L], truncated [B]
 # Rows 0-1 hold copies of prompt 0's image and rows 2-3 of prompt 1's, so slice_batch(batch,
 # slice(2, 4)) takes rows 2-3, the 3rd and 4th entries of image_grid_thw, and those images'
-# patch rows. forward and generate run the vision tower once per distinct image (encode_images).
+# patch rows. forward and generate run the vision tower once per distinct image (encode_images),
+# and forward runs each distinct prompt once, its G completions on copies of its cache.
 # ========================================================================================
 END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -451,23 +452,30 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict:
-    """The vision tower's output for a batch's images, run once per distinct image: the G rows of
-    a group repeat their prompt's images, and the tower would otherwise see each of them G times.
-    Copies are found by size and the sum of the pixels' bit patterns, then confirmed exactly.
-    Returns the `mm_encoder_outputs` that Qwen-VL models in transformers 5 take instead of
-    pixel_values; the gradients of an image's copies add up in its one output."""
+def image_copies(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[list, list]:
+    """Which images of a batch are copies of each other (the G rows of a group repeat their
+    prompt's images) -> (the first image of each distinct image, each image's distinct image).
+    Copies are found by size and the sum of the pixels' bit patterns, then confirmed exactly."""
     sizes = image_grid_thw.prod(-1).tolist()
     images = pixel_values.split(sizes)
     bits = pixel_values.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[pixel_values.element_size()])
-    sums = torch.stack([rows.sum(dtype=torch.int64) for rows in bits.split(sizes)])  # integers: exact, the same for every copy
-    first, index, seen = [], [], {}  # distinct images; each image's distinct image; (size, sum) -> distinct image
-    for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums.tolist())):
+    sums = torch.stack([rows.sum(dtype=torch.int64) for rows in bits.split(sizes)]).tolist()  # integers: exact, the same for every copy
+    first, index, seen = [], [], {}  # (size, sum) -> distinct image
+    for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums)):
         j = seen.get(key)
         if j is None or not torch.equal(images[i], images[first[j]]):
             j = seen[key] = len(first)
             first.append(i)
         index.append(j)
+    return first, index
+
+
+def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict:
+    """The vision tower's output for a batch's images, run once per distinct image. Returns the
+    `mm_encoder_outputs` that Qwen-VL models in transformers 5 take instead of pixel_values;
+    the gradients of an image's copies add up in its one output."""
+    first, index = image_copies(pixel_values, image_grid_thw)
+    images = pixel_values.split(image_grid_thw.prod(-1).tolist())
     out = model.model.get_image_features(torch.cat([images[i] for i in first]), image_grid_thw[first], return_dict=True)
     out.pooler_output = tuple(out.pooler_output[k] for k in index)  # [tokens, D] per image
     if getattr(out, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
@@ -483,21 +491,64 @@ def model_inputs(model, batch: dict) -> dict:
     return inputs
 
 
+def images_per_row(batch: dict) -> torch.Tensor:
+    """[B] number of images in each row: runs of image-placeholder tokens."""
+    types = batch["mm_token_type_ids"]
+    return (types.diff(dim=1, prepend=torch.zeros_like(types[:, :1])) == 1).sum(1)
+
+
+def shared_prompts(batch: dict, prompt_len: int) -> tuple[list, list, list]:
+    """Rows with the same prompt tokens and the same images (a group's G completions) -> the first
+    row of each distinct prompt, each row's distinct prompt, and the images of those first rows."""
+    image_index = image_copies(batch["pixel_values"], batch["image_grid_thw"])[1]
+    per_row = images_per_row(batch).tolist()
+    starts = [sum(per_row[:i]) for i in range(len(per_row) + 1)]
+    first, index, seen = [], [], {}
+    for i, ids in enumerate(batch["input_ids"][:, :prompt_len].tolist()):
+        key = (tuple(ids), tuple(image_index[starts[i]:starts[i + 1]]))
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        index.append(seen[key])
+    return first, index, [j for i in first for j in range(starts[i], starts[i + 1])]
+
+
 def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False):
     """The one forward helper (training pass, scoring pass, reference and perturbed passes).
 
     Returns completion logits [B, L, V] divided by the sampling temperature (position t-1
-    predicts token t, so positions -L-1..-2 are kept), and the hidden states when asked.
+    predicts token t), and the hidden states [B, T, D] per layer when asked.
+    The G rows of a group repeat one prompt: the prompt runs once, with its images, and each
+    row's completion runs on a copy of its attention cache. Logits and hidden states are those
+    of the full rows (to float rounding); the gradients of the copies add up in the shared pass.
     """
     L = batch["completion_ids"].shape[1]
-    out = model(**model_inputs(model, batch), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
-    # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
-    return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
+    P = batch["input_ids"].shape[1] - L
+    share = L > 0 and batch["image_grid_thw"].shape[0] and not model.is_activation_checkpointing  # checkpointing would redo the cache
+    first, index, images = shared_prompts(batch, P) if share else ([], [], [])
+    if len(first) in (0, len(index)):  # nothing to share: the full rows in one pass
+        out = model(**model_inputs(model, batch), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+        # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
+        return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
+    ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]
+    position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)  # M-RoPE, [3, B, P + L]
+    prompt = dict(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P])
+    if images:
+        pixels = batch["pixel_values"].split(grid.prod(-1).tolist())
+        prompt.update(image_grid_thw=grid[images], mm_encoder_outputs=encode_images(model, torch.cat([pixels[j] for j in images]), grid[images]))
+    head = model(**prompt, position_ids=position_ids[:, first, :P], output_hidden_states=hidden_states, logits_to_keep=1, use_cache=True)
+    cache = head.past_key_values
+    cache.batch_select_indices(torch.tensor(index, device=ids.device))  # its prompt's keys and values for every row
+    tail = model(input_ids=ids[:, P:], attention_mask=mask, position_ids=position_ids[:, :, P:], past_key_values=cache,
+                 output_hidden_states=hidden_states, use_cache=False)
+    logits = torch.cat([head.logits[index], tail.logits[:, :-1]], 1).div_(temperature)
+    hidden = [torch.cat([h[index], t], 1) for h, t in zip(head.hidden_states, tail.hidden_states)] if hidden_states else None
+    return logits, hidden
 
 
 def slice_batch(batch: dict, rows: slice) -> dict:
     """Rows of a batch; pixel_values/image_grid_thw are per image, so slice those by image."""
-    n_img = (batch["mm_token_type_ids"].diff(dim=1, prepend=torch.zeros_like(batch["mm_token_type_ids"][:, :1])) == 1).sum(1)
+    n_img = images_per_row(batch)
     starts = torch.cat([torch.zeros(1, dtype=torch.long, device=n_img.device), n_img.cumsum(0)])
     img = slice(int(starts[rows.start]), int(starts[rows.stop]))
     patches = batch["image_grid_thw"].prod(-1)

@@ -782,26 +782,37 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
 
 @slow
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_forward_runs_the_vision_tower_once_per_distinct_image(tmp_path, tiny, kind):
+def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind):
     model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
     vl = pepo.VLHelper(tok, ip, model.config)
     examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
-    batch = vl.with_completions(pepo.repeat_rows(vl.encode_prompts(examples), 3), [[5, 6, 7]] * 9)  # 3 groups of 3 rows
-    calls = []
-    hook = model.model.visual.register_forward_hook(lambda mod, args, kw, out: calls.append(int(kw["grid_thw"].shape[0])),
-                                                    with_kwargs=True)  # images per call
+    completions = [[5, 6, 7, 8][:2 + i % 3] + [vl.end_ids[0]] * (i % 2) for i in range(9)]  # different lengths, some cut short
+    batch = vl.with_completions(pepo.repeat_rows(vl.encode_prompts(examples), 3), completions)  # 3 groups of 3 rows
+    vision, text = [], []
+    hooks = [model.model.visual.register_forward_hook(lambda mod, args, kw, out: vision.append(int(kw["grid_thw"].shape[0])),
+                                                      with_kwargs=True),  # images per call
+             model.model.language_model.layers[0].register_forward_hook(lambda mod, args, out: text.append(tuple(args[0].shape[:2])))]
     try:
-        logits, _ = pepo.forward(model, batch)
-        grads = torch.autograd.grad(logits.square().sum(), list(model.model.visual.parameters()))
+        logits, hidden = pepo.forward(model, batch, hidden_states=True)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     distinct = 1 + len(examples[1].images) + 1
-    assert calls == [distinct] and batch["image_grid_thw"].shape[0] == 3 * distinct
-    L = batch["completion_ids"].shape[1]  # the same as the model on every row's own pixels
-    plain = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False).logits[:, :-1]
-    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
-    for g, g_plain in zip(grads, torch.autograd.grad(plain.square().sum(), list(model.model.visual.parameters()))):
-        torch.testing.assert_close(g, g_plain, rtol=1e-4, atol=1e-5)
+    assert vision == [distinct] and batch["image_grid_thw"].shape[0] == 3 * distinct
+    T, L = batch["input_ids"].shape[1], batch["completion_ids"].shape[1]
+    assert text == [(3, T - L), (9, L)]  # each prompt once, then every row's completion on its copy of the cache
+    # the same as the model on every row's full sequence and own pixels: logits, hidden states, every gradient
+    plain = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(logits, plain.logits[:, :-1], rtol=1e-5, atol=1e-5)
+    for h, h_plain in zip(hidden, plain.hidden_states, strict=True):
+        torch.testing.assert_close(h, h_plain, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((logits * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True)
+    plain_grads = torch.autograd.grad((plain.logits[:, :-1] * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True)
+    for g, g_plain in zip(grads, plain_grads):
+        assert (g is None) == (g_plain is None)
+        if g is not None:  # float rounding, relative to the largest entry of each gradient
+            torch.testing.assert_close(g, g_plain, rtol=1e-4, atol=1e-5 * max(1.0, g_plain.abs().max().item()))
 
 
 @slow

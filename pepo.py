@@ -470,11 +470,12 @@ def image_copies(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tu
     return first, index
 
 
-def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> dict:
-    """The vision tower's output for a batch's images, run once per distinct image. Returns the
-    `mm_encoder_outputs` that Qwen-VL models in transformers 5 take instead of pixel_values;
-    the gradients of an image's copies add up in its one output."""
-    first, index = image_copies(pixel_values, image_grid_thw)
+def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, copies=None) -> dict:
+    """The vision tower's output for a batch's images, run once per distinct image (`copies`:
+    image_copies' result, when already known). Returns the `mm_encoder_outputs` that Qwen-VL
+    models in transformers 5 take instead of pixel_values; the gradients of an image's copies
+    add up in its one output."""
+    first, index = copies or image_copies(pixel_values, image_grid_thw)
     images = pixel_values.split(image_grid_thw.prod(-1).tolist())
     out = model.model.get_image_features(torch.cat([images[i] for i in first]), image_grid_thw[first], return_dict=True)
     out.pooler_output = tuple(out.pooler_output[k] for k in index)  # [tokens, D] per image
@@ -483,11 +484,11 @@ def encode_images(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tenso
     return {"image": out}
 
 
-def model_inputs(model, batch: dict) -> dict:
+def model_inputs(model, batch: dict, copies=None) -> dict:
     """The model's keyword arguments for a batch, with its images encoded once each (encode_images)."""
     inputs = {k: batch[k] for k in MODEL_KEYS if k != "pixel_values"}
     if batch["image_grid_thw"].shape[0]:
-        inputs["mm_encoder_outputs"] = encode_images(model, batch["pixel_values"], batch["image_grid_thw"])
+        inputs["mm_encoder_outputs"] = encode_images(model, batch["pixel_values"], batch["image_grid_thw"], copies)
     return inputs
 
 
@@ -497,12 +498,11 @@ def images_per_row(batch: dict) -> torch.Tensor:
     return (types.diff(dim=1, prepend=torch.zeros_like(types[:, :1])) == 1).sum(1)
 
 
-def shared_prompts(batch: dict, prompt_len: int) -> tuple[list, list, list]:
-    """Rows with the same prompt tokens and the same images (a group's G completions) -> the first
-    row of each distinct prompt, each row's distinct prompt, and the images of those first rows."""
-    image_index = image_copies(batch["pixel_values"], batch["image_grid_thw"])[1]
-    per_row = images_per_row(batch).tolist()
-    starts = [sum(per_row[:i]) for i in range(len(per_row) + 1)]
+def shared_prompts(batch: dict, prompt_len: int, image_index: list) -> tuple[list, list, list]:
+    """Rows with the same prompt tokens and the same images (a group's G completions; image_index:
+    each image's distinct image) -> the first row of each distinct prompt, each row's distinct
+    prompt, and the images of those first rows."""
+    starts = [0, *images_per_row(batch).cumsum(0).tolist()]  # row i holds images starts[i]:starts[i + 1]
     first, index, seen = [], [], {}
     for i, ids in enumerate(batch["input_ids"][:, :prompt_len].tolist()):
         key = (tuple(ids), tuple(image_index[starts[i]:starts[i + 1]]))
@@ -525,9 +525,10 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
     L = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - L
     share = L > 0 and batch["image_grid_thw"].shape[0] and not model.is_activation_checkpointing  # checkpointing would redo the cache
-    first, index, images = shared_prompts(batch, P) if share else ([], [], [])
+    copies = image_copies(batch["pixel_values"], batch["image_grid_thw"]) if share else None
+    first, index, images = shared_prompts(batch, P, copies[1]) if share else ([], [], [])
     if len(first) in (0, len(index)):  # nothing to share: the full rows in one pass
-        out = model(**model_inputs(model, batch), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+        out = model(**model_inputs(model, batch, copies), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
         # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
         return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
     ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]

@@ -281,13 +281,13 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
                         "--lr", setting("lr"), "--lr-schedule", budget["lr_schedule"],
                         "--eval-every", str(budget["eval_every"]), "--eval-size", str(budget["eval_size"]),
                         *shlex.split(extra), "--output-dir", str(out)]
-                runs.append(dict(kind="run", task=task, algo=algo, seed=seed, argv=argv, out=str(out),
+                runs.append(dict(kind="run", task=task, algo=algo, seed=seed, model=str(model), argv=argv, out=str(out),
                                  log=str(root / "logs" / f"{task}_{algo}_s{seed}.log")))
     return builds, runs
 
 
 def learn(opt) -> None:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
 
     budget = dict(BUDGETS["quick" if opt.quick else "full"])
@@ -305,27 +305,38 @@ def learn(opt) -> None:
         json.loads((Path(j["out"]) / "job.json").read_text()) == j["argv"]
     todo = [] if opt.report else [j for j in runs if not done(j)]
     print(f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}")
+    needs = {b["path"]: [j for j in todo if j["model"] == b["path"]] for b in builds}  # the runs waiting for each model
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        for b in pool.map(_job, builds if todo else []):
-            print(f"  built {b['task']} seed {b['seed']} ({b['seconds']:.0f} s)", flush=True)
-        futures, t_runs = {}, time.time()
-        for j in todo:
-            Path(j["out"]).mkdir(parents=True, exist_ok=True)
-            (Path(j["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
-            (Path(j["out"]) / "job.json").write_text(json.dumps(j["argv"]))
-            futures[pool.submit(_job, j)] = j
-        for i, f in enumerate(as_completed(futures), 1):
-            j = futures[f]
-            head = f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}:"
-            try:
-                seconds = f.result()["seconds"]
-            except Exception as e:  # one failed run should not cost the other 35; its log says why
-                print(f"{head} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
-                continue
-            s = json.loads((Path(j["out"]) / "summary.json").read_text())
-            eta = (time.time() - t_runs) / i * (len(todo) - i) / 60  # rough: runs differ in length
-            print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
-                  f"~{eta:.0f} min left)", flush=True)
+        # Each run is queued as soon as its initial model is built, so no worker waits for the last
+        # build; the models with the most runs are built first.
+        pending = {pool.submit(_job, b): b for b in sorted(builds, key=lambda b: -len(needs[b["path"]])) if needs[b["path"]]}
+        i = 0
+        while pending:
+            for f in wait(pending, return_when=FIRST_COMPLETED)[0]:
+                j = pending.pop(f)
+                if j["kind"] == "build":
+                    try:
+                        print(f"  built {j['task']} seed {j['seed']} ({f.result()['seconds']:.0f} s)", flush=True)
+                    except Exception as e:  # its runs are left out; the log says why
+                        print(f"  build {j['task']} seed {j['seed']} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
+                        continue
+                    for r in needs[j["path"]]:
+                        Path(r["out"]).mkdir(parents=True, exist_ok=True)
+                        (Path(r["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
+                        (Path(r["out"]) / "job.json").write_text(json.dumps(r["argv"]))
+                        pending[pool.submit(_job, r)] = r
+                    continue
+                i += 1
+                head = f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}:"
+                try:
+                    seconds = f.result()["seconds"]
+                except Exception as e:  # one failed run should not cost the other 99; its log says why
+                    print(f"{head} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
+                    continue
+                s = json.loads((Path(j["out"]) / "summary.json").read_text())
+                eta = (time.time() - t_start) / i * (len(todo) - i) / 60  # rough: runs differ in length
+                print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
+                      f"~{eta:.0f} min left)", flush=True)
     results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)]
     if not results:
         sys.exit("learn: no run finished; see the logs")

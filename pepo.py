@@ -513,7 +513,23 @@ def shared_prompts(batch: dict, prompt_len: int, image_index: list) -> tuple[lis
     return first, index, [j for i in first for j in range(starts[i], starts[i + 1])]
 
 
-def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False):
+def prompt_layout(model, batch: dict) -> dict:
+    """How `forward` shares a batch's prompts, worked out once per batch (the policy and the
+    reference pass of a step reuse it): "copies" (image_copies), and when rows repeat a prompt,
+    "first"/"index"/"images" (shared_prompts) and the full rows' M-RoPE "position_ids" [3, B, P + L]."""
+    L = batch["completion_ids"].shape[1]
+    if L == 0 or batch["image_grid_thw"].shape[0] == 0:
+        return {}
+    copies = image_copies(batch["pixel_values"], batch["image_grid_thw"])
+    first, index, images = shared_prompts(batch, batch["input_ids"].shape[1] - L, copies[1])
+    if len(first) == len(index):  # nothing repeats
+        return {"copies": copies}
+    ids, types, grid, mask = batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["attention_mask"]
+    position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+    return dict(copies=copies, first=first, index=index, images=images, position_ids=position_ids)
+
+
+def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False, layout: dict | None = None):
     """The one forward helper (training pass, scoring pass, reference and perturbed passes).
 
     Returns completion logits [B, L, V] divided by the sampling temperature (position t-1
@@ -521,18 +537,17 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
     The G rows of a group repeat one prompt: the prompt runs once, with its images, and each
     row's completion runs on a copy of its attention cache. Logits and hidden states are those
     of the full rows (to float rounding); the gradients of the copies add up in the shared pass.
+    `layout`: prompt_layout(model, batch), when already known.
     """
+    layout = prompt_layout(model, batch) if layout is None else layout
     L = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - L
-    share = L > 0 and batch["image_grid_thw"].shape[0] and not model.is_activation_checkpointing  # checkpointing would redo the cache
-    copies = image_copies(batch["pixel_values"], batch["image_grid_thw"]) if share else None
-    first, index, images = shared_prompts(batch, P, copies[1]) if share else ([], [], [])
-    if len(first) in (0, len(index)):  # nothing to share: the full rows in one pass
-        out = model(**model_inputs(model, batch, copies), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    if "first" not in layout or model.is_activation_checkpointing:  # nothing to share (or checkpointing, which would redo the cache)
+        out = model(**model_inputs(model, batch, layout.get("copies")), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
         # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
         return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
+    first, index, images, position_ids = layout["first"], layout["index"], layout["images"], layout["position_ids"]
     ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]
-    position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)  # M-RoPE, [3, B, P + L]
     prompt = dict(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P])
     if images:
         pixels = batch["pixel_values"].split(grid.prod(-1).tolist())
@@ -723,8 +738,9 @@ def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependen
     model.train(keep_graph)  # the same computation either way (no dropout); train() for the pass the update reuses
     out = {"old_logp": [], "entropy": [], "prior": [], "ref_logp": [], "dependency": [], "logits": []}
     for mb in parts:
+        layout = prompt_layout(model, mb)  # once for the policy and the reference pass
         with torch.set_grad_enabled(keep_graph):
-            logits, hidden = forward(model, mb, args.temperature, hidden_states=prior)
+            logits, hidden = forward(model, mb, args.temperature, hidden_states=prior, layout=layout)
         if keep_graph:
             out["logits"].append(logits)
             logits, hidden = logits.detach(), hidden and [h.detach() for h in hidden]
@@ -736,7 +752,7 @@ def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependen
                 vision = mb["input_ids"] == model.config.image_token_id
                 out["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
             if ref_model is not None:
-                out["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature)[0], mb["completion_ids"]))
+                out["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature, layout=layout)[0], mb["completion_ids"]))
             if dependency:
                 logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
                 out["dependency"].append(vppo.token_visual_kl(logits, logits_pert) if args.vppo_kl == "exact"
@@ -855,14 +871,14 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
 # §6 The training loop: one loop for every algorithm
 # ========================================================================================
 def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_examples, first_step: int,
-          train_rng: random.Random, perturb_gen: torch.Generator, device, autocast, metrics, save, stop, record) -> int:
+          train_rng: random.Random, perturb_gen: torch.Generator, device, autocast, metrics, save, stop, record) -> tuple[int, float | None]:
     """Steps first_step..args.steps: rollouts -> score -> shape -> update, one line of `metrics`
     per step. `save(step)` writes a resumable checkpoint; `stop.name` is set by SIGINT/SIGTERM;
     `record(step, batch, scores, signals, advantages, weights)` keeps --visualize's rollouts.
-    Returns the last step done."""
+    Returns the last step done and its held-out accuracy (None if not evaluated at that step)."""
     from tqdm import tqdm
 
-    step, shown = first_step - 1, False
+    step, shown, held_out = first_step - 1, False, None
     bar = tqdm(range(first_step, args.steps + 1), initial=step, total=args.steps, desc=args.algo, dynamic_ncols=True, disable=not dist_.is_main())
     for step in bar:
         t0 = time.time()
@@ -898,8 +914,9 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
                 shown = True
                 record(step, batch, scores, signals, advantages, weights)
         m["seconds"] = dist_.all_max(time.time() - t0)
+        held_out = None
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
-            m["eval_accuracy"] = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
+            m["eval_accuracy"] = held_out = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
         m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null: valid JSON
         metrics.write(json.dumps(m) + "\n")
         metrics.flush()
@@ -909,7 +926,7 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
             save(step)
         if stopping:
             break
-    return step
+    return step, held_out
 
 
 # ========================================================================================
@@ -1301,14 +1318,17 @@ def run(args: Args):
 
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
-        step = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
+        step, held_out = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
                      train_rng, perturb_gen, device, autocast, metrics, save, stop, record)
     if step < args.steps:  # stopped by a signal, after saving this step
         print(f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
               f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)
         return {"stopped_at_step": step, "signal": stop.name}
 
-    after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    if held_out is not None and not args.eval_samples:  # the last step's evaluation is the same computation
+        after = {"accuracy": held_out}
+    else:
+        after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     print(f"accuracy after RL: {after['accuracy']:.3f}")
     save(args.steps)
     summary = {"algo": args.algo, "task": task.name, "model": args.model, "steps": args.steps,

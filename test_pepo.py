@@ -782,7 +782,7 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
 
 @slow
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind):
+def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, monkeypatch):
     model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
     vl = pepo.VLHelper(tok, ip, model.config)
     examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
@@ -801,6 +801,10 @@ def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind):
     assert vision == [distinct] and batch["image_grid_thw"].shape[0] == 3 * distinct
     T, L = batch["input_ids"].shape[1], batch["completion_ids"].shape[1]
     assert text == [(3, T - L), (9, L)]  # each prompt once, then every row's completion on its copy of the cache
+    # a layout worked out once (score: the policy, then the reference pass) gives the same pass, without a second get_rope_index
+    layout, rope, calls = pepo.prompt_layout(model, batch), model.model.get_rope_index, []
+    monkeypatch.setattr(model.model, "get_rope_index", lambda *a, **kw: calls.append(1) or rope(*a, **kw))
+    assert torch.equal(pepo.forward(model, batch, layout=layout)[0], logits.detach()) and calls == []
     # the same as the model on every row's full sequence and own pixels: logits, hidden states, every gradient
     plain = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False, output_hidden_states=True)
     torch.testing.assert_close(logits, plain.logits[:, :-1], rtol=1e-5, atol=1e-5)

@@ -513,20 +513,37 @@ def shared_prompts(batch: dict, prompt_len: int, image_index: list) -> tuple[lis
     return first, index, [j for i in first for j in range(starts[i], starts[i + 1])]
 
 
-def prompt_layout(model, batch: dict) -> dict:
-    """How `forward` shares a batch's prompts, worked out once per batch (the policy and the
-    reference pass of a step reuse it): "copies" (image_copies), and when rows repeat a prompt,
-    "first"/"index"/"images" (shared_prompts) and the full rows' M-RoPE "position_ids" [3, B, P + L]."""
-    L = batch["completion_ids"].shape[1]
-    if L == 0 or batch["image_grid_thw"].shape[0] == 0:
+def prompt_layout(model, batch: dict, always: bool = False) -> dict:
+    """How a batch's rows share their prompts, worked out once per batch (the policy and the
+    reference pass of a step reuse it): "copies" (image_copies), and when rows repeat a prompt
+    (or `always`), "first"/"index"/"images" (shared_prompts) and the rows' M-RoPE
+    "position_ids" [3, B, T]. A batch without completion_ids is all prompt (generate)."""
+    L = batch["completion_ids"].shape[1] if "completion_ids" in batch else 0
+    grid = batch["image_grid_thw"]
+    if not always and (L == 0 or grid.shape[0] == 0):
         return {}
-    copies = image_copies(batch["pixel_values"], batch["image_grid_thw"])
+    copies = image_copies(batch["pixel_values"], grid) if grid.shape[0] else ([], [])
     first, index, images = shared_prompts(batch, batch["input_ids"].shape[1] - L, copies[1])
-    if len(first) == len(index):  # nothing repeats
+    if not always and len(first) == len(index):  # nothing repeats
         return {"copies": copies}
-    ids, types, grid, mask = batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], batch["attention_mask"]
+    ids, types, mask = batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"]
     position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
     return dict(copies=copies, first=first, index=index, images=images, position_ids=position_ids)
+
+
+def run_prompts(model, batch: dict, P: int, layout: dict, hidden_states: bool = False):
+    """Each distinct prompt of a batch once (its first P tokens, with its images; layout: see
+    prompt_layout) -> the model's output, its attention cache copied to every row of the batch."""
+    first, index, images, position_ids = layout["first"], layout["index"], layout["images"], layout["position_ids"]
+    ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]
+    prompt = dict(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P])
+    if images:
+        pixels = batch["pixel_values"].split(grid.prod(-1).tolist())
+        prompt.update(image_grid_thw=grid[images], mm_encoder_outputs=encode_images(model, torch.cat([pixels[j] for j in images]), grid[images]))
+    head = model(**prompt, position_ids=position_ids[:, first, :P], output_hidden_states=hidden_states, logits_to_keep=1, use_cache=True)
+    if len(first) < len(index):
+        head.past_key_values.batch_select_indices(torch.tensor(index, device=ids.device))  # its prompt's keys and values for every row
+    return head
 
 
 def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = False, layout: dict | None = None):
@@ -546,17 +563,10 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
         out = model(**model_inputs(model, batch, layout.get("copies")), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
         # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
         return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
-    first, index, images, position_ids = layout["first"], layout["index"], layout["images"], layout["position_ids"]
-    ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]
-    prompt = dict(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P])
-    if images:
-        pixels = batch["pixel_values"].split(grid.prod(-1).tolist())
-        prompt.update(image_grid_thw=grid[images], mm_encoder_outputs=encode_images(model, torch.cat([pixels[j] for j in images]), grid[images]))
-    head = model(**prompt, position_ids=position_ids[:, first, :P], output_hidden_states=hidden_states, logits_to_keep=1, use_cache=True)
-    cache = head.past_key_values
-    cache.batch_select_indices(torch.tensor(index, device=ids.device))  # its prompt's keys and values for every row
-    tail = model(input_ids=ids[:, P:], attention_mask=mask, position_ids=position_ids[:, :, P:], past_key_values=cache,
-                 output_hidden_states=hidden_states, use_cache=False)
+    index, position_ids = layout["index"], layout["position_ids"]
+    head = run_prompts(model, batch, P, layout, hidden_states)
+    tail = model(input_ids=batch["input_ids"][:, P:], attention_mask=batch["attention_mask"], position_ids=position_ids[:, :, P:],
+                 past_key_values=head.past_key_values, output_hidden_states=hidden_states, use_cache=False)
     logits = torch.cat([head.logits[index], tail.logits[:, :-1]], 1).div_(temperature)
     hidden = [torch.cat([h[index], t], 1) for h, t in zip(head.hidden_states, tail.hidden_states)] if hidden_states else None
     return logits, hidden
@@ -591,21 +601,53 @@ def micro_batches(batch: dict, size: int):
     return [slice_batch(batch, slice(i, min(i + size, B))) for i in range(0, B, size)]
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Next-token logits [B, V] -> the logits sampling draws from [B, V]: divided by the temperature,
+    then -inf outside the top_k likeliest tokens and outside the smallest set holding top_p of the
+    probability (in that order, as transformers' sampling does)."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # the likeliest token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
 @torch.no_grad()
 def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperature: float, greedy: bool = False,
              top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Sample completions for left-padded prompts -> [B, L] token ids (right-padded).
-    Log-probs are later taken at `temperature` over the full vocabulary, as TRL, ms-swift and
-    verl do, also when top_k / top_p truncate the sampling distribution."""
-    from transformers import GenerationConfig
-
-    cfg = GenerationConfig(do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k if not greedy else None,
-                           top_p=top_p if not greedy else None, max_new_tokens=max_new_tokens, eos_token_id=vl.end_ids,
-                           pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
-    out = model.generate(**model_inputs(model, prompts), generation_config=cfg,
-                         synced_gpus=dist_.world() > 1)  # FSDP2: a rank that is done keeps stepping until all are
+    """Sample completions for left-padded prompts -> [B, L] token ids, pad after a row's end token.
+    Each distinct prompt runs once (run_prompts: a group's G rows share it), then every row takes
+    one token per step on its copy of the cache. Log-probs are later taken at `temperature` over
+    the full vocabulary, as TRL, ms-swift and verl do, also when top_k / top_p truncate sampling.
+    Under torchrun every rank steps until all are done (FSDP2 runs each forward on all ranks)."""
+    B, P = prompts["input_ids"].shape
+    layout = prompt_layout(model, prompts, always=True)
+    out = run_prompts(model, prompts, P, layout)
+    cache, logits = out.past_key_values, out.logits[layout["index"], -1].float()
+    position = layout["position_ids"].amax(dim=(0, 2)) + 1  # [B] text after the prompt goes on from its largest position
+    mask, device = prompts["attention_mask"], prompts["input_ids"].device
+    suppress, ends = torch.tensor(vl.suppress_ids, device=device), torch.tensor(vl.end_ids, device=device)
+    tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+    while True:
+        if len(tokens) < max_new_tokens and not done.all():
+            logits[:, suppress] = float("-inf")  # placeholders and vision tokens are never sampled
+            token = logits.argmax(-1) if greedy else torch.multinomial(sampling_logits(logits, temperature, top_k, top_p).softmax(-1), 1)[:, 0]
+            token = token.masked_fill(done, vl.pad_id)
+            tokens.append(token)
+            done |= torch.isin(token, ends)
+        if dist_.all_true(len(tokens) == max_new_tokens or bool(done.all())):  # a rank that is done steps on until all are
+            break
+        mask = F.pad(mask, (0, 1), value=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position.view(1, B, 1).expand(3, B, 1),
+                    past_key_values=cache, use_cache=True)
+        cache, logits, position = out.past_key_values, out.logits[:, -1].float(), position + 1
     dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
-    return out[:, prompts["input_ids"].shape[1]:].cpu()
+    return torch.stack(tokens, 1).cpu()
 
 
 # ========================================================================================

@@ -820,6 +820,50 @@ def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, 
 
 
 @slow
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_generate_prefills_each_prompt_once_and_matches_transformers(tmp_path, tiny, kind):
+    from transformers import GenerationConfig
+
+    model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
+    vl = pepo.VLHelper(tok, ip, model.config)
+    examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
+    prompts = pepo.repeat_rows(vl.encode_prompts(examples), 3)  # 3 groups of 3 rows, one with several images
+    text = []
+    hook = model.model.language_model.layers[0].register_forward_hook(lambda mod, args, out: text.append(tuple(args[0].shape[:2])))
+    try:
+        greedy = pepo.generate(model.eval(), vl, prompts, 7, 1.0, greedy=True)
+    finally:
+        hook.remove()
+    P = prompts["input_ids"].shape[1]
+    assert text[0] == (3, P) and set(text[1:]) == {(9, 1)} and len(text) == greedy.shape[1]  # each prompt once, then a token a step
+    settings = dict(max_new_tokens=7, eos_token_id=vl.end_ids, pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
+    inputs = {k: prompts[k] for k in pepo.MODEL_KEYS}
+    expected = model.generate(**inputs, generation_config=GenerationConfig(do_sample=False, **settings))[:, P:]
+    assert torch.equal(greedy, expected)
+    for top_k, top_p in [(0, 1.0), (5, 0.9)]:  # sampling: the same tokens from the same random stream
+        torch.manual_seed(0)
+        sampled = pepo.generate(model, vl, prompts, 7, 0.7, top_k=top_k, top_p=top_p)
+        torch.manual_seed(0)
+        config = GenerationConfig(do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p, **settings)
+        assert torch.equal(sampled, model.generate(**inputs, generation_config=config)[:, P:])
+
+
+def test_sampling_logits_match_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.7, 5, 0.6), (1.0, 1, 0.5), (1.0, 0, 1e-6)]:
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        got = pepo.sampling_logits(logits, temperature, top_k, top_p)
+        assert torch.equal(got, expected), (temperature, top_k, top_p)
+        assert (got > float("-inf")).sum(1).min() >= 1  # never an empty distribution
+
+
+@slow
 def test_eval_only_writes_eval_json(tmp_path, tiny):
     result = run(tmp_path, tiny, "--eval-only", "--eval-samples", "2")
     saved = json.loads((tmp_path / "eval.json").read_text())

@@ -90,9 +90,9 @@ def shard(model, mp_policy=None):
     DTensors sharded over the ranks on dim 0; the optimizer built afterwards holds only its
     shard of the states. Returns the model (the same object, its class now FSDP<name>).
 
-    Gradients are summed over ranks, not averaged (see the module docstring). Under FSDP2,
-    transformers' generate() turns on synced_gpus by itself: a rank whose completions all
-    ended keeps running forward passes until every rank is done, so collectives stay in step.
+    Gradients are summed over ranks, not averaged (see the module docstring). pepo.generate
+    keeps the ranks in step: a rank whose completions all ended keeps running forward passes
+    until every rank is done, so the collectives match.
     One process: the model is returned untouched.
     """
     if world() == 1:

@@ -357,8 +357,8 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 #   completion_ids     [B, L], completion_mask [B, L], truncated [B]
 # Rows 0-1 hold copies of prompt 0's image and rows 2-3 of prompt 1's, so slice_batch(batch,
 # slice(2, 4)) takes rows 2-3, the 3rd and 4th entries of image_grid_thw, and those images'
-# patch rows. forward and generate run the vision tower once per distinct image (encode_images),
-# and forward runs each distinct prompt once, its G completions on copies of its cache.
+# patch rows. forward and generate run the vision tower once per distinct image (encode_images)
+# and each distinct prompt once (run_prompts), its G completions on copies of its cache.
 # ========================================================================================
 END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]

@@ -225,7 +225,7 @@ def test_two_processes_collectives_and_update_equals_one_process(tiny_random, tm
         for key, value in ref["stats"].items():  # the logged stats are those of the global batch
             assert got["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
     lengths = json.load(open(tmp_path / "generate.json"))["generate_lengths"]
-    assert lengths[0] <= 2 < lengths[1]  # rank 0 finished first and kept stepping (synced_gpus) until rank 1 was done
+    assert lengths[0] <= 2 < lengths[1]  # rank 0 finished first and kept stepping until rank 1 was done
 
 
 # ----------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ ALGOS.update(ABLATION_ROWS)
 # 5 seeds (0.46-0.77 after 60 steps): once the policy stopped sampling one colour's word, that
 # colour's groups were all wrong and carried no signal. At 5e-4, 5 trial runs of 40 steps all passed
 # 0.97; in the table (results/learning.md) GRPO ends at 1.00 on every color-think seed and at 0.95
-# [0.84, 1.00] on color (one seed 0.73). The full run took 100.4 min on 2 workers.
+# [0.84, 1.00] on color (one seed 0.73). The full run took 95.0 min on 2 workers (df11674).
 # The learning rate is constant so that the cosine decay does not cut a short run short.
 # --quick checks the pipeline in < 5 minutes; its numbers mean nothing.
 BUDGETS = {

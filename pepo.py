@@ -1361,7 +1361,7 @@ def run(args: Args):
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
         step, held_out = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
-                     train_rng, perturb_gen, device, autocast, metrics, save, stop, record)
+                               train_rng, perturb_gen, device, autocast, metrics, save, stop, record)
     if step < args.steps:  # stopped by a signal, after saving this step
         print(f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
               f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)

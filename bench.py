@@ -286,6 +286,15 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
     return builds, runs
 
 
+def prepare_run(job: dict) -> dict:
+    """A run's folder, emptied of an old result and holding its argv (job.json, for resuming)."""
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # never report a stale result
+    (out / "job.json").write_text(json.dumps(job["argv"]))
+    return job
+
+
 def learn(opt) -> None:
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from multiprocessing import get_context
@@ -320,11 +329,7 @@ def learn(opt) -> None:
                     except Exception as e:  # its runs are left out; the log says why
                         print(f"  build {j['task']} seed {j['seed']} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
                         continue
-                    for r in needs[j["path"]]:
-                        Path(r["out"]).mkdir(parents=True, exist_ok=True)
-                        (Path(r["out"]) / "summary.json").unlink(missing_ok=True)  # never report a stale result
-                        (Path(r["out"]) / "job.json").write_text(json.dumps(r["argv"]))
-                        pending[pool.submit(_job, r)] = r
+                    pending.update({pool.submit(_job, prepare_run(r)): r for r in needs[j["path"]]})
                     continue
                 i += 1
                 head = f"  [{i}/{len(todo)}] {j['task']:9s} {j['algo']:17s} seed {j['seed']}:"

@@ -527,7 +527,11 @@ def prompt_layout(model, batch: dict, always: bool = False) -> dict:
     if not always and len(first) == len(index):  # nothing repeats
         return {"copies": copies}
     ids, types, mask = batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"]
-    position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
+    if L == 0:  # rows with the same prompt have the same positions: work them out once per prompt
+        position_ids, _ = model.model.get_rope_index(ids[first], types[first], image_grid_thw=grid[images], attention_mask=mask[first])
+        position_ids = position_ids[:, index]
+    else:
+        position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
     return dict(copies=copies, first=first, index=index, images=images, position_ids=position_ids)
 
 

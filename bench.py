@@ -61,11 +61,31 @@ ALGOS.update(ABLATION_ROWS)
 # The learning rate is constant so that the cosine decay does not cut a short run short.
 # --quick checks the pipeline in < 5 minutes; its numbers mean nothing.
 BUDGETS = {
-    "full": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1, 2, 3, 4, 5],
-                 steps={"color": 70, "color-think": 50}, lr={"color": 1e-3, "color-think": 5e-4}, prompts_per_step=16,
-                 group_size=8, lr_schedule="constant", eval_every=5, eval_size=100),
-    "quick": dict(tasks=["color", "color-think"], ablation_tasks=["color-think"], seeds=[1], steps=2, lr=1e-3, prompts_per_step=4,
-                  group_size=4, lr_schedule="constant", eval_every=2, eval_size=16, warmup_steps=20),  # a short warm-up too
+    "full": dict(
+        tasks=["color", "color-think"],
+        ablation_tasks=["color-think"],
+        seeds=[1, 2, 3, 4, 5],
+        steps={"color": 70, "color-think": 50},
+        lr={"color": 1e-3, "color-think": 5e-4},
+        prompts_per_step=16,
+        group_size=8,
+        lr_schedule="constant",
+        eval_every=5,
+        eval_size=100,
+    ),
+    "quick": dict(
+        tasks=["color", "color-think"],
+        ablation_tasks=["color-think"],
+        seeds=[1],
+        steps=2,
+        lr=1e-3,
+        prompts_per_step=4,
+        group_size=4,
+        lr_schedule="constant",
+        eval_every=2,
+        eval_size=16,
+        warmup_steps=20,
+    ),  # a short warm-up too
 }
 
 
@@ -78,8 +98,13 @@ def per_task(budget: dict, key: str, task: str):
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -119,10 +144,16 @@ def read_run(out: Path) -> dict:
     if steps[-1] != summary["steps"]:
         steps.append(summary["steps"])
         acc.append(summary["accuracy_after"])
-    return {"eval_steps": steps, "eval_accuracy": acc, "accuracy_before": summary["accuracy_before"],
-            "accuracy_after": summary["accuracy_after"], "seconds": summary["seconds"],
-            "train_reward": [m["reward"] for m in metrics], "train_accuracy": [m["accuracy"] for m in metrics],
-            "step_seconds": [round(m["seconds"], 3) for m in metrics]}
+    return {
+        "eval_steps": steps,
+        "eval_accuracy": acc,
+        "accuracy_before": summary["accuracy_before"],
+        "accuracy_after": summary["accuracy_after"],
+        "seconds": summary["seconds"],
+        "train_reward": [m["reward"] for m in metrics],
+        "train_accuracy": [m["accuracy"] for m in metrics],
+        "step_seconds": [round(m["seconds"], 3) for m in metrics],
+    }
 
 
 def steps_to(steps: list[int], acc: list[float], threshold: float):
@@ -161,7 +192,9 @@ def bootstrap_ci(fn, groups: list, n: int = 1000, seed: int = 0, level: float = 
     was finite.
     """
     rng = np.random.default_rng(seed)
-    values = np.asarray([fn([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n)], dtype=float)
+    values = np.asarray(
+        [fn([groups[i] for i in rng.integers(0, len(groups), len(groups))]) for _ in range(n)], dtype=float
+    )
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return CI(float("nan"), float("nan"), n)
@@ -189,16 +222,28 @@ def summarize(runs: list[dict], threshold: float) -> dict:
             # median over seeds, a seed that never reached the threshold counting as infinitely slow
             med = sorted(reach, key=lambda s: float("inf") if s is None else s)[(len(reach) - 1) // 2]
             to = f"not reached ({len(hit)}/{len(rs)})" if med is None else f"{med} ({len(hit)}/{len(rs)})"
-            out[task][algo] = {"final_mean": mean, "final_std": std, "final_ci95": [lo, hi], "area_mean": statistics.mean(area),
-                               "area_ci95": [area_lo, area_hi], "seeds": len(rs), "steps_to_threshold": reach,
-                               "final_cell": f"{mean:.2f} [{lo:.2f}, {hi:.2f}]",
-                               "area_cell": f"{statistics.mean(area):.2f} [{area_lo:.2f}, {area_hi:.2f}]", "steps_cell": to}
+            out[task][algo] = {
+                "final_mean": mean,
+                "final_std": std,
+                "final_ci95": [lo, hi],
+                "area_mean": statistics.mean(area),
+                "area_ci95": [area_lo, area_hi],
+                "seeds": len(rs),
+                "steps_to_threshold": reach,
+                "final_cell": f"{mean:.2f} [{lo:.2f}, {hi:.2f}]",
+                "area_cell": f"{statistics.mean(area):.2f} [{area_lo:.2f}, {area_hi:.2f}]",
+                "steps_cell": to,
+            }
     return out
 
 
 def markdown_table(summary: dict, algos: list[str], threshold: float) -> str:
     task_names = list(summary)
-    head = "| algorithm | " + " | ".join(f"{t}: final acc | {t}: curve area | {t}: steps to {threshold:g}" for t in task_names) + " |"
+    head = (
+        "| algorithm | "
+        + " | ".join(f"{t}: final acc | {t}: curve area | {t}: steps to {threshold:g}" for t in task_names)
+        + " |"
+    )
     rule = "|---|" + "---|---|---|" * len(task_names)
     rows = []
     for algo in algos:
@@ -218,7 +263,9 @@ def plot_learning(path: Path, runs: list[dict], algos: list[str], threshold: flo
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written")
+        print(
+            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written"
+        )
         return False
     task_names = list(dict.fromkeys(r["task"] for r in runs))
     fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
@@ -229,11 +276,18 @@ def plot_learning(path: Path, runs: list[dict], algos: list[str], threshold: flo
                 continue
             steps = rs[0]["eval_steps"]
             curves = list(zip(*[r["eval_accuracy"] for r in rs]))  # per step: one value per seed
-            line, = ax.plot(steps, [statistics.mean(c) for c in curves], label=algo, lw=1.6)
-            ax.fill_between(steps, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.15, lw=0)
+            (line,) = ax.plot(steps, [statistics.mean(c) for c in curves], label=algo, lw=1.6)
+            ax.fill_between(
+                steps, [min(c) for c in curves], [max(c) for c in curves], color=line.get_color(), alpha=0.15, lw=0
+            )
         ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"{threshold:g}")
         seeds = len({r["seed"] for r in runs if r["task"] == task})
-        ax.set(title=f"{task} ({seeds} seed{'s' * (seeds > 1)}: mean, min-max band)", xlabel="RL step", ylabel="held-out greedy accuracy", ylim=(0, 1))
+        ax.set(
+            title=f"{task} ({seeds} seed{'s' * (seeds > 1)}: mean, min-max band)",
+            xlabel="RL step",
+            ylabel="held-out greedy accuracy",
+            ylim=(0, 1),
+        )
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -249,14 +303,23 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     (results / "learning.json").write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=1))
     b = config["budget"]
     table = markdown_table(summary, algos, threshold)
-    runs_of = "; ".join(f"{t}: {per_task(b, 'steps', t)} steps of {per_task(b, 'prompts_per_step', t)} prompts x {b['group_size']} "
-                        f"samples, learning rate {per_task(b, 'lr', t):g} ({b['lr_schedule']})" for t in b["tasks"])
-    md = (f"Held-out greedy accuracy ({b['eval_size']} examples) at the end of each run ({runs_of}): mean over seeds {b['seeds']} "
-          f"[bootstrap 95% interval over seeds]. Curve area: the mean "
-          f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
-          f"over seeds of the first evaluation at or above it (seeds that reached it / seeds)."
-          + (f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has." if config.get("partial") else "")
-          + f"\n\n{table}\n")
+    runs_of = "; ".join(
+        f"{t}: {per_task(b, 'steps', t)} steps of {per_task(b, 'prompts_per_step', t)} prompts x {b['group_size']} "
+        f"samples, learning rate {per_task(b, 'lr', t):g} ({b['lr_schedule']})"
+        for t in b["tasks"]
+    )
+    md = (
+        f"Held-out greedy accuracy ({b['eval_size']} examples) at the end of each run ({runs_of}): mean over seeds {b['seeds']} "
+        f"[bootstrap 95% interval over seeds]. Curve area: the mean "
+        f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
+        f"over seeds of the first evaluation at or above it (seeds that reached it / seeds)."
+        + (
+            f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has."
+            if config.get("partial")
+            else ""
+        )
+        + f"\n\n{table}\n"
+    )
     (results / "learning.md").write_text(md)
     plot_learning(results / "learning.png", runs, algos, threshold)
     return md
@@ -269,20 +332,59 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
     for task in budget["tasks"]:
         for seed in budget["seeds"]:  # one initial model per task and seed, shared by every algorithm
             model = root / "models" / f"{task}_s{seed}"
-            builds.append(dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=budget.get("warmup_steps"),
-                               log=str(root / "logs" / f"build_{task}_s{seed}.log")))
+            builds.append(
+                dict(
+                    kind="build",
+                    task=task,
+                    seed=seed,
+                    path=str(model),
+                    warmup_steps=budget.get("warmup_steps"),
+                    log=str(root / "logs" / f"build_{task}_s{seed}.log"),
+                )
+            )
             for algo in algos:
                 if algo in ABLATION_ROWS and task not in budget["ablation_tasks"]:
                     continue
                 out = root / task / algo.replace(" ", "_").replace("%", "pct") / f"seed{seed}"
                 setting = lambda key: str(per_task(budget, key, task))
-                argv = [*ALGOS[algo], "--model", str(model), "--task", task, "--seed", str(seed), "--steps", setting("steps"),
-                        "--prompts-per-step", setting("prompts_per_step"), "--group-size", str(budget["group_size"]),
-                        "--lr", setting("lr"), "--lr-schedule", budget["lr_schedule"],
-                        "--eval-every", str(budget["eval_every"]), "--eval-size", str(budget["eval_size"]),
-                        *shlex.split(extra), "--output-dir", str(out)]
-                runs.append(dict(kind="run", task=task, algo=algo, seed=seed, model=str(model), argv=argv, out=str(out),
-                                 log=str(root / "logs" / f"{task}_{algo}_s{seed}.log")))
+                argv = [
+                    *ALGOS[algo],
+                    "--model",
+                    str(model),
+                    "--task",
+                    task,
+                    "--seed",
+                    str(seed),
+                    "--steps",
+                    setting("steps"),
+                    "--prompts-per-step",
+                    setting("prompts_per_step"),
+                    "--group-size",
+                    str(budget["group_size"]),
+                    "--lr",
+                    setting("lr"),
+                    "--lr-schedule",
+                    budget["lr_schedule"],
+                    "--eval-every",
+                    str(budget["eval_every"]),
+                    "--eval-size",
+                    str(budget["eval_size"]),
+                    *shlex.split(extra),
+                    "--output-dir",
+                    str(out),
+                ]
+                runs.append(
+                    dict(
+                        kind="run",
+                        task=task,
+                        algo=algo,
+                        seed=seed,
+                        model=str(model),
+                        argv=argv,
+                        out=str(out),
+                        log=str(root / "logs" / f"{task}_{algo}_s{seed}.log"),
+                    )
+                )
     return builds, runs
 
 
@@ -310,15 +412,21 @@ def learn(opt) -> None:
     t_start = time.time()
     builds, runs = learn_jobs(budget, algos, root, opt.extra)
     # Finished runs with the same flags are reused, so an interrupted benchmark can be resumed.
-    done = lambda j: all((Path(j["out"]) / f).exists() for f in ("summary.json", "job.json")) and \
-        json.loads((Path(j["out"]) / "job.json").read_text()) == j["argv"]
+    done = lambda j: (
+        all((Path(j["out"]) / f).exists() for f in ("summary.json", "job.json"))
+        and json.loads((Path(j["out"]) / "job.json").read_text()) == j["argv"]
+    )
     todo = [] if opt.report else [j for j in runs if not done(j)]
-    print(f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}")
+    print(
+        f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}"
+    )
     needs = {b["path"]: [j for j in todo if j["model"] == b["path"]] for b in builds}  # the runs waiting for each model
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
         # Each run is queued as soon as its initial model is built, so no worker waits for the last
         # build; the models with the most runs are built first.
-        pending = {pool.submit(_job, b): b for b in sorted(builds, key=lambda b: -len(needs[b["path"]])) if needs[b["path"]]}
+        pending = {
+            pool.submit(_job, b): b for b in sorted(builds, key=lambda b: -len(needs[b["path"]])) if needs[b["path"]]
+        }
         i = 0
         while pending:
             for f in wait(pending, return_when=FIRST_COMPLETED)[0]:
@@ -327,7 +435,10 @@ def learn(opt) -> None:
                     try:
                         print(f"  built {j['task']} seed {j['seed']} ({f.result()['seconds']:.0f} s)", flush=True)
                     except Exception as e:  # its runs are left out; the log says why
-                        print(f"  build {j['task']} seed {j['seed']} FAILED ({type(e).__name__}: {e}); log: {j['log']}", flush=True)
+                        print(
+                            f"  build {j['task']} seed {j['seed']} FAILED ({type(e).__name__}: {e}); log: {j['log']}",
+                            flush=True,
+                        )
                         continue
                     pending.update({pool.submit(_job, prepare_run(r)): r for r in needs[j["path"]]})
                     continue
@@ -340,18 +451,37 @@ def learn(opt) -> None:
                     continue
                 s = json.loads((Path(j["out"]) / "summary.json").read_text())
                 eta = (time.time() - t_start) / i * (len(todo) - i) / 60  # rough: runs differ in length
-                print(f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
-                      f"~{eta:.0f} min left)", flush=True)
-    results = [dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)]
+                print(
+                    f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
+                    f"~{eta:.0f} min left)",
+                    flush=True,
+                )
+    results = [
+        dict(task=j["task"], algo=j["algo"], seed=j["seed"], **read_run(Path(j["out"]))) for j in runs if done(j)
+    ]
     if not results:
         sys.exit("learn: no run finished; see the logs")
-    config = {"budget": budget, "algos": {a: ALGOS[a] for a in algos}, "extra_flags": opt.extra, "workers": opt.workers,
-              "threshold": opt.threshold, "quick": opt.quick, "report_only": opt.report, "runs": f"{len(results)} of {len(runs)}", "partial": len(results) < len(runs),
-              "wall_seconds": round(time.time() - t_start, 1), "run_seconds_sum": round(sum(r["seconds"] for r in results), 1),
-              "machine": machine(), "command": " ".join(sys.argv)}
+    config = {
+        "budget": budget,
+        "algos": {a: ALGOS[a] for a in algos},
+        "extra_flags": opt.extra,
+        "workers": opt.workers,
+        "threshold": opt.threshold,
+        "quick": opt.quick,
+        "report_only": opt.report,
+        "runs": f"{len(results)} of {len(runs)}",
+        "partial": len(results) < len(runs),
+        "wall_seconds": round(time.time() - t_start, 1),
+        "run_seconds_sum": round(sum(r["seconds"] for r in results), 1),
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+    }
     out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
     md = write_learning(out, results, config, algos, opt.threshold)
-    print(md + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote {out}/learning.json, learning.md, learning.png")
+    print(
+        md
+        + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote {out}/learning.json, learning.md, learning.png"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,14 +496,32 @@ def one_update(pepo, model, ref_model, optimizer, vl, batch, args, seed: int) ->
     t0 = time.perf_counter()
     inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
     if args.vppo:
-        inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed))
+        inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(
+            batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed)
+        )
     parts = pepo.micro_batches(inputs, args.micro_batch_size)
     reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1  # as pepo.train: the update reuses the policy pass
     scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo, keep_graph=reuse)
-    advantages, weights, mask, _, stats = pepo.shape(scores, batch["rewards"], batch["completion_mask"], batch["truncated"], 1, args)
+    advantages, weights, mask, _, stats = pepo.shape(
+        scores, batch["rewards"], batch["completion_mask"], batch["truncated"], 1, args
+    )
     t1 = time.perf_counter()
-    stats.update(pepo.update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask, args, 1,
-                             nullcontext(), logits=scores.pop("logits")))
+    stats.update(
+        pepo.update(
+            model,
+            optimizer,
+            inputs,
+            scores["old_logp"],
+            scores["ref_logp"],
+            advantages,
+            weights,
+            mask,
+            args,
+            1,
+            nullcontext(),
+            logits=scores.pop("logits"),
+        )
+    )
     return dict(stats, time_scoring=t1 - t0, time_update=time.perf_counter() - t1)
 
 
@@ -400,7 +548,9 @@ def overhead(opt) -> dict:
     rollout_ids = {}
     for rep in range(opt.warmup + opt.repeats):
         for algo in algos:  # interleaved, so a slow phase of the machine hits every algorithm alike
-            args = pepo.parse_args(["--algo", algo, "--prompts-per-step", str(opt.prompts), "--group-size", str(opt.group_size)])
+            args = pepo.parse_args(
+                ["--algo", algo, "--prompts-per-step", str(opt.prompts), "--group-size", str(opt.group_size)]
+            )
             model.load_state_dict(initial)  # every algorithm starts from the same weights ...
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
             torch.manual_seed(rep)  # ... and samples the same rollouts
@@ -411,10 +561,21 @@ def overhead(opt) -> dict:
             t2, c2 = time.perf_counter(), time.process_time()
             rollout_ids.setdefault(rep, set()).add(hash(batch["completion_ids"].numpy().tobytes()))
             if rep >= opt.warmup:
-                for key, value in (("rollout", t1 - t0), ("scoring", stats["time_scoring"]), ("update", stats["time_update"]), ("step", t2 - t0), ("step_cpu", c2 - c0)):
+                for key, value in (
+                    ("rollout", t1 - t0),
+                    ("scoring", stats["time_scoring"]),
+                    ("update", stats["time_update"]),
+                    ("step", t2 - t0),
+                    ("step_cpu", c2 - c0),
+                ):
                     times[algo][key].append(value)
     med = {a: {k: round(statistics.median(v), 4) for k, v in t.items()} for a, t in times.items()}
-    pairs = [("pepo_g", "grpo"), ("pepo_d", "dapo"), ("vppo", "dapo"), ("vppo", "pepo_g")]  # vppo/pepo_g: VPPO's cost over the default
+    pairs = [
+        ("pepo_g", "grpo"),
+        ("pepo_d", "dapo"),
+        ("vppo", "dapo"),
+        ("vppo", "pepo_g"),
+    ]  # vppo/pepo_g: VPPO's cost over the default
     # ratio = median over repeats of the two algorithms' times in the same round (paired: robust to a busy machine)
     paired = lambda a, b, f: round(statistics.median(f(a, i) / f(b, i) for i in range(opt.repeats)), 3)
     full = lambda a, i: times[a]["step"][i]
@@ -427,11 +588,18 @@ def overhead(opt) -> dict:
         "ratios_cpu_time": {f"{a}/{b}": paired(a, b, cpu) for a, b in pairs},
         "targets": {"pepo_g/grpo": 1.05, "vppo/dapo": 1.35},
         "same_rollouts": all(len(ids) == 1 for ids in rollout_ids.values()),
-        "config": {"task": opt.task, "prompts": opt.prompts, "group_size": opt.group_size, "repeats": opt.repeats,
-                   "warmup": opt.warmup, "statistic": "median; ratios: median of per-round ratios", "model": "tiny Qwen2.5-VL (pepo.build_tiny_model)",
-                   "note": "fixed rollout batch per repeat (no dynamic-sampling refills); step = rollout + scoring + update "
-                           "(wall seconds); step_cpu = CPU seconds of the same step",
-                   "machine": machine()},
+        "config": {
+            "task": opt.task,
+            "prompts": opt.prompts,
+            "group_size": opt.group_size,
+            "repeats": opt.repeats,
+            "warmup": opt.warmup,
+            "statistic": "median; ratios: median of per-round ratios",
+            "model": "tiny Qwen2.5-VL (pepo.build_tiny_model)",
+            "note": "fixed rollout batch per repeat (no dynamic-sampling refills); step = rollout + scoring + update "
+            "(wall seconds); step_cpu = CPU seconds of the same step",
+            "machine": machine(),
+        },
     }
     return result
 
@@ -455,8 +623,11 @@ def speed(opt) -> dict:
     base = root / f"tree-{opt.baseline[:12]}"
     if not (base / "pepo.py").exists():  # a checkout of the baseline commit beside this one
         root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "-C", str(here), "worktree", "add", "--detach", str(base), opt.baseline], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["git", "-C", str(here), "worktree", "add", "--detach", str(base), opt.baseline],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     trees = {"baseline": base, "current": here}
     env = dict(os.environ, TQDM_DISABLE="1")
     runs = {name: [] for name in trees}
@@ -465,18 +636,40 @@ def speed(opt) -> dict:
             out = root / f"{name}{rep}"
             shutil.rmtree(out, ignore_errors=True)
             t0, c0 = time.perf_counter(), children_cpu_seconds()
-            subprocess.run([sys.executable, "pepo.py", *shlex.split(opt.flags), "--output-dir", str(out)], cwd=tree, env=env,
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, "pepo.py", *shlex.split(opt.flags), "--output-dir", str(out)],
+                cwd=tree,
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             s = json.loads((out / "summary.json").read_text())
-            runs[name].append({"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(children_cpu_seconds() - c0, 1),
-                               "accuracy_before": s["accuracy_before"], "accuracy_after": s["accuracy_after"]})
+            runs[name].append(
+                {
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                    "cpu_s": round(children_cpu_seconds() - c0, 1),
+                    "accuracy_before": s["accuracy_before"],
+                    "accuracy_after": s["accuracy_after"],
+                }
+            )
             print(f"{name:8s} repeat {rep}: {runs[name][-1]}", flush=True)
     wall = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
     cpu = {name: statistics.median(r["cpu_s"] for r in rs) for name, rs in runs.items()}
-    return {"runs": runs, "median_wall_s": wall, "ratio_current_over_baseline": round(wall["current"] / wall["baseline"], 3),
-            "median_cpu_s": cpu, "cpu_ratio_current_over_baseline": round(cpu["current"] / cpu["baseline"], 3),
-            "config": {"baseline": opt.baseline, "flags": opt.flags or "(defaults)", "repeats": opt.repeats,
-                       "note": "wall and CPU time of the whole `python pepo.py` process: model build, evaluation, training", "machine": machine()}}
+    return {
+        "runs": runs,
+        "median_wall_s": wall,
+        "ratio_current_over_baseline": round(wall["current"] / wall["baseline"], 3),
+        "median_cpu_s": cpu,
+        "cpu_ratio_current_over_baseline": round(cpu["current"] / cpu["baseline"], 3),
+        "config": {
+            "baseline": opt.baseline,
+            "flags": opt.flags or "(defaults)",
+            "repeats": opt.repeats,
+            "note": "wall and CPU time of the whole `python pepo.py` process: model build, evaluation, training",
+            "machine": machine(),
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -519,7 +712,7 @@ def prior(opt) -> dict:
     vision = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):  # one image block per row after a short text prefix; rows differ in size
         n = opt.image_tokens - 40 * b
-        vision[b, 20:20 + n] = True
+        vision[b, 20 : 20 + n] = True
     out = {}
     for score in opt.scores:
         timings = {"fast": [], "naive": []}
@@ -532,11 +725,25 @@ def prior(opt) -> dict:
             timings["fast"].append(t1 - t0)
             timings["naive"].append(t2 - t1)
         f, n = statistics.median(timings["fast"]), statistics.median(timings["naive"])
-        out[score] = {"fast_s": round(f, 4), "naive_s": round(n, 4), "speedup": round(n / f, 2),
-                      "max_abs_diff": float((fast - slow).abs().max()), "max_abs_value": float(slow.abs().max())}
-    return {"scores": out, "shapes": {"B": B, "T": T, "D": D, "L": L, "layers": opt.layers,
-                                      "image_tokens_per_row": [int(x) for x in vision.sum(1)]},
-            "config": {"repeats": opt.repeats, "statistic": "median", "dtype": "float32", "machine": machine()}}
+        out[score] = {
+            "fast_s": round(f, 4),
+            "naive_s": round(n, 4),
+            "speedup": round(n / f, 2),
+            "max_abs_diff": float((fast - slow).abs().max()),
+            "max_abs_value": float(slow.abs().max()),
+        }
+    return {
+        "scores": out,
+        "shapes": {
+            "B": B,
+            "T": T,
+            "D": D,
+            "L": L,
+            "layers": opt.layers,
+            "image_tokens_per_row": [int(x) for x in vision.sum(1)],
+        },
+        "config": {"repeats": opt.repeats, "statistic": "median", "dtype": "float32", "machine": machine()},
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -548,7 +755,12 @@ def _plain_forward(model, batch: dict, temperature: float = 1.0, hidden_states: 
     import pepo
 
     L = batch["completion_ids"].shape[1]
-    out = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    out = model(
+        **{k: batch[k] for k in pepo.MODEL_KEYS},
+        output_hidden_states=hidden_states,
+        logits_to_keep=L + 1,
+        use_cache=False,
+    )
     return out.logits[:, :-1] / temperature, (out.hidden_states if hidden_states else None)
 
 
@@ -584,14 +796,37 @@ def memory_model(seed: int = 0):
     from transformers.initialization import no_init_weights
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=16,
-                         num_key_value_heads=2, max_position_embeddings=128000,
-                         rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])),
-        vision_config=dict(depth=2, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True)
-    with no_init_weights():  # transformers' own init (normal_ on every matrix) takes ~30 s on 2 cores; the draws below ~5 s
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+    with (
+        no_init_weights()
+    ):  # transformers' own init (normal_ on every matrix) takes ~30 s on 2 cores; the draws below ~5 s
         model = AutoModelForImageTextToText.from_config(config)
     model.tie_weights()
     g = torch.Generator().manual_seed(seed)
@@ -619,11 +854,25 @@ def memory_inputs(config, completion: int, seed: int = 0) -> tuple[dict, object]
     vis = ip([image], return_tensors="pt")
     n_image = int(vis["image_grid_thw"].prod()) // ip.merge_size**2
     text = lambda n: torch.randint(0, 151643, (n,), generator=g)  # ordinary (non-special) token ids
-    prompt = torch.cat([text(16), torch.tensor([config.vision_start_token_id] + [config.image_token_id] * n_image + [config.vision_end_token_id]), text(8)])
+    prompt = torch.cat(
+        [
+            text(16),
+            torch.tensor(
+                [config.vision_start_token_id] + [config.image_token_id] * n_image + [config.vision_end_token_id]
+            ),
+            text(8),
+        ]
+    )
     completion_ids = text(completion)[None]
     input_ids = torch.cat([prompt[None], completion_ids], 1)
-    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), mm_token_type_ids=(input_ids == config.image_token_id).long(),
-                 pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"], completion_ids=completion_ids)
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        mm_token_type_ids=(input_ids == config.image_token_id).long(),
+        pixel_values=vis["pixel_values"],
+        image_grid_thw=vis["image_grid_thw"],
+        completion_ids=completion_ids,
+    )
     return batch, ip
 
 
@@ -642,11 +891,16 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
     import pepo
     import vppo
 
-    fwd, logprobs, entropy, kl = ((_plain_forward, _plain_logprobs, _plain_entropy, _plain_visual_kl) if version == "before"
-                                  else (pepo.forward, pepo.token_logprobs, pepo.token_entropy, vppo.token_visual_kl))
+    fwd, logprobs, entropy, kl = (
+        (_plain_forward, _plain_logprobs, _plain_entropy, _plain_visual_kl)
+        if version == "before"
+        else (pepo.forward, pepo.token_logprobs, pepo.token_entropy, vppo.token_visual_kl)
+    )
     model = memory_model().to(device)
     batch, ip = memory_inputs(model.config, completion)
-    batch["pixel_values_perturbed"] = vppo.blacken_pixel_values(batch["pixel_values"], ip, 0.5, torch.Generator().manual_seed(0))
+    batch["pixel_values_perturbed"] = vppo.blacken_pixel_values(
+        batch["pixel_values"], ip, 0.5, torch.Generator().manual_seed(0)
+    )
     batch = pepo.to_device(batch, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()  # as pepo.train
     ids = batch["completion_ids"]
@@ -683,8 +937,16 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
     if device == "cuda":
         torch.cuda.synchronize()
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    return {"phase": phase, "version": version, "completion": completion, "peak_bytes": peak() - start, "peak_before_backward_bytes": forward_peak, "seconds": round(time.perf_counter() - t0, 2),
-            "param_grad_bytes": grads, "finite": math.isfinite(check)}
+    return {
+        "phase": phase,
+        "version": version,
+        "completion": completion,
+        "peak_bytes": peak() - start,
+        "peak_before_backward_bytes": forward_peak,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "param_grad_bytes": grads,
+        "finite": math.isfinite(check),
+    }
 
 
 def memory(opt) -> dict:
@@ -696,37 +958,67 @@ def memory(opt) -> dict:
     for L in opt.completions:
         for phase in ("scoring", "update"):
             for version in ("before", "after"):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "memory", "--one", f"{phase},{version},{L}", "--device", opt.device]
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "memory",
+                    "--one",
+                    f"{phase},{version},{L}",
+                    "--device",
+                    opt.device,
+                ]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode:
                     raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"  L={L:5d} {phase:7s} {version:6s} peak +{r['peak_bytes'] / GB:.2f} GB  {r['seconds']:.1f} s", file=sys.stderr)
+                print(
+                    f"  L={L:5d} {phase:7s} {version:6s} peak +{r['peak_bytes'] / GB:.2f} GB  {r['seconds']:.1f} s",
+                    file=sys.stderr,
+                )
     import torch
 
-    return {"rows": rows, "fp32_BLV_bytes": {str(L): L * V * 4 for L in opt.completions},
-            "config": {"model": "random-weight Qwen2.5-VL, 3B widths (vocab 151936, hidden 2048, 16/2 heads, 1280-wide vision), 2 text layers, 2 vision blocks",
-                       "image": "448x448 (256 image tokens)", "batch": 1, "device": opt.device,
-                       "dtype": "float32" if opt.device == "cpu" else "bfloat16 autocast (as pepo.train)",
-                       "method": "cuda: max_memory_allocated - memory_allocated at the start" if opt.device == "cuda" else
-                                 "fresh process per row; peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) - RSS at the start; "
-                                 "MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors go back to the OS",
-                       "machine": machine() | {"threads": opt.threads}, "torch": torch.__version__}}
+    return {
+        "rows": rows,
+        "fp32_BLV_bytes": {str(L): L * V * 4 for L in opt.completions},
+        "config": {
+            "model": "random-weight Qwen2.5-VL, 3B widths (vocab 151936, hidden 2048, 16/2 heads, 1280-wide vision), 2 text layers, 2 vision blocks",
+            "image": "448x448 (256 image tokens)",
+            "batch": 1,
+            "device": opt.device,
+            "dtype": "float32" if opt.device == "cpu" else "bfloat16 autocast (as pepo.train)",
+            "method": "cuda: max_memory_allocated - memory_allocated at the start"
+            if opt.device == "cuda"
+            else "fresh process per row; peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) - RSS at the start; "
+            "MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors go back to the OS",
+            "machine": machine() | {"threads": opt.threads},
+            "torch": torch.__version__,
+        },
+    }
 
 
 def memory_markdown(result: dict) -> str:
     by = {(r["phase"], r["version"], r["completion"]): r for r in result["rows"]}
-    lines = ["| completion tokens | one fp32 [B, L, V] | scoring pass | update | update, before `backward()` |", "|---|---|---|---|---|"]
+    lines = [
+        "| completion tokens | one fp32 [B, L, V] | scoring pass | update | update, before `backward()` |",
+        "|---|---|---|---|---|",
+    ]
     for L, blv in result["fp32_BLV_bytes"].items():
         L = int(L)
-        cell = lambda phase, key: f"{by[phase, 'before', L][key] / 1e9:.2f} → **{by[phase, 'after', L][key] / 1e9:.2f} GB**"
-        lines.append(f"| {L} | {blv / 1e9:.2f} GB | {cell('scoring', 'peak_bytes')} | {cell('update', 'peak_bytes')} | "
-                     f"{cell('update', 'peak_before_backward_bytes')} |")
+        cell = lambda phase, key: (
+            f"{by[phase, 'before', L][key] / 1e9:.2f} → **{by[phase, 'after', L][key] / 1e9:.2f} GB**"
+        )
+        lines.append(
+            f"| {L} | {blv / 1e9:.2f} GB | {cell('scoring', 'peak_bytes')} | {cell('update', 'peak_bytes')} | "
+            f"{cell('update', 'peak_before_backward_bytes')} |"
+        )
     grads = max(r["param_grad_bytes"] for r in result["rows"])
     c = result["config"]
-    lines += ["", f"Peak memory above the built model and inputs, before → after, batch {c['batch']}, {c['dtype']}, {c['device']}; "
-              f"the update's parameter gradients are {grads / 1e9:.2f} GB. Method: {c['method']}."]
+    lines += [
+        "",
+        f"Peak memory above the built model and inputs, before → after, batch {c['batch']}, {c['dtype']}, {c['device']}; "
+        f"the update's parameter gradients are {grads / 1e9:.2f} GB. Method: {c['method']}.",
+    ]
     return "\n".join(lines)
 
 
@@ -764,18 +1056,25 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
     normalised within each rollout; hover a token for every signal's raw value."""
     labels = {**SIGNALS, **EXTRA_SIGNALS}
     names = [k for k in labels if any(k in r["signals"] for r in records)]
-    css = CSS + "".join(f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n"
-                        f"#s-{k}:checked~.switch label[for=s-{k}]{{background:#d22;color:#fff;border-color:#d22}}\n" for k in names)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
-             f"<h1>Per-token signals: {html.escape(title)}</h1>"]
+    css = CSS + "".join(
+        f"#s-{k}:checked~.rollouts .tok{{background:var(--{k})}}\n"
+        f"#s-{k}:checked~.switch label[for=s-{k}]{{background:#d22;color:#fff;border-color:#d22}}\n"
+        for k in names
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
+        f"<h1>Per-token signals: {html.escape(title)}</h1>",
+    ]
     for j, k in enumerate(names):  # the radios must precede .rollouts for the ~ selector
         parts.append(f"<input type='radio' name='signal' id='s-{k}'{' checked' if j == 0 else ''}>")
     parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{labels[k]}</label>" for k in names) + "</div>")
-    parts.append("<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
-                 "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
-                 "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
-                 "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for every "
-                 "algorithm; only the run's own method acts on them.</div>")
+    parts.append(
+        "<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
+        "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
+        "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
+        "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for every "
+        "algorithm; only the run's own method acts on them.</div>"
+    )
     parts.append("<div class='rollouts'>")
     for j, r in enumerate(records):
         if j == 0 or r["step"] != records[j - 1]["step"]:
@@ -787,11 +1086,15 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
             style = ";".join(f"--{k}:rgba(220,40,30,{_norm(r['signals'][k], t):.2f})" for k in values)
             tip = " | ".join(f"{labels[k]} {v:.4g}" for k, v in values.items())
             spans.append(f"<span class='tok' style='{style}' title='{html.escape(tip)}'>{html.escape(tok)}</span>")
-        meta = (f"step {r['step']} · rollout {r['row']} · reward {r['reward']:.2f} · accuracy {r['accuracy']:.2f} · "
-                f"advantage {r['advantage']:+.3f} · answer {html.escape(r['answer'])}")
-        parts.append(f"<div class='rollout' data-step='{r['step']}' data-row='{r['row']}'><div>{imgs}</div><div>"
-                     f"<div class='meta'>{meta}</div><div class='meta'>{html.escape(r['prompt'])}</div>"
-                     f"<div class='tokens'>{''.join(spans)}</div></div></div>")
+        meta = (
+            f"step {r['step']} · rollout {r['row']} · reward {r['reward']:.2f} · accuracy {r['accuracy']:.2f} · "
+            f"advantage {r['advantage']:+.3f} · answer {html.escape(r['answer'])}"
+        )
+        parts.append(
+            f"<div class='rollout' data-step='{r['step']}' data-row='{r['row']}'><div>{imgs}</div><div>"
+            f"<div class='meta'>{meta}</div><div class='meta'>{html.escape(r['prompt'])}</div>"
+            f"<div class='tokens'>{''.join(spans)}</div></div></div>"
+        )
     parts.append("</div></body></html>")
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 
@@ -802,7 +1105,11 @@ def heatmap(opt) -> Path:
         raise SystemExit(f"error: {src} not found; run pepo.py with --visualize N --output-dir {opt.run_dir} first")
     records = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
     summary = Path(opt.run_dir) / "summary.json"
-    title = " on ".join(json.loads(summary.read_text())[k] for k in ("algo", "task")) if summary.is_file() else str(opt.run_dir)
+    title = (
+        " on ".join(json.loads(summary.read_text())[k] for k in ("algo", "task"))
+        if summary.is_file()
+        else str(opt.run_dir)
+    )
     out = Path(opt.out or Path(opt.run_dir) / "tokens.html")
     write_token_heatmap(out, records, title=title)
     print(f"wrote {out} ({len(records)} rollouts)")
@@ -814,7 +1121,6 @@ def _norm(values: list[float], t: int) -> float:
     return 0.0 if hi - lo < 1e-12 else (values[t] - lo) / (hi - lo)
 
 
-
 # ----------------------------------------------------------------------------------------
 # memory-table: what FSDP2 shards, per GPU, from the real models' parameter counts
 # ----------------------------------------------------------------------------------------
@@ -822,20 +1128,78 @@ def _norm(values: list[float], t: int) -> float:
 # transformers defaults, which do not change it). `count_parameters` builds each model on the meta
 # device (no memory, no download) and counts; PARAMS holds the result (transformers 5.23).
 CONFIGS = {
-    "Qwen2.5-VL-3B": ("qwen2_5_vl", dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                         num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True),
-                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048)),
-    "Qwen2.5-VL-7B": ("qwen2_5_vl", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-                      dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)),
-    "Qwen3-VL-8B": ("qwen3_vl", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-                    dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
-                         num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
-    "Qwen3-VL-32B": ("qwen3_vl", dict(vocab_size=151936, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-                                      num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-                     dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=5120, patch_size=16,
-                          num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+    "Qwen2.5-VL-3B": (
+        "qwen2_5_vl",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048),
+    ),
+    "Qwen2.5-VL-7B": (
+        "qwen2_5_vl",
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
+        dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+    ),
+    "Qwen3-VL-8B": (
+        "qwen3_vl",
+        dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            out_hidden_size=4096,
+            patch_size=16,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
+    ),
+    "Qwen3-VL-32B": (
+        "qwen3_vl",
+        dict(
+            vocab_size=151936,
+            hidden_size=5120,
+            intermediate_size=25600,
+            num_hidden_layers=64,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=128,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            depth=27,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            out_hidden_size=5120,
+            patch_size=16,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24],
+        ),
+    ),
 }
 PARAMS = {}  # name -> (total, vision tower incl. merger); filled by count_parameters() on first use
 BYTES = dict(weights=4, grads=4, adam=8, reference=2)  # fp32 weights, fp32 grads, AdamW m and v, the bf16 KL reference
@@ -848,8 +1212,9 @@ def count_parameters(name: str) -> tuple[int, int]:
 
     if name not in PARAMS:
         model_type, text, vision = CONFIGS[name]
-        config = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
-                                      tie_word_embeddings=text["tie_word_embeddings"])
+        config = AutoConfig.for_model(
+            model_type, text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"]
+        )
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
         total = sum(p.numel() for p in model.parameters())  # a tied lm_head (3B) counts once
@@ -861,23 +1226,39 @@ def gib_per_gpu(total: int, vision: int, gpus: int, freeze_vision: bool, beta: b
     """GiB per GPU for the sharded model state (not activations): fp32 weights of every parameter,
     fp32 grads and AdamW moments of the trained ones, the bf16 reference when beta > 0, all / gpus."""
     trained = total - (vision if freeze_vision else 0)
-    n = total * BYTES["weights"] + trained * (BYTES["grads"] + BYTES["adam"]) + (total * BYTES["reference"] if beta else 0)
+    n = (
+        total * BYTES["weights"]
+        + trained * (BYTES["grads"] + BYTES["adam"])
+        + (total * BYTES["reference"] if beta else 0)
+    )
     return n / gpus / 2**30
 
 
 def memory_table(opt) -> dict:
     gpus = [1, 2, 4, 8]
-    rows, lines = {}, ["| model (params, vision) | --freeze-vision | " + " | ".join(f"{g} GPU" for g in gpus) + " |",
-                       "|---|---|" + "---|" * len(gpus)]
+    rows, lines = (
+        {},
+        [
+            "| model (params, vision) | --freeze-vision | " + " | ".join(f"{g} GPU" for g in gpus) + " |",
+            "|---|---|" + "---|" * len(gpus),
+        ],
+    )
     for name in CONFIGS:
         total, vision = count_parameters(name)
         for freeze in (False, True):
-            cells = [f"{gib_per_gpu(total, vision, g, freeze, True):.1f} ({gib_per_gpu(total, vision, g, freeze, False):.1f})" for g in gpus]
+            cells = [
+                f"{gib_per_gpu(total, vision, g, freeze, True):.1f} ({gib_per_gpu(total, vision, g, freeze, False):.1f})"
+                for g in gpus
+            ]
             rows[f"{name}{' freeze_vision' if freeze else ''}"] = dict(zip(map(str, gpus), cells))
             label = f"{name} ({total / 1e9:.2f}B, {vision / 1e9:.2f}B)" if not freeze else ""
             lines.append(f"| {label} | {'yes' if freeze else 'no'} | " + " | ".join(cells) + " |")
-    return {"params": {k: {"total": t, "vision": v} for k, (t, v) in PARAMS.items()}, "GiB_per_gpu beta>0 (beta=0)": rows,
-            "markdown": "\n".join(lines)}
+    return {
+        "params": {k: {"total": t, "vision": v} for k, (t, v) in PARAMS.items()},
+        "GiB_per_gpu beta>0 (beta=0)": rows,
+        "markdown": "\n".join(lines),
+    }
+
 
 # ----------------------------------------------------------------------------------------
 # signals: how well each per-token signal finds the perception tokens, before and after RL
@@ -897,7 +1278,9 @@ LABELINGS = {  # which tokens count as perception tokens
 }
 SIGNALS_BUDGETS = {  # prompts x group_size completions per collection; train = extra pepo.py flags (none: the default run)
     "full": dict(seeds=[1], prompts=32, group_size=8, train=[]),
-    "quick": dict(seeds=[1], prompts=16, group_size=8, train=["--steps", "8", "--prompts-per-step", "8", "--eval-size", "20"]),
+    "quick": dict(
+        seeds=[1], prompts=16, group_size=8, train=["--steps", "8", "--prompts-per-step", "8", "--eval-size", "20"]
+    ),
 }
 HIGH_DEPENDENCY = 0.1  # VPPO sparsity: share of tokens whose dependency exceeds this
 TOP_SHARE = 0.2  # ... and the share of all dependency that the top 20% of tokens carry
@@ -980,7 +1363,9 @@ def collect_signals(model, vl, task, examples: list, group_size: int, args, seed
     torch.manual_seed(seed)
     batch = pepo.rollout(model, vl, task, examples, group_size, args, torch.device("cpu"), nullcontext())
     inputs = {k: batch[k] for k in (*pepo.MODEL_KEYS, "completion_ids")}
-    inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed))
+    inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(
+        batch, vl.ip, args.vppo_perturb, torch.Generator().manual_seed(seed)
+    )
     model.eval()
     parts = {k: [] for k in ("entropy", "prior", "dep_k3", "dep_exact")}
     with torch.no_grad():
@@ -991,25 +1376,41 @@ def collect_signals(model, vl, task, examples: list, group_size: int, args, seed
             vision = mb["input_ids"] == model.config.image_token_id
             parts["entropy"].append(pepo.token_entropy(logits))
             parts["prior"].append(pepo.perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
-            parts["dep_k3"].append(vppo.token_visual_dependency(logp, pepo.token_logprobs(logits_pert, mb["completion_ids"])))
+            parts["dep_k3"].append(
+                vppo.token_visual_dependency(logp, pepo.token_logprobs(logits_pert, mb["completion_ids"]))
+            )
             parts["dep_exact"].append(vppo.token_visual_kl(logits, logits_pert))
     scores = {k: torch.cat(v) for k, v in parts.items()}
     mask = batch["completion_mask"]
-    scores["pepo_weight"] = pepo.pepo_token_weights(scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature)
+    scores["pepo_weight"] = pepo.pepo_token_weights(
+        scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature
+    )
     words = slot_words(task)
     completions = []
     for i in range(mask.shape[0]):
         valid = mask[i].bool()
         pieces = vl.tok.convert_ids_to_tokens(batch["completion_ids"][i][valid].tolist())
         example = batch["examples"][i]
-        slot = tasks.perception_token_mask(pieces, words, task.perception_region) if words else task.perception_mask(pieces, example)
-        completions.append({
-            "prompt": i // group_size, "correct": bool(batch["accuracy"][i] > 0.5), "text": batch["texts"][i],
-            "tokens": [tasks.token_text(p) for p in pieces],
-            "signals": {k: v[i][valid].tolist() for k, v in scores.items()},
-            "labels": {"slot": slot, "first": first_run(slot), "task": task.perception_mask(pieces, example),
-                       "answer": tasks.perception_token_mask(pieces, answer_words(task), "answer")},
-        })
+        slot = (
+            tasks.perception_token_mask(pieces, words, task.perception_region)
+            if words
+            else task.perception_mask(pieces, example)
+        )
+        completions.append(
+            {
+                "prompt": i // group_size,
+                "correct": bool(batch["accuracy"][i] > 0.5),
+                "text": batch["texts"][i],
+                "tokens": [tasks.token_text(p) for p in pieces],
+                "signals": {k: v[i][valid].tolist() for k, v in scores.items()},
+                "labels": {
+                    "slot": slot,
+                    "first": first_run(slot),
+                    "task": task.perception_mask(pieces, example),
+                    "answer": tasks.perception_token_mask(pieces, answer_words(task), "answer"),
+                },
+            }
+        )
     return {"batch": batch, "scores": scores, "completions": completions}
 
 
@@ -1026,8 +1427,12 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
     """Everything the table reports for one collection: AUROC of each signal for each labelling
     with a bootstrap interval over completions (and, for the main labelling, over prompts),
     VPPO's sparsity and trajectory spread, PEPO's correct-vs-wrong contrast."""
-    out = {"completions": len(completions), "tokens": sum(len(c["tokens"]) for c in completions),
-           "accuracy": mean_or_nan([c["correct"] for c in completions]), "auroc": {}}
+    out = {
+        "completions": len(completions),
+        "tokens": sum(len(c["tokens"]) for c in completions),
+        "accuracy": mean_or_nan([c["correct"] for c in completions]),
+        "auroc": {},
+    }
     for lab in LABELINGS:
         out[f"perception_tokens_{lab}"] = sum(sum(c["labels"][lab]) for c in completions)
         out["auroc"][lab] = {}
@@ -1042,7 +1447,10 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
                 by_prompt = {}
                 for c, u in zip(completions, units):
                     by_prompt.setdefault(c["prompt"], []).append(u)
-                prompt_units = [(np.concatenate([u[0] for u in us]), np.concatenate([u[1] for u in us])) for us in by_prompt.values()]
+                prompt_units = [
+                    (np.concatenate([u[0] for u in us]), np.concatenate([u[1] for u in us]))
+                    for us in by_prompt.values()
+                ]
                 entry["ci_prompts"] = list(bootstrap_ci(pooled_auroc, prompt_units, n_boot, seed))
             out["auroc"][lab][key] = entry
     out["vppo"] = {}
@@ -1050,13 +1458,18 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
         tokens = np.sort(np.concatenate([c["signals"][key] for c in completions]))[::-1]
         k = int(np.ceil(TOP_SHARE * tokens.size))
         per_completion = [np.mean(c["signals"][key]) for c in completions if c["signals"][key]]
-        out["vppo"][key] = {"share_above_threshold": float((tokens > HIGH_DEPENDENCY).mean()), "threshold": HIGH_DEPENDENCY,
-                            "top20_share_of_total": float(tokens[:k].sum() / max(tokens.sum(), 1e-30)),
-                            "token": quantiles(tokens, (50, 90, 99)), "token_max": float(tokens.max()),
-                            "completion_mean": quantiles(per_completion)}
+        out["vppo"][key] = {
+            "share_above_threshold": float((tokens > HIGH_DEPENDENCY).mean()),
+            "threshold": HIGH_DEPENDENCY,
+            "top20_share_of_total": float(tokens[:k].sum() / max(tokens.sum(), 1e-30)),
+            "token": quantiles(tokens, (50, 90, 99)),
+            "token_max": float(tokens.max()),
+            "completion_mean": quantiles(per_completion),
+        }
     out["pepo_contrast"] = {}
     for key in ("prior", "entropy"):
         for where in ("all", "perception"):  # mean over all of a completion's tokens, or over its slot tokens
+
             def per_completion(c):
                 vals = [v for v, f in zip(c["signals"][key], c["labels"]["slot"]) if f or where == "all"]
                 return (float(np.mean(vals)) if vals else float("nan")), c["correct"]
@@ -1071,8 +1484,13 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
             right = [v for v, ok in units if ok]
             wrong = [v for v, ok in units if not ok]
             out["pepo_contrast"][f"{key}_{where}"] = {
-                "correct": mean_or_nan(right), "wrong": mean_or_nan(wrong), "n_correct": len(right), "n_wrong": len(wrong),
-                "diff": diff(units), "ci": list(bootstrap_ci(diff, units, n_boot, seed))}
+                "correct": mean_or_nan(right),
+                "wrong": mean_or_nan(wrong),
+                "n_correct": len(right),
+                "n_wrong": len(wrong),
+                "diff": diff(units),
+                "ci": list(bootstrap_ci(diff, units, n_boot, seed)),
+            }
     return out
 
 
@@ -1129,31 +1547,46 @@ def signals_markdown(result: dict) -> str:
     lines = []
     for seed, r in seeds.items():
         s, e = r["start"], r["end"]
-        lines += [f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
-                  f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
-                  f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}", "",
-                  "AUROC [95% bootstrap CI, resampling completions] for telling perception tokens from the rest "
-                  "(perception tokens at the start / end in brackets):", "",
-                  "| perception tokens | signal | start | end |", "|---|---|---|---|"]
+        lines += [
+            f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
+            f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
+            f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}",
+            "",
+            "AUROC [95% bootstrap CI, resampling completions] for telling perception tokens from the rest "
+            "(perception tokens at the start / end in brackets):",
+            "",
+            "| perception tokens | signal | start | end |",
+            "|---|---|---|---|",
+        ]
         for lab in LABELINGS:
             for j, (key, name) in enumerate(SIGNAL_NAMES.items()):
                 head = f"{lab} ({s[f'perception_tokens_{lab}']} / {e[f'perception_tokens_{lab}']})" if j == 0 else ""
                 lines.append(f"| {head} | {name} | {fmt_ci(s['auroc'][lab][key])} | {fmt_ci(e['auroc'][lab][key])} |")
         lines += ["", "| VPPO dependency | estimator | start | end |", "|---|---|---|---|"]
-        for label, f in [(f"share of tokens > {HIGH_DEPENDENCY}", lambda v: f"{v['share_above_threshold']:.3f}"),
-                         (f"share of the total in the top {TOP_SHARE:.0%} of tokens", lambda v: f"{v['top20_share_of_total']:.2f}"),
-                         ("per token: p50 / p90 / p99", lambda v: "{p50:.2g} / {p90:.2g} / {p99:.2g}".format(**v["token"])),
-                         ("per-completion mean: p10 / p50 / p90", lambda v: "{p10:.2g} / {p50:.2g} / {p90:.2g}".format(**v["completion_mean"]))]:
+        for label, f in [
+            (f"share of tokens > {HIGH_DEPENDENCY}", lambda v: f"{v['share_above_threshold']:.3f}"),
+            (f"share of the total in the top {TOP_SHARE:.0%} of tokens", lambda v: f"{v['top20_share_of_total']:.2f}"),
+            ("per token: p50 / p90 / p99", lambda v: "{p50:.2g} / {p90:.2g} / {p99:.2g}".format(**v["token"])),
+            (
+                "per-completion mean: p10 / p50 / p90",
+                lambda v: "{p10:.2g} / {p50:.2g} / {p90:.2g}".format(**v["completion_mean"]),
+            ),
+        ]:
             for j, (k, est) in enumerate((("dep_k3", "k3"), ("dep_exact", "exact KL"))):
-                lines.append(f"| {label if j == 0 else ''} | {est} | {f(r['start']['vppo'][k])} | {f(r['end']['vppo'][k])} |")
+                lines.append(
+                    f"| {label if j == 0 else ''} | {est} | {f(r['start']['vppo'][k])} | {f(r['end']['vppo'][k])} |"
+                )
         lines += ["", "| PEPO contrast: correct - wrong (per-completion means) | start | end |", "|---|---|---|"]
         for key in ("prior_all", "prior_perception", "entropy_all", "entropy_perception"):
             cells = []
             for w in ("start", "end"):
                 c = r[w]["pepo_contrast"][key]
                 d, (lo, hi) = c["diff"], c["ci"]
-                cells.append(f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n {c['n_correct']}/{c['n_wrong']})"
-                             if np.isfinite(d) else f"n/a (n {c['n_correct']} correct / {c['n_wrong']} wrong)")
+                cells.append(
+                    f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n {c['n_correct']}/{c['n_wrong']})"
+                    if np.isfinite(d)
+                    else f"n/a (n {c['n_correct']} correct / {c['n_wrong']} wrong)"
+                )
             where = "all tokens" if key.endswith("all") else "perception (slot) tokens"
             lines.append(f"| {key.split('_')[0]}, {where} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -1168,7 +1601,9 @@ def plot_signals(path: Path, result: dict) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written")
+        print(
+            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written"
+        )
         return False
     seed, r = next(iter(result["seeds"].items()))
     fig, axes = plt.subplots(1, len(LABELINGS), figsize=(4.2 * len(LABELINGS), 4), sharey=True)
@@ -1211,7 +1646,9 @@ def signals(opt) -> dict:
     root = Path(opt.runs_dir) / mode
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    examples = [task.sample(random.Random(20_000 + i)) for i in range(budget["prompts"])]  # held out: training and eval use other streams
+    examples = [
+        task.sample(random.Random(20_000 + i)) for i in range(budget["prompts"])
+    ]  # held out: training and eval use other streams
     result = {"seeds": {}}
     records = []
     for seed in budget["seeds"]:
@@ -1221,7 +1658,9 @@ def signals(opt) -> dict:
         summary_path = out / "summary.json"
         want = {k: v for k, v in dataclasses.asdict(args).items() if k != "bf16"}  # bf16 is filled in at run time
         defaults = {f.name: f.default for f in dataclasses.fields(pepo.Args)}  # a flag newer than the run: its default
-        reused = summary_path.is_file() and all(json.loads(summary_path.read_text())["args"].get(k, defaults[k]) == v for k, v in want.items())
+        reused = summary_path.is_file() and all(
+            json.loads(summary_path.read_text())["args"].get(k, defaults[k]) == v for k, v in want.items()
+        )
         t0 = time.time()
         if not reused:  # train: a finished run with the same settings is reused
             print(f"signals: seed {seed}: training `python pepo.py {' '.join(argv)}` (log: {out}.log)", flush=True)
@@ -1229,10 +1668,21 @@ def signals(opt) -> dict:
             with open(f"{out}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
                 pepo.main(argv)
         summary = json.loads(summary_path.read_text())
-        print(f"signals: seed {seed}: {'reused' if reused else 'trained'} ({summary['seconds']:.0f} s of training); "
-              f"greedy accuracy {summary['accuracy_before']:.2f} -> {summary['accuracy_after']:.2f}", flush=True)
-        entry = {"train": {"argv": argv, "reused": reused, "seconds": summary["seconds"], "steps": summary["steps"],
-                           "accuracy_before": summary["accuracy_before"], "accuracy_after": summary["accuracy_after"]}}
+        print(
+            f"signals: seed {seed}: {'reused' if reused else 'trained'} ({summary['seconds']:.0f} s of training); "
+            f"greedy accuracy {summary['accuracy_before']:.2f} -> {summary['accuracy_after']:.2f}",
+            flush=True,
+        )
+        entry = {
+            "train": {
+                "argv": argv,
+                "reused": reused,
+                "seconds": summary["seconds"],
+                "steps": summary["steps"],
+                "accuracy_before": summary["accuracy_before"],
+                "accuracy_after": summary["accuracy_after"],
+            }
+        }
         for when, path, step in (("start", out / "tiny_init", 0), ("end", out / "checkpoint", summary["steps"])):
             t1 = time.time()
             model, tokenizer, image_processor = pepo.load_policy(str(path))
@@ -1242,52 +1692,88 @@ def signals(opt) -> dict:
             entry[when] = signal_stats(coll["completions"], opt.bootstrap, seed=seed)
             entry[when]["seconds"] = {"collect": round(t2 - t1, 1), "stats": round(time.time() - t2, 1)}
             s = entry[when]["auroc"]["slot"]
-            print(f"signals: seed {seed} {when}: {entry[when]['tokens']} tokens, {entry[when]['perception_tokens_slot']} perception; AUROC "
-                  + ", ".join(f"{k} {fmt_ci(s[k])}" for k in SIGNAL_NAMES), flush=True)
+            print(
+                f"signals: seed {seed} {when}: {entry[when]['tokens']} tokens, {entry[when]['perception_tokens_slot']} perception; AUROC "
+                + ", ".join(f"{k} {fmt_ci(s[k])}" for k in SIGNAL_NAMES),
+                flush=True,
+            )
             if seed == budget["seeds"][0]:
                 records += signal_records(vl, coll, budget["group_size"], step)
         result["seeds"][str(seed)] = entry
     with open(root / "tokens.jsonl", "w") as f:  # `python bench.py heatmap RUNS_DIR/MODE` renders it
         for r in records:
             f.write(json.dumps(r) + "\n")
-    write_token_heatmap(root / "tokens.html", records, title=f"grpo on {task.name}, held-out rollouts (bench.py signals)")
-    result["config"] = {"task": task.name, "mode": mode, "budget": budget, "bootstrap": opt.bootstrap, "temperature": args.temperature,
-                        "perturbation": args.vppo_perturb, "labelings": LABELINGS, "signals": SIGNAL_NAMES,
-                        "held_out_prompts": "task.sample(random.Random(20_000 + i)) for i < prompts",
-                        "ci": "percentile bootstrap, 95%, resampling whole completions (ci) or whole prompts (ci_prompts)",
-                        "wall_seconds": round(time.time() - t_start, 1), "command": " ".join(["python", "bench.py", *sys.argv[1:]]),
-                        "machine": machine(), "tokens_jsonl": str(root / "tokens.jsonl")}
+    write_token_heatmap(
+        root / "tokens.html", records, title=f"grpo on {task.name}, held-out rollouts (bench.py signals)"
+    )
+    result["config"] = {
+        "task": task.name,
+        "mode": mode,
+        "budget": budget,
+        "bootstrap": opt.bootstrap,
+        "temperature": args.temperature,
+        "perturbation": args.vppo_perturb,
+        "labelings": LABELINGS,
+        "signals": SIGNAL_NAMES,
+        "held_out_prompts": "task.sample(random.Random(20_000 + i)) for i < prompts",
+        "ci": "percentile bootstrap, 95%, resampling whole completions (ci) or whole prompts (ci_prompts)",
+        "wall_seconds": round(time.time() - t_start, 1),
+        "command": " ".join(["python", "bench.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "tokens_jsonl": str(root / "tokens.jsonl"),
+    }
     results = Path(opt.results_dir or ("results" if mode == "full" else "results/quick"))
     results.mkdir(parents=True, exist_ok=True)
     (results / "signals.json").write_text(json.dumps(json_safe(result), indent=1))
     md = signals_markdown(result)
     (results / "signals.md").write_text(md)
     plot_signals(results / "signals.png", result)
-    print(md + f"\nwall time {result['config']['wall_seconds']:.0f} s; wrote {results}/signals.json, signals.md, signals.png; "
-          f"heatmap {root / 'tokens.html'}")
+    print(
+        md
+        + f"\nwall time {result['config']['wall_seconds']:.0f} s; wrote {results}/signals.json, signals.md, signals.png; "
+        f"heatmap {root / 'tokens.html'}"
+    )
     return result
 
 
 # ----------------------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("learn", help="held-out accuracy vs step for every algorithm, task and seed",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser(
+        "learn",
+        help="held-out accuracy vs step for every algorithm, task and seed",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     a.add_argument("--quick", action="store_true", help="1 seed, 2 steps: checks the pipeline in under 5 minutes")
     a.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
     a.add_argument("--tasks", nargs="+", default=None, help="override the budget's tasks")
     a.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
     a.add_argument("--steps", type=int, default=None, help="override the budget's RL steps per run")
     a.add_argument("--prompts-per-step", type=int, default=None, help="override the budget's prompts per step")
-    a.add_argument("--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted")
+    a.add_argument(
+        "--algos", nargs="+", choices=list(ALGOS), default=None, help="subset of algorithms; all when omitted"
+    )
     a.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--lr 5e-4'")
     a.add_argument("--threshold", type=float, default=0.9, help="accuracy for the steps-to-threshold column")
-    a.add_argument("--report", action="store_true", help="run nothing: write the table from the runs already finished with these settings")
+    a.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write the table from the runs already finished with these settings",
+    )
     a.add_argument("--runs-dir", default="runs/bench", help="run folders, logs and the initial models")
-    a.add_argument("--results-dir", default=None, help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)")
-    o = sub.add_parser("overhead", help="seconds per training step and phase for each algorithm on the same rollouts",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument(
+        "--results-dir",
+        default=None,
+        help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)",
+    )
+    o = sub.add_parser(
+        "overhead",
+        help="seconds per training step and phase for each algorithm on the same rollouts",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     o.add_argument("--json", action="store_true", help="print JSON only")
     o.add_argument("--task", default="color", help="toy task")
     o.add_argument("--prompts", type=int, default=16, help="prompts per step (the default run's 16)")
@@ -1297,10 +1783,19 @@ def main(argv=None):
     o.add_argument("--threads", type=int, default=1, help="torch threads")
     o.add_argument("--runs-dir", default="runs/bench", help="where the tiny model is built")
     o.add_argument("--results-dir", default="results", help="overhead.json goes here")
-    r = sub.add_parser("prior", help="perception_prior vs the per-row, per-layer similarity-matrix loop",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser(
+        "prior",
+        help="perception_prior vs the per-row, per-layer similarity-matrix loop",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     r.add_argument("--json", action="store_true", help="print JSON only")
-    r.add_argument("--scores", nargs="+", default=["cosine", "dot", "l2"], choices=["cosine", "dot", "l2", "l1"], help="similarities")
+    r.add_argument(
+        "--scores",
+        nargs="+",
+        default=["cosine", "dot", "l2"],
+        choices=["cosine", "dot", "l2", "l1"],
+        help="similarities",
+    )
     r.add_argument("--batch", type=int, default=4, help="B rows")
     r.add_argument("--seq", type=int, default=1024, help="T sequence length")
     r.add_argument("--image-tokens", type=int, default=600, help="image tokens of row 0 (row b has 40 b fewer)")
@@ -1310,42 +1805,71 @@ def main(argv=None):
     r.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     r.add_argument("--threads", type=int, default=1, help="torch threads")
     r.add_argument("--results-dir", default="results", help="prior.json goes here")
-    s = sub.add_parser("speed", help="wall time of the default run: this tree against an earlier commit, side by side",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--baseline", default="5888c4f", help="commit to compare with (a git worktree of it is made in --runs-dir)")
+    s = sub.add_parser(
+        "speed",
+        help="wall time of the default run: this tree against an earlier commit, side by side",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument(
+        "--baseline", default="5888c4f", help="commit to compare with (a git worktree of it is made in --runs-dir)"
+    )
     s.add_argument("--flags", default="", help="pepo.py flags for both, e.g. '--steps 20'")
     s.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (median)")
     s.add_argument("--json", action="store_true", help="print JSON only")
     s.add_argument("--runs-dir", default="runs/bench", help="the baseline checkout and the run folders")
     s.add_argument("--results-dir", default="results", help="speed.json goes here")
-    h = sub.add_parser("heatmap", help="tokens.html from the tokens.jsonl that `pepo.py --visualize N` wrote",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h = sub.add_parser(
+        "heatmap",
+        help="tokens.html from the tokens.jsonl that `pepo.py --visualize N` wrote",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     h.add_argument("run_dir", help="the run's --output-dir")
     h.add_argument("--out", default=None, help="HTML file (default: RUN_DIR/tokens.html)")
-    m = sub.add_parser("memory-table", help="GiB per GPU of weights, grads, AdamW moments and the reference under FSDP2",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = sub.add_parser(
+        "memory-table",
+        help="GiB per GPU of weights, grads, AdamW moments and the reference under FSDP2",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     m.add_argument("--json", action="store_true", help="print JSON only")
     m.add_argument("--results-dir", default="results", help="memory-table.json goes here")
-    mm = sub.add_parser("memory", help="peak memory of one scoring pass and one update, token functions before/after chunking",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Random-weight Qwen2.5-VL at the 3B's widths (2 text layers, 2 vision blocks), one 448x448 image, "
-                                   "batch 1. Each row runs in a fresh process. CPU: peak RSS (/proc/self/status VmHWM, reset after the "
-                                   "model and inputs are built) minus the RSS then, with MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors "
-                                   "are returned to the OS (Linux only). CUDA: torch.cuda.max_memory_allocated minus the allocation then.")
+    mm = sub.add_parser(
+        "memory",
+        help="peak memory of one scoring pass and one update, token functions before/after chunking",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Random-weight Qwen2.5-VL at the 3B's widths (2 text layers, 2 vision blocks), one 448x448 image, "
+        "batch 1. Each row runs in a fresh process. CPU: peak RSS (/proc/self/status VmHWM, reset after the "
+        "model and inputs are built) minus the RSS then, with MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors "
+        "are returned to the OS (Linux only). CUDA: torch.cuda.max_memory_allocated minus the allocation then.",
+    )
     mm.add_argument("--completions", nargs="+", type=int, default=[256, 1024], help="completion lengths L")
-    mm.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs under bf16 autocast, as pepo.train")
+    mm.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cuda runs under bf16 autocast, as pepo.train"
+    )
     mm.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
     mm.add_argument("--results-dir", default="results", help="memory.json and memory.md go here")
-    mm.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "phase,version,L", one measurement as JSON
-    g = sub.add_parser("signals", help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token statistics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--quick", action="store_true", help="16 held-out prompts and an 8-step training run instead of 32 and the default 100 steps: under 10 minutes")
+    mm.add_argument(
+        "--one", default=None, help=argparse.SUPPRESS
+    )  # internal: "phase,version,L", one measurement as JSON
+    g = sub.add_parser(
+        "signals",
+        help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token statistics",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="16 held-out prompts and an 8-step training run instead of 32 and the default 100 steps: under 10 minutes",
+    )
     g.add_argument("--task", default="color-think", help="toy task with perception labels")
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
     g.add_argument("--threads", type=int, default=1, help="torch threads")
-    g.add_argument("--runs-dir", default="runs/signals", help="training runs, tokens.jsonl and tokens.html (under full/ or quick/)")
-    g.add_argument("--results-dir", default=None, help="signals.{json,md,png} (default: results, --quick: results/quick)")
+    g.add_argument(
+        "--runs-dir", default="runs/signals", help="training runs, tokens.jsonl and tokens.html (under full/ or quick/)"
+    )
+    g.add_argument(
+        "--results-dir", default=None, help="signals.{json,md,png} (default: results, --quick: results/quick)"
+    )
     opt = p.parse_args(argv)
     if opt.command == "signals":
         return signals(opt)
@@ -1380,7 +1904,9 @@ def main(argv=None):
         print("ratios (full step):", result["ratios"], " same rollouts:", result["same_rollouts"])
     else:
         for score, s in result["scores"].items():
-            print(f"{score:6s} fast {s['fast_s']:.4f} s  naive {s['naive_s']:.4f} s  speed-up {s['speedup']:.1f}x  max |diff| {s['max_abs_diff']:.2e}")
+            print(
+                f"{score:6s} fast {s['fast_s']:.4f} s  naive {s['naive_s']:.4f} s  speed-up {s['speedup']:.1f}x  max |diff| {s['max_abs_diff']:.2e}"
+            )
     return result
 
 

@@ -175,7 +175,9 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     # A fresh optimizer has no state yet: torch creates it with a zero-lr step, but only when no
     # parameter holds a .grad (else it fails with 'Expected device to be set').
     optimizer.zero_grad(set_to_none=True)
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     padded[tuple(slice(0, n) for n in x.shape)] = x
     parts = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:s[0]] for p, s in zip(parts, shapes)]), shapes
+    return torch.cat([p[: s[0]] for p, s in zip(parts, shapes)]), shapes
 
 
 def gather_values(x: torch.Tensor) -> torch.Tensor:
@@ -261,10 +263,10 @@ def on_all_rows(fn, *tensors: torch.Tensor):
     gathered = [gather_rows(t) for t in tensors]
     out = fn(*(g for g, _ in gathered))
     shapes = gathered[0][1]
-    start = sum(s[0] for s in shapes[:rank()])
+    start = sum(s[0] for s in shapes[: rank()])
     mine = shapes[rank()]
-    out = out[start:start + mine[0]]
-    return out[:, :mine[1]] if out.dim() == 2 else out
+    out = out[start : start + mine[0]]
+    return out[:, : mine[1]] if out.dim() == 2 else out
 
 
 # ----------------------------------------------------------------------------------------
@@ -301,7 +303,11 @@ def pad_to_global_rows(batch: dict, group: dict, concat, pad_id: int) -> dict:
         return batch
     group_size = group["input_ids"].shape[0]
     assert need % group_size == 0
-    group = dict(group, completion_mask=torch.zeros_like(group["completion_mask"]), padding=torch.ones(group_size, dtype=torch.bool))
+    group = dict(
+        group,
+        completion_mask=torch.zeros_like(group["completion_mask"]),
+        padding=torch.ones(group_size, dtype=torch.bool),
+    )
     parts = ([batch] if batch is not None else []) + [group] * (need // group_size)
     return concat(parts, pad_id)
 

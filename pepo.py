@@ -53,8 +53,16 @@ import vppo
 PERTURBATIONS = vppo.PERTURBATIONS  # (the Args field `vppo` shadows the module inside the class)
 
 
-ABLATIONS = ["pepo-prior-only", "pepo-entropy-only", "pepo-no-ramp", "pepo-additive",
-             "vppo-tas-only", "vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"]
+ABLATIONS = [
+    "pepo-prior-only",
+    "pepo-entropy-only",
+    "pepo-no-ramp",
+    "pepo-additive",
+    "vppo-tas-only",
+    "vppo-tgf-only",
+    "vppo-random-mask",
+    "vppo-entropy-mask",
+]
 
 
 def arg(default, help: str, **kw):
@@ -64,72 +72,156 @@ def arg(default, help: str, **kw):
 @dataclass
 class Args:
     model: str = arg("tiny", "'tiny' builds a small random Qwen2.5-VL offline; else a save_pretrained folder or hub id")
-    algo: str = arg("pepo_g", "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO), vppo (DAPO + VPPO)", choices=["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
+    algo: str = arg(
+        "pepo_g",
+        "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO), vppo (DAPO + VPPO)",
+        choices=["grpo", "dapo", "pepo_g", "pepo_d", "vppo"],
+    )
     task: str = arg("color", "toy task from tasks.py ('list' prints them)")
     data: str = arg(None, "train on a JSONL dataset instead of a toy task (ms-swift or EasyR1 format)", type=str)
-    image_root: str = arg(None, "folder that relative image paths in --data resolve against (default: the file's folder)", type=str)
+    image_root: str = arg(
+        None, "folder that relative image paths in --data resolve against (default: the file's folder)", type=str
+    )
     steps: int = arg(100, "RL steps (one rollout batch and one update each)")
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
-    top_k: int = arg(0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)")
+    top_k: int = arg(
+        0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
+    )
     top_p: float = arg(1.0, "nucleus sampling; 1.0 = off (VPPO's config: 0.99)")
     lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
-    lr_schedule: str = arg("cosine", "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it", choices=["constant", "cosine"])
+    lr_schedule: str = arg(
+        "cosine",
+        "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it",
+        choices=["constant", "cosine"],
+    )
     ppo_epochs: int = arg(1, "passes over each rollout batch; 1 with --mini-batches 1 is on-policy (ratio = 1)")
-    mini_batches: int = arg(1, "optimizer steps per pass: the rollout batch is split into this many parts, whole groups each (VPPO's config: 3)")
+    mini_batches: int = arg(
+        1,
+        "optimizer steps per pass: the rollout batch is split into this many parts, whole groups each (VPPO's config: 3)",
+    )
     micro_batch_size: int = arg(0, "completions per forward/backward (gradient accumulation); 0 = whole batch")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     weight_decay: float = arg(0.0, "AdamW weight decay (PEPO's scripts via ms-swift: 0.1; VPPO: 0.01)")
     adam_beta2: float = arg(0.999, "AdamW beta2 (PEPO's scripts via ms-swift: 0.95)")
     # GRPO / DAPO knobs; None takes the --algo preset
-    beta: float = arg(None, "KL weight to the frozen initial policy, k3 estimator (preset: grpo 0.001, dapo 0)", type=float)
+    beta: float = arg(
+        None, "KL weight to the frozen initial policy, k3 estimator (preset: grpo 0.001, dapo 0)", type=float
+    )
     clip_low: float = arg(None, "ratio clip epsilon below 1 (preset 0.2)", type=float)
     clip_high: float = arg(None, "ratio clip epsilon above 1 (preset: grpo 0.2, dapo 0.28 'clip-higher')", type=float)
-    clip_dual: float = arg(None, "dual clip C > 1: a token with A < 0 costs at most -C*A (preset: vppo 3, others off); acts only off-policy", type=float)
-    loss_type: str = arg(None, "aggregation: grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (B * --max-new-tokens))", choices=["grpo", "dapo", "dr_grpo"])
-    adv_scale: str = arg(None, "'group' divides advantages by the group std, 'none' does not (Dr. GRPO)", choices=["group", "none"])
+    clip_dual: float = arg(
+        None,
+        "dual clip C > 1: a token with A < 0 costs at most -C*A (preset: vppo 3, others off); acts only off-policy",
+        type=float,
+    )
+    loss_type: str = arg(
+        None,
+        "aggregation: grpo (per-sequence mean), dapo (token mean), dr_grpo (sum / (B * --max-new-tokens))",
+        choices=["grpo", "dapo", "dr_grpo"],
+    )
+    adv_scale: str = arg(
+        None, "'group' divides advantages by the group std, 'none' does not (Dr. GRPO)", choices=["group", "none"]
+    )
     dynamic_sampling: bool = arg(None, "drop groups whose rewards are all equal and sample more (preset: dapo on)")
     max_sampling_tries: int = arg(4, "rollout rounds per step that dynamic sampling may use")
     overlong_filter: bool = arg(None, "mask out completions cut by --max-new-tokens (preset: dapo on)")
-    length_penalty_cache: int = arg(0, "DAPO soft length penalty: the last N tokens before the limit cost up to -1 reward; 0 = off")
+    length_penalty_cache: int = arg(
+        0, "DAPO soft length penalty: the last N tokens before the limit cost up to -1 reward; 0 = off"
+    )
     # PEPO knobs
     pepo: bool = arg(None, "use PEPO token weights (preset: pepo_g, pepo_d)")
     pepo_alpha: float = arg(0.05, "PEPO gate strength alpha (Eq. gate)")
     pepo_temperature: float = arg(1.8, "PEPO softmax temperature tau")
-    pepo_score: str = arg("cosine", "similarity between token and image hidden states", choices=["cosine", "dot", "l2", "l1"])
+    pepo_score: str = arg(
+        "cosine", "similarity between token and image hidden states", choices=["cosine", "dot", "l2", "l1"]
+    )
     # VPPO knobs (arXiv 2510.09285)
     vppo: bool = arg(None, "use VPPO: visual dependency from a perturbed-image pass, TAS and TGF (preset: vppo)")
-    vppo_top_frac: float = arg(0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient")
+    vppo_top_frac: float = arg(
+        0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient"
+    )
     vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
-    vppo_perturb: str = arg("blacken", "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)", choices=list(PERTURBATIONS))
-    vppo_kl: str = arg("k3", "dependency: k3 estimate on the sampled token (paper) or the exact KL", choices=["k3", "exact"])
-    entropy_penalty: float = arg(None, "weight of mean(-log p) of sampled tokens added to the loss (preset: vppo 0.06)", type=float)
-    ablation: str = arg("none", "one part of a method switched off or replaced (the papers' ablations): pepo-prior-only and pepo-entropy-only feed the gate one signal, pepo-no-ramp fixes lambda = 1, pepo-additive adds the gate term instead of multiplying; vppo-tas-only, vppo-tgf-only, and vppo-random-mask / vppo-entropy-mask (TGF's top 40%% picked at random / by entropy, without TAS)", choices=["none", *ABLATIONS])
-    token_rule: str = arg("none", "extra token mask: entropy_top keeps only the top 20%% highest-entropy tokens (arXiv 2506.01939)", choices=["none", "entropy_top"])
+    vppo_perturb: str = arg(
+        "blacken",
+        "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)",
+        choices=list(PERTURBATIONS),
+    )
+    vppo_kl: str = arg(
+        "k3", "dependency: k3 estimate on the sampled token (paper) or the exact KL", choices=["k3", "exact"]
+    )
+    entropy_penalty: float = arg(
+        None, "weight of mean(-log p) of sampled tokens added to the loss (preset: vppo 0.06)", type=float
+    )
+    ablation: str = arg(
+        "none",
+        "one part of a method switched off or replaced (the papers' ablations): pepo-prior-only and pepo-entropy-only feed the gate one signal, pepo-no-ramp fixes lambda = 1, pepo-additive adds the gate term instead of multiplying; vppo-tas-only, vppo-tgf-only, and vppo-random-mask / vppo-entropy-mask (TGF's top 40%% picked at random / by entropy, without TAS)",
+        choices=["none", *ABLATIONS],
+    )
+    token_rule: str = arg(
+        "none",
+        "extra token mask: entropy_top keeps only the top 20%% highest-entropy tokens (arXiv 2506.01939)",
+        choices=["none", "entropy_top"],
+    )
     # evaluation
     eval_size: int = arg(100, "held-out examples for greedy accuracy before and after RL")
     eval_samples: int = arg(0, "also report avg@K: mean accuracy of K samples per example at --temperature")
     eval_only: bool = arg(False, "evaluate --model and write eval.json, no training")
-    eval_every: int = arg(0, "every K steps also log greedy held-out accuracy as eval_accuracy in metrics.jsonl; 0 = off")
-    visualize: int = arg(0, "write tokens.html with per-token signals of N rollouts at the first and last step; 0 = off")
+    eval_every: int = arg(
+        0, "every K steps also log greedy held-out accuracy as eval_accuracy in metrics.jsonl; 0 = off"
+    )
+    visualize: int = arg(
+        0, "write tokens.html with per-token signals of N rollouts at the first and last step; 0 = off"
+    )
     # bookkeeping
     seed: int = arg(1, "seed for python, torch and the task stream")
     device: str = arg("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    bf16: bool = arg(None, "bf16 autocast for every forward pass, and the KL reference held in bf16 (default: on with CUDA, off on CPU)")
+    bf16: bool = arg(
+        None,
+        "bf16 autocast for every forward pass, and the KL reference held in bf16 (default: on with CUDA, off on CPU)",
+    )
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update pass (GPU)")
-    freeze_vision: bool = arg(False, "do not train the vision tower and its merger (ms-swift's default, behind PEPO's scripts)")
+    freeze_vision: bool = arg(
+        False, "do not train the vision tower and its merger (ms-swift's default, behind PEPO's scripts)"
+    )
     output_dir: str = arg("runs/pepo", "metrics.jsonl, summary.json and checkpoint/ go here")
-    save_every: int = arg(0, "also write the resumable checkpoint/ every K steps (it is always written at the end and on SIGINT/SIGTERM)")
-    resume: str = arg(None, "continue the run in this output folder from its checkpoint/, with the run's saved settings", type=str)
+    save_every: int = arg(
+        0, "also write the resumable checkpoint/ every K steps (it is always written at the end and on SIGINT/SIGTERM)"
+    )
+    resume: str = arg(
+        None, "continue the run in this output folder from its checkpoint/, with the run's saved settings", type=str
+    )
 
 
 PRESETS = {
-    "grpo": dict(beta=0.001, clip_low=0.2, clip_high=0.2, clip_dual=0.0, loss_type="grpo", adv_scale="group",
-                 dynamic_sampling=False, overlong_filter=False, pepo=False, vppo=False, entropy_penalty=0.0),
-    "dapo": dict(beta=0.0, clip_low=0.2, clip_high=0.28, clip_dual=0.0, loss_type="dapo", adv_scale="group",
-                 dynamic_sampling=True, overlong_filter=True, pepo=False, vppo=False, entropy_penalty=0.0),
+    "grpo": dict(
+        beta=0.001,
+        clip_low=0.2,
+        clip_high=0.2,
+        clip_dual=0.0,
+        loss_type="grpo",
+        adv_scale="group",
+        dynamic_sampling=False,
+        overlong_filter=False,
+        pepo=False,
+        vppo=False,
+        entropy_penalty=0.0,
+    ),
+    "dapo": dict(
+        beta=0.0,
+        clip_low=0.2,
+        clip_high=0.28,
+        clip_dual=0.0,
+        loss_type="dapo",
+        adv_scale="group",
+        dynamic_sampling=True,
+        overlong_filter=True,
+        pepo=False,
+        vppo=False,
+        entropy_penalty=0.0,
+    ),
 }
 PRESETS["pepo_g"] = {**PRESETS["grpo"], "pepo": True}
 PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
@@ -164,7 +256,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
     adv = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    flat = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    flat = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values
     return adv.masked_fill(flat, 0.0).view(-1)
 
 
@@ -179,7 +271,9 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     for chunk in logits.split(step, dim=1):  # L = 0 gives one empty chunk
         logp = torch.log_softmax(chunk.float(), dim=-1)
         p = logp.exp()
-        out.append(-(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1))  # masking logp, not p * logp, keeps the gradient finite too
+        out.append(
+            -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
+        )  # masking logp, not p * logp, keeps the gradient finite too
     return torch.cat(out, dim=1)
 
 
@@ -196,7 +290,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: int, score: str = "cosine") -> torch.Tensor:
+def perception_prior(
+    hidden_states, vision_mask: torch.Tensor, completion_len: int, score: str = "cosine"
+) -> torch.Tensor:
     """PEPO perception prior VS_t (arXiv 2603.22847, Sec. 3): for each of the last
     `completion_len` positions, the mean similarity between that position's hidden state
     and every image-token hidden state of the same row, averaged over the layers given.
@@ -215,11 +311,11 @@ def perception_prior(hidden_states, vision_mask: torch.Tensor, completion_len: i
     total = 0.0
     for h in hidden_states:
         h = h.float()
-        q = h[:, h.shape[1] - completion_len:]  # [B, L, D]; not h[:, -L:], which is every position when L = 0
+        q = h[:, h.shape[1] - completion_len :]  # [B, L, D]; not h[:, -L:], which is every position when L = 0
         if score == "cosine":
             inv = torch.linalg.vector_norm(h, dim=-1).clamp(min=1e-12).reciprocal()  # [B, T], as F.normalize
             v_mean = torch.einsum("btd,bt->bd", h, w * inv)  # mean of the unit image vectors
-            total = total + torch.einsum("bld,bd->bl", q, v_mean) * inv[:, h.shape[1] - completion_len:]
+            total = total + torch.einsum("bld,bd->bl", q, v_mean) * inv[:, h.shape[1] - completion_len :]
         elif score == "dot":
             total = total + torch.einsum("bld,bd->bl", q, torch.einsum("btd,bt->bd", h, w))
         elif score in ("l2", "l1"):  # distances have no shortcut: one [L, N] matrix per row (ablations)
@@ -251,8 +347,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float = 0.05, temperature: float = 1.8,
-                       gate_on: str = "both", fusion: str = "gate") -> torch.Tensor:
+def pepo_token_weights(
+    prior: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float = 0.05,
+    temperature: float = 1.8,
+    gate_on: str = "both",
+    fusion: str = "gate",
+) -> torch.Tensor:
     """PEPO token weights (arXiv 2603.22847, Sec. 3.2).  [B, L] x3 -> [B, L]
 
       V^, H^ = per-row min-max of prior and entropy over valid tokens
@@ -268,8 +371,11 @@ def pepo_token_weights(prior: torch.Tensor, entropy: torch.Tensor, mask: torch.T
     prior, entropy, mask = prior.float(), entropy.float(), mask.float()
     if mask.shape[1] == 0:  # empty completions: nothing to weight (max over an empty dim would raise)
         return torch.zeros_like(mask)
-    fused = {"both": lambda: masked_minmax(prior, mask) + masked_minmax(entropy, mask),
-             "prior": lambda: masked_minmax(prior, mask), "entropy": lambda: masked_minmax(entropy, mask)}[gate_on]()
+    fused = {
+        "both": lambda: masked_minmax(prior, mask) + masked_minmax(entropy, mask),
+        "prior": lambda: masked_minmax(prior, mask),
+        "entropy": lambda: masked_minmax(entropy, mask),
+    }[gate_on]()
     gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
     z = prior * gate if fusion == "gate" else prior + (gate - 1)
     z = (z / temperature).masked_fill(mask == 0, float("-inf"))
@@ -294,8 +400,20 @@ def learning_rate(step: int, total_steps: int, base: float, schedule: str = "con
     return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total_steps)))
 
 
-def policy_loss(logp, old_logp, advantages, mask, loss_type="grpo", clip_low=0.2, clip_high=0.2, token_weights=None, ref_logp=None,
-                beta=0.0, clip_dual=0.0, max_len=None):
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    loss_type="grpo",
+    clip_low=0.2,
+    clip_high=0.2,
+    token_weights=None,
+    ref_logp=None,
+    beta=0.0,
+    clip_dual=0.0,
+    max_len=None,
+):
     """Clipped surrogate with optional token weights, dual clip and k3 KL.  -> (loss, stats)
 
     logp, old_logp, mask, token_weights, ref_logp: [B, L]; advantages: [B] or [B, L].
@@ -373,12 +491,16 @@ def load_policy(path: str, local_files_only: bool = False):
     try:
         config = AutoConfig.from_pretrained(path, **kw)
         if getattr(config, "vision_config", None) is None or getattr(config, "image_token_id", None) is None:
-            raise UsageError(f"--model {path}: a {config.model_type} model with no vision tower or image token, not a "
-                             "Qwen-VL checkpoint; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model")
+            raise UsageError(
+                f"--model {path}: a {config.model_type} model with no vision tower or image token, not a "
+                "Qwen-VL checkpoint; use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model"
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         if tokenizer.convert_tokens_to_ids("<|image_pad|>") != config.image_token_id:
-            raise UsageError(f"--model {path}: its tokenizer has no <|image_pad|> token with the config's image_token_id "
-                             f"{config.image_token_id}; use the tokenizer saved with the Qwen-VL model")
+            raise UsageError(
+                f"--model {path}: its tokenizer has no <|image_pad|> token with the config's image_token_id "
+                f"{config.image_token_id}; use the tokenizer saved with the Qwen-VL model"
+            )
         image_processor = AutoImageProcessor.from_pretrained(path, **kw)  # Pillow backend without torchvision
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **kw)
     except (OSError, ValueError, KeyError) as e:  # missing or broken files, architectures transformers does not know
@@ -394,10 +516,16 @@ class VLHelper:
     def __init__(self, tokenizer, image_processor, config):
         self.tok, self.ip = tokenizer, image_processor
         self.image_token_id = config.image_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.pad_id = (
+            tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        )
         vocab = tokenizer.get_vocab()
         self.end_ids = [vocab[t] for t in END_TOKENS if t in vocab]
-        self.suppress_ids = sorted({vocab[t] for t in SUPPRESS_TOKENS if t in vocab} | {config.image_token_id, config.video_token_id})
+        self.suppress_ids = sorted(
+            {vocab[t] for t in SUPPRESS_TOKENS if t in vocab} | {config.image_token_id, config.video_token_id}
+        )
 
     def prompt_text(self, example: tasks.Example, image_tokens: list[int]) -> str:
         """Qwen chat format, each <image> expanded to its number of <|image_pad|> tokens."""
@@ -415,14 +543,19 @@ class VLHelper:
         per_image = (vis["image_grid_thw"].prod(-1) // self.ip.merge_size**2).tolist()
         texts, k = [], 0
         for ex, ims in zip(examples, images):
-            texts.append(self.prompt_text(ex, per_image[k:k + len(ims)]))
+            texts.append(self.prompt_text(ex, per_image[k : k + len(ims)]))
             k += len(ims)
         ids = [self.tok(t).input_ids for t in texts]
         T = max(map(len, ids))
         input_ids = torch.tensor([[self.pad_id] * (T - len(x)) + x for x in ids])
         attention = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
-        return dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=(input_ids == self.image_token_id).long(),
-                    pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+        return dict(
+            input_ids=input_ids,
+            attention_mask=attention,
+            mm_token_type_ids=(input_ids == self.image_token_id).long(),
+            pixel_values=vis["pixel_values"],
+            image_grid_thw=vis["image_grid_thw"],
+        )
 
     def decode(self, completions: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Completion text up to and including the end token (special tokens dropped)."""
@@ -439,10 +572,15 @@ class VLHelper:
         truncated = ~is_end.any(dim=1)
         first_end = torch.where(truncated, completions.shape[1] - 1, is_end.float().argmax(dim=1))
         mask = (torch.arange(completions.shape[1]).unsqueeze(0) <= first_end.unsqueeze(1)).float()
-        return dict(prompts, input_ids=torch.cat([prompts["input_ids"], completions], 1),
-                    attention_mask=torch.cat([prompts["attention_mask"], mask.long()], 1),
-                    mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], 1),
-                    completion_ids=completions, completion_mask=mask, truncated=truncated)
+        return dict(
+            prompts,
+            input_ids=torch.cat([prompts["input_ids"], completions], 1),
+            attention_mask=torch.cat([prompts["attention_mask"], mask.long()], 1),
+            mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(completions)], 1),
+            completion_ids=completions,
+            completion_mask=mask,
+            truncated=truncated,
+        )
 
 
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -459,7 +597,9 @@ def image_copies(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tu
     sizes = image_grid_thw.prod(-1).tolist()
     images = pixel_values.split(sizes)
     bits = pixel_values.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[pixel_values.element_size()])
-    sums = torch.stack([rows.sum(dtype=torch.int64) for rows in bits.split(sizes)]).tolist()  # integers: exact, the same for every copy
+    sums = torch.stack(
+        [rows.sum(dtype=torch.int64) for rows in bits.split(sizes)]
+    ).tolist()  # integers: exact, the same for every copy
     first, index, seen = [], [], {}  # (size, sum) -> distinct image
     for i, key in enumerate(zip(map(tuple, image_grid_thw.tolist()), sums)):
         j = seen.get(key)
@@ -505,7 +645,7 @@ def shared_prompts(batch: dict, prompt_len: int, image_index: list) -> tuple[lis
     starts = [0, *images_per_row(batch).cumsum(0).tolist()]  # row i holds images starts[i]:starts[i + 1]
     first, index, seen = [], [], {}
     for i, ids in enumerate(batch["input_ids"][:, :prompt_len].tolist()):
-        key = (tuple(ids), tuple(image_index[starts[i]:starts[i + 1]]))
+        key = (tuple(ids), tuple(image_index[starts[i] : starts[i + 1]]))
         if key not in seen:
             seen[key] = len(first)
             first.append(i)
@@ -528,7 +668,9 @@ def prompt_layout(model, batch: dict, always: bool = False) -> dict:
         return {"copies": copies}
     ids, types, mask = batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"]
     if L == 0:  # rows with the same prompt have the same positions: work them out once per prompt
-        position_ids, _ = model.model.get_rope_index(ids[first], types[first], image_grid_thw=grid[images], attention_mask=mask[first])
+        position_ids, _ = model.model.get_rope_index(
+            ids[first], types[first], image_grid_thw=grid[images], attention_mask=mask[first]
+        )
         position_ids = position_ids[:, index]
     else:
         position_ids, _ = model.model.get_rope_index(ids, types, image_grid_thw=grid, attention_mask=mask)
@@ -539,14 +681,30 @@ def run_prompts(model, batch: dict, P: int, layout: dict, hidden_states: bool = 
     """Each distinct prompt of a batch once (its first P tokens, with its images; layout: see
     prompt_layout) -> the model's output, its attention cache copied to every row of the batch."""
     first, index, images, position_ids = layout["first"], layout["index"], layout["images"], layout["position_ids"]
-    ids, mask, types, grid = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"]
+    ids, mask, types, grid = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["mm_token_type_ids"],
+        batch["image_grid_thw"],
+    )
     prompt = dict(input_ids=ids[first, :P], attention_mask=mask[first, :P], mm_token_type_ids=types[first, :P])
     if images:
         pixels = batch["pixel_values"].split(grid.prod(-1).tolist())
-        prompt.update(image_grid_thw=grid[images], mm_encoder_outputs=encode_images(model, torch.cat([pixels[j] for j in images]), grid[images]))
-    head = model(**prompt, position_ids=position_ids[:, first, :P], output_hidden_states=hidden_states, logits_to_keep=1, use_cache=True)
+        prompt.update(
+            image_grid_thw=grid[images],
+            mm_encoder_outputs=encode_images(model, torch.cat([pixels[j] for j in images]), grid[images]),
+        )
+    head = model(
+        **prompt,
+        position_ids=position_ids[:, first, :P],
+        output_hidden_states=hidden_states,
+        logits_to_keep=1,
+        use_cache=True,
+    )
     if len(first) < len(index):
-        head.past_key_values.batch_select_indices(torch.tensor(index, device=ids.device))  # its prompt's keys and values for every row
+        head.past_key_values.batch_select_indices(
+            torch.tensor(index, device=ids.device)
+        )  # its prompt's keys and values for every row
     return head
 
 
@@ -563,16 +721,31 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
     layout = prompt_layout(model, batch) if layout is None else layout
     L = batch["completion_ids"].shape[1]
     P = batch["input_ids"].shape[1] - L
-    if "first" not in layout or model.is_activation_checkpointing:  # nothing to share (or checkpointing, which would redo the cache)
-        out = model(**model_inputs(model, batch, layout.get("copies")), output_hidden_states=hidden_states, logits_to_keep=L + 1, use_cache=False)
+    if (
+        "first" not in layout or model.is_activation_checkpointing
+    ):  # nothing to share (or checkpointing, which would redo the cache)
+        out = model(
+            **model_inputs(model, batch, layout.get("copies")),
+            output_hidden_states=hidden_states,
+            logits_to_keep=L + 1,
+            use_cache=False,
+        )
         # in place: no second [B, L + 1, V] copy; autograd allows it, the lm_head matmul does not save its output
         return out.logits.div_(temperature)[:, :-1], (out.hidden_states if hidden_states else None)
     index, position_ids = layout["index"], layout["position_ids"]
     head = run_prompts(model, batch, P, layout, hidden_states)
-    tail = model(input_ids=batch["input_ids"][:, P:], attention_mask=batch["attention_mask"], position_ids=position_ids[:, :, P:],
-                 past_key_values=head.past_key_values, output_hidden_states=hidden_states, use_cache=False)
+    tail = model(
+        input_ids=batch["input_ids"][:, P:],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids[:, :, P:],
+        past_key_values=head.past_key_values,
+        output_hidden_states=hidden_states,
+        use_cache=False,
+    )
     logits = torch.cat([head.logits[index], tail.logits[:, :-1]], 1).div_(temperature)
-    hidden = [torch.cat([h[index], t], 1) for h, t in zip(head.hidden_states, tail.hidden_states)] if hidden_states else None
+    hidden = (
+        [torch.cat([h[index], t], 1) for h, t in zip(head.hidden_states, tail.hidden_states)] if hidden_states else None
+    )
     return logits, hidden
 
 
@@ -622,8 +795,16 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, to
 
 
 @torch.no_grad()
-def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperature: float, greedy: bool = False,
-             top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def generate(
+    model,
+    vl: VLHelper,
+    prompts: dict,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
     """Sample completions for left-padded prompts -> [B, L] token ids, pad after a row's end token.
     Each distinct prompt runs once (run_prompts: a group's G rows share it), then every row takes
     one token per step on its copy of the cache. Log-probs are later taken at `temperature` over
@@ -633,22 +814,35 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
     layout = prompt_layout(model, prompts, always=True)
     out = run_prompts(model, prompts, P, layout)
     cache, logits = out.past_key_values, out.logits[layout["index"], -1].float()
-    position = layout["position_ids"].amax(dim=(0, 2)) + 1  # [B] text after the prompt goes on from its largest position
+    position = (
+        layout["position_ids"].amax(dim=(0, 2)) + 1
+    )  # [B] text after the prompt goes on from its largest position
     mask, device = prompts["attention_mask"], prompts["input_ids"].device
     suppress, ends = torch.tensor(vl.suppress_ids, device=device), torch.tensor(vl.end_ids, device=device)
     tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
     while True:
         if len(tokens) < max_new_tokens and not done.all():
             logits[:, suppress] = float("-inf")  # placeholders and vision tokens are never sampled
-            token = logits.argmax(-1) if greedy else torch.multinomial(sampling_logits(logits, temperature, top_k, top_p).softmax(-1), 1)[:, 0]
+            token = (
+                logits.argmax(-1)
+                if greedy
+                else torch.multinomial(sampling_logits(logits, temperature, top_k, top_p).softmax(-1), 1)[:, 0]
+            )
             token = token.masked_fill(done, vl.pad_id)
             tokens.append(token)
             done |= torch.isin(token, ends)
-        if dist_.all_true(len(tokens) == max_new_tokens or bool(done.all())):  # a rank that is done steps on until all are
+        if dist_.all_true(
+            len(tokens) == max_new_tokens or bool(done.all())
+        ):  # a rank that is done steps on until all are
             break
         mask = F.pad(mask, (0, 1), value=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position.view(1, B, 1).expand(3, B, 1),
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position.view(1, B, 1).expand(3, B, 1),
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, logits, position = out.past_key_values, out.logits[:, -1].float(), position + 1
     dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
     return torch.stack(tokens, 1).cpu()
@@ -660,10 +854,14 @@ def generate(model, vl: VLHelper, prompts: dict, max_new_tokens: int, temperatur
 def rollout(model, vl, task, examples, group_size, args, device, autocast):
     """G completions per example -> batch dict (CPU tensors) with rewards and accuracy [B]."""
     rows = [ex for ex in examples for _ in range(group_size)]
-    prompts = to_device(repeat_rows(vl.encode_prompts(examples), group_size), device)  # the processor runs once per prompt
+    prompts = to_device(
+        repeat_rows(vl.encode_prompts(examples), group_size), device
+    )  # the processor runs once per prompt
     model.eval()
     with autocast:
-        completions = generate(model, vl, prompts, args.max_new_tokens, args.temperature, top_k=args.top_k, top_p=args.top_p)
+        completions = generate(
+            model, vl, prompts, args.max_new_tokens, args.temperature, top_k=args.top_k, top_p=args.top_p
+        )
     batch = vl.with_completions({k: v.cpu() for k, v in prompts.items()}, completions)
     texts = vl.decode(completions, batch["completion_mask"])
     scores = [task.score(t, ex) for t, ex in zip(texts, rows)]
@@ -716,7 +914,9 @@ def collect_rollouts(model, vl, task, rng, args, device, autocast):
         if need <= 0:
             break
         n = dist_.local_count(need)  # this rank's prompts; a group stays on one rank
-        batch = rollout(model, vl, task, [task.sample(rng) for _ in range(max(n, 1))], G, args, device, autocast)  # generate runs on every rank
+        batch = rollout(
+            model, vl, task, [task.sample(rng) for _ in range(max(n, 1))], G, args, device, autocast
+        )  # generate runs on every rank
         if n == 0:  # that rollout only kept the ranks in step
             continue
         seen.append(batch)
@@ -728,13 +928,23 @@ def collect_rollouts(model, vl, task, rng, args, device, autocast):
         dropped += int((~keep).sum())
         if keep.any():
             kept.append(select_groups(batch, keep, G, vl.pad_id))
-    per_row = {"reward": [b["rewards"] for b in seen], "accuracy": [b["accuracy"] for b in seen],
-               "completion_len": [b["completion_mask"].sum(1) for b in seen], "truncated_frac": [b["truncated"].float() for b in seen]}
-    seen = {k: dist_.gather_values(torch.cat(v or [torch.zeros(0)])) for k, v in per_row.items()}  # every rank's rollouts, for the logged means
+    per_row = {
+        "reward": [b["rewards"] for b in seen],
+        "accuracy": [b["accuracy"] for b in seen],
+        "completion_len": [b["completion_mask"].sum(1) for b in seen],
+        "truncated_frac": [b["truncated"].float() for b in seen],
+    }
+    seen = {
+        k: dist_.gather_values(torch.cat(v or [torch.zeros(0)])) for k, v in per_row.items()
+    }  # every rank's rollouts, for the logged means
     kept = concat_batches(kept, vl.pad_id) if kept else None
     # Equal rows on every rank (FSDP2 runs each forward and backward on all ranks together): a rank
     # with fewer groups appends copies of one of its rollouts that carry no loss (batch["padding"]).
-    return dist_.pad_to_global_rows(kept, slice_batch(batch, slice(0, G)), concat_batches, vl.pad_id), seen, dist_.all_sum(dropped)
+    return (
+        dist_.pad_to_global_rows(kept, slice_batch(batch, slice(0, G)), concat_batches, vl.pad_id),
+        seen,
+        dist_.all_sum(dropped),
+    )
 
 
 @torch.no_grad()
@@ -744,17 +954,27 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
     model.eval()
     greedy, sampled = [], []
     mine = [examples[i] for i in dist_.split(len(examples))]  # this rank's part of the examples
-    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     chunks += [[]] * (dist_.all_max(len(chunks)) - len(chunks))  # as many generate calls on every rank (FSDP2)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(dist_.rank_seed(args.seed))  # ranks sample different avg@K completions
         for chunk in chunks:
             for k, greedy_mode in [(1, True)] + [(samples, False)] * (samples > 0):
                 rows = [ex for ex in chunk for _ in range(k)]
-                prompts = to_device(repeat_rows(vl.encode_prompts(chunk or examples[:1]), k), device)  # [] -> a stand-in, scored nowhere
+                prompts = to_device(
+                    repeat_rows(vl.encode_prompts(chunk or examples[:1]), k), device
+                )  # [] -> a stand-in, scored nowhere
                 with autocast:
-                    comp = generate(model, vl, prompts, args.max_new_tokens, args.temperature, greedy=greedy_mode,
-                                    top_k=args.top_k, top_p=args.top_p)
+                    comp = generate(
+                        model,
+                        vl,
+                        prompts,
+                        args.max_new_tokens,
+                        args.temperature,
+                        greedy=greedy_mode,
+                        top_k=args.top_k,
+                        top_p=args.top_p,
+                    )
                 mask = vl.with_completions({k2: v.cpu() for k2, v in prompts.items()}, comp)["completion_mask"]
                 texts = vl.decode(comp, mask)
                 accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
@@ -769,7 +989,9 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
 # §5 One step: score -> shape -> update. Every algorithm runs these three functions; the
 # flags decide which signals `score` computes and how `shape` uses them.
 # ========================================================================================
-def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependency: bool, keep_graph: bool = False) -> dict:
+def score(
+    model, ref_model, parts: list[dict], args: Args, prior: bool, dependency: bool, keep_graph: bool = False
+) -> dict:
     """Step 2: the passes over one rollout batch (already split into micro-batches) that the
     shaping needs, all from the rollout policy, without gradient. -> dict of [B, L] tensors:
 
@@ -798,15 +1020,28 @@ def score(model, ref_model, parts: list[dict], args: Args, prior: bool, dependen
                 vision = mb["input_ids"] == model.config.image_token_id
                 out["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
             if ref_model is not None:
-                out["ref_logp"].append(token_logprobs(forward(ref_model, mb, args.temperature, layout=layout)[0], mb["completion_ids"]))
+                out["ref_logp"].append(
+                    token_logprobs(forward(ref_model, mb, args.temperature, layout=layout)[0], mb["completion_ids"])
+                )
             if dependency:
                 logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
-                out["dependency"].append(vppo.token_visual_kl(logits, logits_pert) if args.vppo_kl == "exact"
-                                         else vppo.token_visual_dependency(logp, token_logprobs(logits_pert, mb["completion_ids"])))
+                out["dependency"].append(
+                    vppo.token_visual_kl(logits, logits_pert)
+                    if args.vppo_kl == "exact"
+                    else vppo.token_visual_dependency(logp, token_logprobs(logits_pert, mb["completion_ids"]))
+                )
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
-def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: torch.Tensor, step: int, args: Args, padding=None):
+def shape(
+    scores: dict,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    truncated: torch.Tensor,
+    step: int,
+    args: Args,
+    padding=None,
+):
     """Step 3: the one place where the algorithms differ. -> (advantages [B], token weights
     [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: weight 1 on every valid token.
     `signals` holds PEPO's w_t and VPPO's TGF mask whenever their inputs were scored, used or not.
@@ -822,8 +1057,15 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
     ablation = args.ablation
     if scores["prior"] is not None:  # PEPO w_t = T_i softmax(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2)
         gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(ablation, "both")
-        signals["pepo_weight"] = pepo_token_weights(scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature,
-                                                    gate_on, "add" if ablation == "pepo-additive" else "gate")
+        signals["pepo_weight"] = pepo_token_weights(
+            scores["prior"],
+            scores["entropy"],
+            mask,
+            args.pepo_alpha,
+            args.pepo_temperature,
+            gate_on,
+            "add" if ablation == "pepo-additive" else "gate",
+        )
     if scores["dependency"] is not None:  # VPPO TGF: top 40% of each completion by dependency S_t
         signals["vppo_mask"] = vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac)
     if args.pepo:  # PEPO, ramped in: A_{i,t} = ((1 - lambda) + lambda w_t) A_i  (Eq. 6)
@@ -837,8 +1079,12 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
         stats["pepo_lambda"] = lam
     if args.vppo:  # VPPO: TGF masks tokens, TAS rescales each completion's advantage by its mean S (Sec. 3.3)
         dep, keep = scores["dependency"], signals["vppo_mask"]
-        if ablation == "vppo-random-mask":  # the same number of tokens, picked at random (a seeded stream of its own, per rank)
-            keep = vppo.random_token_mask(mask, args.vppo_top_frac, torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step))
+        if (
+            ablation == "vppo-random-mask"
+        ):  # the same number of tokens, picked at random (a seeded stream of its own, per rank)
+            keep = vppo.random_token_mask(
+                mask, args.vppo_top_frac, torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step)
+            )
         elif ablation == "vppo-entropy-mask":
             keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
         elif ablation == "vppo-tas-only":
@@ -846,18 +1092,40 @@ def shape(scores: dict, rewards: torch.Tensor, mask: torch.Tensor, truncated: to
         if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):  # TGF alone: no TAS
             scale = torch.ones(mask.shape[0], device=mask.device)
         else:  # min/max/mean over all ranks' rows
-            scale = dist_.on_all_rows(lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask)
+            scale = dist_.on_all_rows(
+                lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask
+            )
         weights, advantages = weights * keep, advantages * scale
         real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
-        stats.update(vppo_dep_kept=dist_.global_mean(dep, keep), vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
-                     vppo_kept_frac=dist_.global_mean(keep, mask), tas_min=real.min().item(), tas_mean=real.mean().item(), tas_max=real.max().item())
+        stats.update(
+            vppo_dep_kept=dist_.global_mean(dep, keep),
+            vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
+            vppo_kept_frac=dist_.global_mean(keep, mask),
+            tas_min=real.min().item(),
+            tas_mean=real.mean().item(),
+            tas_max=real.max().item(),
+        )
     if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch (arXiv 2506.01939)
-        weights = weights * dist_.on_all_rows(vppo.entropy_top_mask, scores["entropy"], mask)  # threshold over all ranks' tokens
+        weights = weights * dist_.on_all_rows(
+            vppo.entropy_top_mask, scores["entropy"], mask
+        )  # threshold over all ranks' tokens
     return advantages, weights, mask, signals, stats
 
 
-def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weights, mask, args: Args, step: int, autocast,
-           logits=None) -> dict:
+def update(
+    model,
+    optimizer,
+    inputs: dict,
+    old_logp,
+    ref_logp,
+    advantages,
+    weights,
+    mask,
+    args: Args,
+    step: int,
+    autocast,
+    logits=None,
+) -> dict:
     """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
     --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
     `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
@@ -884,11 +1152,24 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
                 else:
                     mb_logits = logits
                 logp = token_logprobs(mb_logits, mb["completion_ids"])
-                del mb_logits  # backward keeps what it needs; holding the [B, L, V] logits too raised the peak (bench.py memory)
+                del (
+                    mb_logits
+                )  # backward keeps what it needs; holding the [B, L, V] logits too raised the peak (bench.py memory)
                 logits = None
-                loss, s = policy_loss(logp, old_logp[sl], advantages[sl], mask[sl], args.loss_type, args.clip_low, args.clip_high,
-                                      token_weights=weights[sl], ref_logp=None if ref_logp is None else ref_logp[sl], beta=args.beta,
-                                      clip_dual=args.clip_dual, max_len=args.max_new_tokens)
+                loss, s = policy_loss(
+                    logp,
+                    old_logp[sl],
+                    advantages[sl],
+                    mask[sl],
+                    args.loss_type,
+                    args.clip_low,
+                    args.clip_high,
+                    token_weights=weights[sl],
+                    ref_logp=None if ref_logp is None else ref_logp[sl],
+                    beta=args.beta,
+                    clip_dual=args.clip_dual,
+                    max_len=args.max_new_tokens,
+                )
                 share = loss_share(args.loss_type, mask[sl], rows, tokens)
                 loss = loss * share
                 if args.entropy_penalty:  # VPPO: + c * mean(-log p) over the mini-batch's valid tokens
@@ -897,17 +1178,24 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
                 finite = finite and bool(torch.isfinite(loss))
                 stats.append((share, s))
             finite = dist_.all_true(finite)  # every rank steps, or none
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)  # FSDP2: the norm over all shards
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), args.max_grad_norm
+            )  # FSDP2: the norm over all shards
             norms.append(grad_norm.item())
             if finite and torch.isfinite(grad_norm):
                 optimizer.step()
             else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
-                print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
+                print(
+                    f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr
+                )
     # stats of the last pass, averaged over its optimizer steps
-    out = {key: dist_.all_sum(sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs:])) / n  # shares are global: sum the ranks
-           for key in stats[0][1]}
+    out = {
+        key: dist_.all_sum(sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs :]))
+        / n  # shares are global: sum the ranks
+        for key in stats[0][1]
+    }
     out["grad_norm"] = sum(norms[-n:]) / n
     out["nonfinite_skipped"] = skipped
     return out
@@ -916,8 +1204,24 @@ def update(model, optimizer, inputs: dict, old_logp, ref_logp, advantages, weigh
 # ========================================================================================
 # §6 The training loop: one loop for every algorithm
 # ========================================================================================
-def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_examples, first_step: int,
-          train_rng: random.Random, perturb_gen: torch.Generator, device, autocast, metrics, save, stop, record) -> tuple[int, float | None]:
+def train(
+    args: Args,
+    model,
+    ref_model,
+    optimizer,
+    vl: VLHelper,
+    task,
+    eval_examples,
+    first_step: int,
+    train_rng: random.Random,
+    perturb_gen: torch.Generator,
+    device,
+    autocast,
+    metrics,
+    save,
+    stop,
+    record,
+) -> tuple[int, float | None]:
     """Steps first_step..args.steps: rollouts -> score -> shape -> update, one line of `metrics`
     per step. `save(step)` writes a resumable checkpoint; `stop.name` is set by SIGINT/SIGTERM;
     `record(step, batch, scores, signals, advantages, weights)` keeps --visualize's rollouts.
@@ -925,7 +1229,14 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
     from tqdm import tqdm
 
     step, shown, held_out = first_step - 1, False, None
-    bar = tqdm(range(first_step, args.steps + 1), initial=step, total=args.steps, desc=args.algo, dynamic_ncols=True, disable=not dist_.is_main())
+    bar = tqdm(
+        range(first_step, args.steps + 1),
+        initial=step,
+        total=args.steps,
+        desc=args.algo,
+        dynamic_ncols=True,
+        disable=not dist_.is_main(),
+    )
     for step in bar:
         t0 = time.time()
         for group in optimizer.param_groups:  # a pure function of the step, so resuming needs only the step
@@ -938,24 +1249,49 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
         else:
             t1 = time.time()
             show = args.visualize > 0 and (not shown or step == args.steps)  # --visualize: first and last step
-            want_prior, want_dep = args.pepo or show, args.vppo or show  # shown even when the algorithm does not use them
+            want_prior, want_dep = (
+                args.pepo or show,
+                args.vppo or show,
+            )  # shown even when the algorithm does not use them
             inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids", "padding")}
             if want_dep:  # VPPO: the same images with random patches blacked out
-                inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(batch, vl.ip, args.vppo_perturb, perturb_gen)
+                inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(
+                    batch, vl.ip, args.vppo_perturb, perturb_gen
+                )
             inputs = to_device(inputs, device)
             parts = micro_batches(inputs, args.micro_batch_size)
-            reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1 == dist_.world()  # on-policy in one pass: update reuses the policy pass (not under FSDP2)
+            reuse = (
+                args.ppo_epochs == args.mini_batches == len(parts) == 1 == dist_.world()
+            )  # on-policy in one pass: update reuses the policy pass (not under FSDP2)
             # 2. Score: old log-probs, entropy, PEPO prior, reference, VPPO dependency (no gradient).
             with autocast:
                 scores = score(model, ref_model, parts, args, prior=want_prior, dependency=want_dep, keep_graph=reuse)
             # 3. Shape: advantages, token weights and masks: the only step where the algorithms differ.
             mask = batch["completion_mask"].to(device)
-            advantages, weights, mask, signals, stats = shape(scores, batch["rewards"], mask, batch["truncated"], step, args, batch["padding"])
+            advantages, weights, mask, signals, stats = shape(
+                scores, batch["rewards"], mask, batch["truncated"], step, args, batch["padding"]
+            )
             t2 = time.time()
             # 4. Update: clipped surrogate (+ KL, + entropy term), micro-batched, --ppo-epochs times.
-            stats.update(update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], advantages, weights, mask,
-                                args, step, autocast, logits=scores.pop("logits")))
-            m.update(stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2))  # the slowest rank
+            stats.update(
+                update(
+                    model,
+                    optimizer,
+                    inputs,
+                    scores["old_logp"],
+                    scores["ref_logp"],
+                    advantages,
+                    weights,
+                    mask,
+                    args,
+                    step,
+                    autocast,
+                    logits=scores.pop("logits"),
+                )
+            )
+            m.update(
+                stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2)
+            )  # the slowest rank
             if show:
                 shown = True
                 record(step, batch, scores, signals, advantages, weights)
@@ -963,7 +1299,9 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
         held_out = None
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
             m["eval_accuracy"] = held_out = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
-        m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null: valid JSON
+        m = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()
+        }  # nan -> null: valid JSON
         metrics.write(json.dumps(m) + "\n")
         metrics.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")
@@ -982,18 +1320,31 @@ def train(args: Args, model, ref_model, optimizer, vl: VLHelper, task, eval_exam
 def check_args(args: Args) -> None:
     """Refuse settings that would crash later or silently train nothing, before anything is loaded."""
     if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
-        raise UsageError(f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl")
+        raise UsageError(
+            f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl"
+        )
     rules = [
-        (not args.ablation.startswith("pepo-") or args.pepo, f"--ablation {args.ablation} changes PEPO; use it with --algo pepo_g or pepo_d"),
-        (not args.ablation.startswith("vppo-") or args.vppo, f"--ablation {args.ablation} changes VPPO; use it with --algo vppo"),
-        (args.group_size >= 2, f"--group-size {args.group_size}: advantages compare completions of one prompt, so use at least 2"),
+        (
+            not args.ablation.startswith("pepo-") or args.pepo,
+            f"--ablation {args.ablation} changes PEPO; use it with --algo pepo_g or pepo_d",
+        ),
+        (
+            not args.ablation.startswith("vppo-") or args.vppo,
+            f"--ablation {args.ablation} changes VPPO; use it with --algo vppo",
+        ),
+        (
+            args.group_size >= 2,
+            f"--group-size {args.group_size}: advantages compare completions of one prompt, so use at least 2",
+        ),
         (args.steps >= 1, f"--steps {args.steps}: use at least 1"),
         (args.prompts_per_step >= 1, f"--prompts-per-step {args.prompts_per_step}: use at least 1"),
         (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: use at least 1"),
         (args.temperature > 0, f"--temperature {args.temperature}: logits are divided by it, use a value > 0"),
         (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: use at least 1"),
-        (1 <= args.mini_batches <= args.prompts_per_step,
-         f"--mini-batches {args.mini_batches}: use 1 up to --prompts-per-step ({args.prompts_per_step}); each holds whole groups"),
+        (
+            1 <= args.mini_batches <= args.prompts_per_step,
+            f"--mini-batches {args.mini_batches}: use 1 up to --prompts-per-step ({args.prompts_per_step}); each holds whole groups",
+        ),
         (args.clip_dual == 0 or args.clip_dual > 1, f"--clip-dual {args.clip_dual}: use 0 (off) or a value > 1"),
         (args.top_k >= 0, f"--top-k {args.top_k}: use 0 (off) or more"),
         (0 < args.top_p <= 1, f"--top-p {args.top_p}: use a value in (0, 1]"),
@@ -1004,8 +1355,10 @@ def check_args(args: Args) -> None:
         (args.eval_samples >= 0, f"--eval-samples {args.eval_samples}: use 0 (off) or more"),
         (args.save_every >= 0, f"--save-every {args.save_every}: use 0 (off) or more"),
         (0 <= args.vppo_top_frac <= 1, f"--vppo-top-frac {args.vppo_top_frac}: use a fraction in [0, 1]"),
-        (0 <= args.length_penalty_cache < args.max_new_tokens,
-         f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1"),
+        (
+            0 <= args.length_penalty_cache < args.max_new_tokens,
+            f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1",
+        ),
     ]
     for ok, message in rules:
         if not ok:
@@ -1021,12 +1374,16 @@ def check_model_source(name: str) -> bool:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UsageError(f"--model {name}: no config.json in it; pass a folder written by save_pretrained "
-                             "(a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint), a hub id or 'tiny'")
+            raise UsageError(
+                f"--model {name}: no config.json in it; pass a folder written by save_pretrained "
+                "(a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint), a hub id or 'tiny'"
+            )
         return False
     if not HUB_ID.match(name):
-        raise UsageError(f"--model {name}: no such folder; pass a save_pretrained folder, a hub id such as "
-                         "Qwen/Qwen2.5-VL-3B-Instruct, or 'tiny'")
+        raise UsageError(
+            f"--model {name}: no such folder; pass a save_pretrained folder, a hub id such as "
+            "Qwen/Qwen2.5-VL-3B-Instruct, or 'tiny'"
+        )
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import get_session
 
@@ -1038,8 +1395,10 @@ def check_model_source(name: str) -> bool:
             offline = True
     if offline and not isinstance(try_to_load_from_cache(name, "config.json"), str):
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
-        raise UsageError(f"--model {name}: not a local folder and not in the download cache, and {why}; "
-                         f"download it where there is network (hf download {name}) or pass a local folder")
+        raise UsageError(
+            f"--model {name}: not a local folder and not in the download cache, and {why}; "
+            f"download it where there is network (hf download {name}) or pass a local folder"
+        )
     return offline
 
 
@@ -1068,9 +1427,22 @@ def save_atomic(path: str, *objects, state: dict | None = None) -> None:
 
 
 # Qwen's special tokens, given to the tiny model's tokenizer
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 
 
 def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int | None = None) -> str:
@@ -1095,22 +1467,51 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = tasks.tokenizer_corpus() + ["user\n", "assistant\n", "system\n"]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(["<answer>", "</answer>", "<think>", "</think>"])  # one token per tag: short completions
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     tid = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6]),
-                         bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>")),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-                           initializer_range=0.1),  # image features (std ~1.8) stand out from text embeddings (std 0.02)
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6]),
+            bos_token_id=None,
+            eos_token_id=tid("<|im_end|>"),
+            pad_token_id=tid("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=128,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1],
+            initializer_range=0.1,
+        ),  # image features (std ~1.8) stand out from text embeddings (std 0.02)
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+    )
     model = AutoModelForImageTextToText.from_config(config)
 
     # Format warm-up: supervised on random labels, so it never sees a correct answer. Only the
@@ -1141,8 +1542,13 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
 
 def rng_states(train_rng: random.Random, perturb_gen: torch.Generator) -> dict:
     """Every random stream the training loop draws from."""
-    return {"python": random.getstate(), "task": train_rng.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [], "vppo": perturb_gen.get_state()}
+    return {
+        "python": random.getstate(),
+        "task": train_rng.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "vppo": perturb_gen.get_state(),
+    }
 
 
 def set_rng_states(states: dict, train_rng: random.Random, perturb_gen: torch.Generator) -> None:
@@ -1154,13 +1560,24 @@ def set_rng_states(states: dict, train_rng: random.Random, perturb_gen: torch.Ge
     perturb_gen.set_state(states["vppo"])
 
 
-def save_training_state(path, model, tokenizer, image_processor, optimizer_state, step, args, rngs, metrics_bytes, before) -> None:
+def save_training_state(
+    path, model, tokenizer, image_processor, optimizer_state, step, args, rngs, metrics_bytes, before
+) -> None:
     """Everything a resumed run needs to continue exactly: weights, tokenizer and image processor
     (save_pretrained), optimizer moments, step, RNG streams (a list: one entry per process), the
     length of metrics.jsonl up to this step and the accuracy before RL. The PEPO ramp and any
     step-based schedule follow from step and args.steps. Written atomically (save_atomic)."""
-    state = {"step": step, "steps": args.steps, "pepo_lambda": pepo_ramp(step, args.steps), "metrics_bytes": metrics_bytes,
-             "eval_before": before, "args": dataclasses.asdict(args), "world_size": len(rngs), "optimizer": optimizer_state, "rng": rngs}
+    state = {
+        "step": step,
+        "steps": args.steps,
+        "pepo_lambda": pepo_ramp(step, args.steps),
+        "metrics_bytes": metrics_bytes,
+        "eval_before": before,
+        "args": dataclasses.asdict(args),
+        "world_size": len(rngs),
+        "optimizer": optimizer_state,
+        "rng": rngs,
+    }
     save_atomic(path, model, tokenizer, image_processor, state=state)
 
 
@@ -1170,15 +1587,19 @@ def find_checkpoint(run_dir: str) -> Path:
     for name in ("checkpoint", "checkpoint.old"):
         if (Path(run_dir) / name / TRAINER_JSON).is_file():
             return Path(run_dir) / name
-    raise UsageError(f"--resume {run_dir}: no resumable checkpoint ({Path(run_dir) / 'checkpoint' / TRAINER_JSON} is missing); "
-                     "pass the --output-dir of a run that saved one (at the end, every --save-every steps, or on SIGINT/SIGTERM)")
+    raise UsageError(
+        f"--resume {run_dir}: no resumable checkpoint ({Path(run_dir) / 'checkpoint' / TRAINER_JSON} is missing); "
+        "pass the --output-dir of a run that saved one (at the end, every --save-every steps, or on SIGINT/SIGTERM)"
+    )
 
 
 def load_training_state(run_dir: str) -> tuple[Path, dict]:
     """(checkpoint folder, state) of a run, for --resume."""
     path = find_checkpoint(run_dir)
     state = json.loads((path / TRAINER_JSON).read_text())
-    state.update(torch.load(path / TRAINER_PT, weights_only=True, mmap=True))  # mmap: only what is read comes into memory
+    state.update(
+        torch.load(path / TRAINER_PT, weights_only=True, mmap=True)
+    )  # mmap: only what is read comes into memory
     return path, state
 
 
@@ -1196,7 +1617,10 @@ class StopRequest:
         self.name = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{self.name}: finishing this step, then saving a checkpoint (send it again to stop at once)", file=sys.stderr)
+        print(
+            f"\n{self.name}: finishing this step, then saving a checkpoint (send it again to stop at once)",
+            file=sys.stderr,
+        )
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1211,10 +1635,21 @@ def build_parser(given_only: bool = False) -> ArgumentParser:
     for f in dataclasses.fields(Args):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"])
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS if given_only else f.default,
+                help=meta["help"],
+            )
         else:
             typ = meta.get("type") or {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=typ, default=argparse.SUPPRESS if given_only else f.default, help=meta["help"], choices=meta.get("choices"))
+            p.add_argument(
+                flag,
+                type=typ,
+                default=argparse.SUPPRESS if given_only else f.default,
+                help=meta["help"],
+                choices=meta.get("choices"),
+            )
     return p
 
 
@@ -1232,11 +1667,19 @@ def parse_args(argv=None) -> Args:
                 continue
             if key not in saved or value != saved[key]:
                 flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume {args.resume}: {flag} {value} differs from the saved run's {saved.get(key)!r}; "
-                                 f"leave {flag} out, or start a new run")
+                raise UsageError(
+                    f"--resume {args.resume}: {flag} {value} differs from the saved run's {saved.get(key)!r}; "
+                    f"leave {flag} out, or start a new run"
+                )
         names = {f.name for f in dataclasses.fields(Args)}
-        args = Args(**{**{k: v for k, v in saved.items() if k in names}, "resume": args.resume, "device": args.device,
-                       "output_dir": args.resume})
+        args = Args(
+            **{
+                **{k: v for k, v in saved.items() if k in names},
+                "resume": args.resume,
+                "device": args.device,
+                "output_dir": args.resume,
+            }
+        )
     apply_preset(args)
     check_args(args)
     return args
@@ -1248,8 +1691,14 @@ def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weig
     import base64
     import io
 
-    per_token = {"prior": scores["prior"], "entropy": scores["entropy"], "pepo_weight": signals["pepo_weight"],
-                 "dependency": scores["dependency"], "vppo_mask": signals["vppo_mask"], "weight": weights}
+    per_token = {
+        "prior": scores["prior"],
+        "entropy": scores["entropy"],
+        "pepo_weight": signals["pepo_weight"],
+        "dependency": scores["dependency"],
+        "vppo_mask": signals["vppo_mask"],
+        "weight": weights,
+    }
     rows = []
     for i in range(min(n, batch["completion_ids"].shape[0])):
         valid = batch["completion_mask"][i].bool()  # every generated token, also those a filter masked out
@@ -1258,11 +1707,20 @@ def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weig
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             images.append(base64.b64encode(buf.getvalue()).decode())
-        rows.append({"step": step, "row": i, "tokens": [vl.tok.decode([t]) for t in batch["completion_ids"][i][valid].tolist()],
-                     "signals": {k: v[i].cpu()[valid].tolist() for k, v in per_token.items() if v is not None},
-                     "reward": float(batch["rewards"][i]), "accuracy": float(batch["accuracy"][i]),
-                     "advantage": float(advantages[i]), "answer": batch["examples"][i].answer,
-                     "prompt": batch["examples"][i].prompt, "images": images})
+        rows.append(
+            {
+                "step": step,
+                "row": i,
+                "tokens": [vl.tok.decode([t]) for t in batch["completion_ids"][i][valid].tolist()],
+                "signals": {k: v[i].cpu()[valid].tolist() for k, v in per_token.items() if v is not None},
+                "reward": float(batch["rewards"][i]),
+                "accuracy": float(batch["accuracy"][i]),
+                "advantage": float(advantages[i]),
+                "answer": batch["examples"][i].answer,
+                "prompt": batch["examples"][i].prompt,
+                "images": images,
+            }
+        )
     return rows
 
 
@@ -1283,12 +1741,16 @@ def run(args: Args):
         sys.stdout = open(os.devnull, "w")  # one console: rank 0 prints (the numbers are global)
     ckpt, state = load_training_state(args.resume) if args.resume else (None, None)
     if state and state.get("world_size", 1) != dist_.world():  # each process continues its own random streams
-        raise UsageError(f"--resume {args.resume}: the run was saved by {state.get('world_size', 1)} process(es), this is "
-                         f"{dist_.world()}; resume it with the same number (torchrun --nproc-per-node N, or plain python for 1)")
+        raise UsageError(
+            f"--resume {args.resume}: the run was saved by {state.get('world_size', 1)} process(es), this is "
+            f"{dist_.world()}; resume it with the same number (torchrun --nproc-per-node N, or plain python for 1)"
+        )
     metrics_path = out_dir / "metrics.jsonl"
     if state and (not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]):
-        raise UsageError(f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint (step {state['step']}); "
-                         "restore it, or start a new run")
+        raise UsageError(
+            f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint (step {state['step']}); "
+            "restore it, or start a new run"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Seeding: python (task stream), torch (init, sampling); reseeded right before step 1.
@@ -1311,8 +1773,10 @@ def run(args: Args):
     model, tokenizer, image_processor = load_policy(str(ckpt) if state else model_path, offline)
     need = tasks.answer_budget(task, tokenizer)
     if args.max_new_tokens < need:
-        raise UsageError(f"--max-new-tokens {args.max_new_tokens} is too small for task {task.name}: its longest well-formatted "
-                         f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more")
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens} is too small for task {task.name}: its longest well-formatted "
+            f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more"
+        )
     model.to(device)
     vl = VLHelper(tokenizer, image_processor, model.config)
     if args.freeze_vision:
@@ -1321,35 +1785,63 @@ def run(args: Args):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
-    if args.beta > 0 and not args.eval_only:  # the frozen initial policy; a resumed run loads it again from the initial weights
-        ref_model = (load_policy(model_path, offline)[0].to(device) if state else copy.deepcopy(model)).eval().requires_grad_(False)
+    if (
+        args.beta > 0 and not args.eval_only
+    ):  # the frozen initial policy; a resumed run loads it again from the initial weights
+        ref_model = (
+            (load_policy(model_path, offline)[0].to(device) if state else copy.deepcopy(model))
+            .eval()
+            .requires_grad_(False)
+        )
         if args.bf16:  # never trained, so it needs no fp32 master weights: half the memory (7.5 GB for a 3B model)
             ref_model.to(torch.bfloat16)
         ref_model = dist_.shard(ref_model)  # under torchrun: each rank holds a shard of it
     model = dist_.shard(model)  # FSDP2 under torchrun: parameters, gradients and (below) optimizer states sharded
-    before = state["eval_before"] if state else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    before = (
+        state["eval_before"]
+        if state
+        else evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
+    )
     if args.eval_only:
         result = {"model": args.model, "task": task.name, "examples": len(eval_examples), **before}
         if dist_.is_main():
             (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
         return result
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, args.adam_beta2))
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        betas=(0.9, args.adam_beta2),
+    )
     if state:
-        dist_.load_optimizer_state(model, optimizer, state["optimizer"])  # under torchrun: rank 0's full state, each rank keeps its shard
+        dist_.load_optimizer_state(
+            model, optimizer, state["optimizer"]
+        )  # under torchrun: rank 0's full state, each rank keeps its shard
     if dist_.is_main() and state:
         os.truncate(metrics_path, state["metrics_bytes"])  # lines after the checkpoint's step are done again
     elif dist_.is_main():
         (out_dir / "tokens.jsonl").unlink(missing_ok=True)  # --visualize appends; a new run starts it afresh
     print(f"accuracy before RL: {before['accuracy']:.3f}")
 
-    def save(step):  # the resumable checkpoint/ of this step; under torchrun every rank hands in its shards, rank 0 writes
+    def save(
+        step,
+    ):  # the resumable checkpoint/ of this step; under torchrun every rank hands in its shards, rank 0 writes
         weights, optimizer_state = dist_.saveable(model), dist_.optimizer_state(model, optimizer)  # gathered on rank 0
         rngs = dist_.gather_objects(rng_states(train_rng, perturb_gen))  # every rank's random streams
         if dist_.is_main():
-            save_training_state(out_dir / "checkpoint", weights, tokenizer, image_processor, optimizer_state, step, args, rngs,
-                                metrics_path.stat().st_size, before)
+            save_training_state(
+                out_dir / "checkpoint",
+                weights,
+                tokenizer,
+                image_processor,
+                optimizer_state,
+                step,
+                args,
+                rngs,
+                metrics_path.stat().st_size,
+                before,
+            )
         dist_.barrier()  # no rank goes on (or exits) before the checkpoint is complete
 
     # The training streams start here, after building, loading and evaluating (which therefore never
@@ -1358,17 +1850,37 @@ def run(args: Args):
     torch.manual_seed(seed)
     if state:
         set_rng_states(state["rng"][dist_.rank()], train_rng, perturb_gen)
+
     def record(step, *rollouts):  # --visualize: rank 0's first rollouts with every per-token signal, as data
         with open(out_dir / "tokens.jsonl" if dist_.is_main() else os.devnull, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in token_records(vl, *rollouts, step, args.visualize))
 
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
-        step, held_out = train(args, model, ref_model, optimizer, vl, task, eval_examples, (state["step"] if state else 0) + 1,
-                               train_rng, perturb_gen, device, autocast, metrics, save, stop, record)
+        step, held_out = train(
+            args,
+            model,
+            ref_model,
+            optimizer,
+            vl,
+            task,
+            eval_examples,
+            (state["step"] if state else 0) + 1,
+            train_rng,
+            perturb_gen,
+            device,
+            autocast,
+            metrics,
+            save,
+            stop,
+            record,
+        )
     if step < args.steps:  # stopped by a signal, after saving this step
-        print(f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
-              f"continue with: python pepo.py --resume {out_dir}", file=sys.stderr)
+        print(
+            f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
+            f"continue with: python pepo.py --resume {out_dir}",
+            file=sys.stderr,
+        )
         return {"stopped_at_step": step, "signal": stop.name}
 
     if held_out is not None and not args.eval_samples:  # the last step's evaluation is the same computation
@@ -1377,9 +1889,18 @@ def run(args: Args):
         after = evaluate(model, vl, task, eval_examples, args, device, autocast, samples=args.eval_samples)
     print(f"accuracy after RL: {after['accuracy']:.3f}")
     save(args.steps)
-    summary = {"algo": args.algo, "task": task.name, "model": args.model, "steps": args.steps,
-               "seconds": round(time.time() - t_start, 1), "accuracy_before": before["accuracy"],
-               "accuracy_after": after["accuracy"], "eval_before": before, "eval_after": after, "args": dataclasses.asdict(args)}
+    summary = {
+        "algo": args.algo,
+        "task": task.name,
+        "model": args.model,
+        "steps": args.steps,
+        "seconds": round(time.time() - t_start, 1),
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "eval_before": before,
+        "eval_after": after,
+        "args": dataclasses.asdict(args),
+    }
     if dist_.is_main():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
@@ -1395,7 +1916,9 @@ def main(argv=None):
         if dist_.is_main():  # under torchrun every rank fails alike: one line
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # a second Ctrl-C (or one before training starts): stop now, checkpoints stay as they were
+    except (
+        KeyboardInterrupt
+    ):  # a second Ctrl-C (or one before training starts): stop now, checkpoints stay as they were
         print("\ninterrupted; the last saved checkpoint, if any, is intact", file=sys.stderr)
         raise SystemExit(130) from None
     finally:  # run() catches SIGINT/SIGTERM to stop cleanly; give the caller its handlers back

@@ -63,7 +63,9 @@ class Task:
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
     warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
-    pretrain_task = None  # a *different* task whose correct answers the warm-up also trains on (perception pre-training)
+    pretrain_task = (
+        None  # a *different* task whose correct answers the warm-up also trains on (perception pre-training)
+    )
 
     def sample(self, rng: random.Random) -> Example:
         raise NotImplementedError
@@ -244,7 +246,9 @@ class ShapeTask(Task):
 
     def sample(self, rng):
         shape = rng.choice(self.labels)
-        return Example(f"{IMAGE}What shape is this? Answer as <answer>shape</answer>.", [shape_image(rng, shape)], shape)
+        return Example(
+            f"{IMAGE}What shape is this? Answer as <answer>shape</answer>.", [shape_image(rng, shape)], shape
+        )
 
     def perception_words(self, example):
         return {example.answer}  # the shape word
@@ -277,9 +281,16 @@ class PositionTask(Task):
         # that edge's axis and <= 12 px off it across, so no example is ambiguous.
         s, edge, across = rng.randint(28, 32), rng.randint(2, 12), rng.randint(-12, 12)
         mid = (SIZE - s) // 2 + across
-        x, y = {"left": (edge, mid), "right": (SIZE - s - edge, mid), "top": (mid, edge), "bottom": (mid, SIZE - s - edge)}[where]
+        x, y = {
+            "left": (edge, mid),
+            "right": (SIZE - s - edge, mid),
+            "top": (mid, edge),
+            "bottom": (mid, SIZE - s - edge),
+        }[where]
         image = shape_image(rng, shape, (x, y, x + s, y + s))
-        return Example(f"{IMAGE}Where is the shape? Answer as <answer>left, right, top or bottom</answer>.", [image], where)
+        return Example(
+            f"{IMAGE}Where is the shape? Answer as <answer>left, right, top or bottom</answer>.", [image], where
+        )
 
     def perception_words(self, example):
         return {example.answer}  # the side
@@ -308,12 +319,14 @@ class CompareTask(Task):
         return {example.answer}  # the letter of the longer segment, as seen
 
 
-BOX_RE = re.compile(r"^\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]$")
+BOX_RE = re.compile(
+    r"^\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]$"
+)
 
 
 @functools.lru_cache(maxsize=4096)  # the blind baseline parses the same candidate boxes many times
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """"[x1,y1,x2,y2]" -> numbers, None if it is not a box."""
+    """ "[x1,y1,x2,y2]" -> numbers, None if it is not a box."""
     m = BOX_RE.match(text.strip())
     return tuple(float(v) for v in m.groups()) if m else None
 
@@ -373,8 +386,10 @@ class FewShotTask(Task):
         shapes, names = rng.sample(SHAPES, 2), rng.sample(NAMES, 2)
         k = rng.randrange(2)  # the query's class
         images = [shape_image(rng, s) for s in shapes + [shapes[k]]]
-        prompt = (f"{IMAGE}This is a {names[0]}.\n{IMAGE}This is a {names[1]}.\n"
-                  f"{IMAGE}What is this? Answer as <answer>name</answer>.")
+        prompt = (
+            f"{IMAGE}This is a {names[0]}.\n{IMAGE}This is a {names[1]}.\n"
+            f"{IMAGE}What is this? Answer as <answer>name</answer>."
+        )
         return Example(prompt, images, names[k], {"shapes": shapes})
 
 
@@ -393,7 +408,9 @@ class DotsSumTask(Task):
         image, draw = blank()
         for i, c in enumerate(place_dots(rng, red + blue)):
             draw_dot(draw, c, COLORS["red"] if i < red else COLORS["blue"])
-        prompt = f"{IMAGE}Count the red dots and the blue dots. Answer as <think>r red, b blue</think><answer>sum</answer>."
+        prompt = (
+            f"{IMAGE}Count the red dots and the blue dots. Answer as <think>r red, b blue</think><answer>sum</answer>."
+        )
         return Example(prompt, [image], str(red + blue), {"red": red, "blue": blue})
 
     def random_completion(self, rng):
@@ -431,15 +448,21 @@ class ColorThinkTask(Task):
     The colour comes first in <think>, where each colour is a single token of the tiny tokenizer
     ('red', 'green', ...; after a space 'green' and 'yellow' would take two, see TOKENIZER_TASKS).
     """
+
     name = "color-think"
     description = "chain of thought: <think>C shape, C is N</think><answer>N</answer>: the name N of the colour C by a stated rule"
     labels = list(COLOR_NAMES.values())
     perception_region = "think"
     warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
-    pretrain_task = "color"  # what a VLM knows before RL: colour words, read off a shape (a different prompt and answer)
+    pretrain_task = (
+        "color"  # what a VLM knows before RL: colour words, read off a shape (a different prompt and answer)
+    )
     # A large shape, as in `color`: its colour fills most of the 16 image tokens.
-    PROMPT = (f"{IMAGE}Colour names: " + ", ".join(f"{c} is {n}" for c, n in COLOR_NAMES.items())
-              + ". Name the shape's colour. Answer as <think>colour shape, colour is name</think><answer>name</answer>.")
+    PROMPT = (
+        f"{IMAGE}Colour names: "
+        + ", ".join(f"{c} is {n}" for c, n in COLOR_NAMES.items())
+        + ". Name the shape's colour. Answer as <think>colour shape, colour is name</think><answer>name</answer>."
+    )
 
     @staticmethod
     def completion(color: str) -> str:
@@ -472,8 +495,20 @@ class ColorThinkTask(Task):
         return {example.meta["color"]}
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [ColorTask(), ShapeTask(), CountTask(), PositionTask(), CompareTask(),
-                                              GroundingTask(), FewShotTask(), DotsSumTask(), ColorThinkTask()]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        ColorTask(),
+        ShapeTask(),
+        CountTask(),
+        PositionTask(),
+        CompareTask(),
+        GroundingTask(),
+        FewShotTask(),
+        DotsSumTask(),
+        ColorThinkTask(),
+    ]
+}
 
 
 def get_task(name: str) -> Task:
@@ -517,6 +552,7 @@ def answer_budget(task: Task, tokenizer, n: int = 200) -> int:
     texts = {task.random_completion(rng) for _ in range(n)} | {f"<answer>{label}</answer>" for label in task.labels}
     return 1 + max(len(ids) for ids in tokenizer(sorted(texts), add_special_tokens=False).input_ids)
 
+
 # ----------------------------------------------------------------------------------------
 # Answer grading for real datasets: <answer>/\boxed{} extraction, normalisation, values
 # ----------------------------------------------------------------------------------------
@@ -535,7 +571,7 @@ def last_boxed(text: str) -> str | None:
     for i in range(start + len("\\boxed"), len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return text[start + len("\\boxed{"):i]
+            return text[start + len("\\boxed{") : i]
     return None
 
 
@@ -562,13 +598,20 @@ def normalize(s: str) -> str:
 
 
 def choice_letter(s: str) -> str | None:
-    """"B", "(B)", "B.", "B) 12" -> "b"."""
+    """ "B", "(B)", "B.", "B) 12" -> "b"."""
     m = CHOICE_RE.match(unwrap(s))
     return m.group(1).lower() if m else None
 
 
-OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-       ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 
 def _eval(node) -> float:
@@ -582,7 +625,12 @@ def _eval(node) -> float:
         return OPS[type(node.op)](a, b)
     if isinstance(node, ast.UnaryOp) and type(node.op) in OPS:
         return OPS[type(node.op)](_eval(node.operand))
-    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "sqrt" and len(node.args) == 1 and not node.keywords:
+    if (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "sqrt"
+        and len(node.args) == 1
+        and not node.keywords
+    ):
         return math.sqrt(_eval(node.args[0]))
     if isinstance(node, ast.Name) and node.id == "pi":
         return math.pi
@@ -695,15 +743,19 @@ def read_row(line: str, where: str, root: Path, seen: set) -> dict:
                 with Image.open(path) as im:  # header, and for PNG the chunk checksums: no pixels are decoded
                     im.verify()
             except Exception as e:
-                raise DatasetError(f"{where}: not a readable image: {path} ({str(e) or type(e).__name__}); replace or drop it") from None
+                raise DatasetError(
+                    f"{where}: not a readable image: {path} ({str(e) or type(e).__name__}); replace or drop it"
+                ) from None
             seen.add(path)
         paths.append(str(path))
     marks = prompt.count(IMAGE)
     if marks == 0:
         prompt = IMAGE * len(paths) + prompt
     elif marks != len(paths):
-        raise DatasetError(f"{where}: the prompt has {marks} '<image>' marks but the row has {len(paths)} images; "
-                           "use one mark per image, or none")
+        raise DatasetError(
+            f"{where}: the prompt has {marks} '<image>' marks but the row has {len(paths)} images; "
+            "use one mark per image, or none"
+        )
     answer = str(answer)
     return {"prompt": prompt, "images": paths, "answer": final_answer(answer) or answer.strip(), "where": where}
 
@@ -717,7 +769,9 @@ class JsonlTask(Task):
         path = Path(path)
         self.name, self.description = path.name, f"JSONL dataset {path}"
         if not path.is_file():
-            raise DatasetError(f"{path}: {'a folder' if path.is_dir() else 'file not found'}; pass a JSONL file (--data)")
+            raise DatasetError(
+                f"{path}: {'a folder' if path.is_dir() else 'file not found'}; pass a JSONL file (--data)"
+            )
         root = Path(image_root) if image_root is not None else path.parent
         self.rows, seen = [], set()
         with open(path, encoding="utf-8") as f:
@@ -725,7 +779,9 @@ class JsonlTask(Task):
                 if line.strip():
                     self.rows.append(read_row(line, f"{path}:{n}", root, seen))
         if not self.rows:
-            raise DatasetError(f"{path}: empty file, no rows; write one JSON object per line (python tasks.py --export shows the format)")
+            raise DatasetError(
+                f"{path}: empty file, no rows; write one JSON object per line (python tasks.py --export shows the format)"
+            )
         self.labels = sorted({r["answer"] for r in self.rows})
 
     def sample(self, rng):
@@ -771,8 +827,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--export", metavar="DIR", help="write DIR/data.jsonl and DIR/images/*.png")
     p.add_argument("--task", default="color", choices=list(TASKS), help="toy task to export")
     p.add_argument("--n", type=int, default=100, help="number of examples to export")
-    p.add_argument("--format", default="swift", choices=["swift", "easyr1"],
-                   help="swift: {images, messages, solution}; easyr1: {problem, answer, images}")
+    p.add_argument(
+        "--format",
+        default="swift",
+        choices=["swift", "easyr1"],
+        help="swift: {images, messages, solution}; easyr1: {problem, answer, images}",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the example stream")
     args = p.parse_args(argv)
     if args.list:

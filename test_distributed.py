@@ -85,9 +85,16 @@ def _collectives(rank, out):
     # rank 0: [2, 3], rank 1: [1, 5] -> global [3, 5] rows in rank order, zero-padded
     x = torch.full((2, 3), 1.0) if rank == 0 else torch.full((1, 5), 2.0)
     g, shapes = distributed.gather_rows(x)
-    res = {"gathered": g.tolist(), "shapes": shapes, "sum": distributed.all_sum(rank + 1), "max": distributed.all_max(float(rank)),
-           "true": distributed.all_true(rank == 0), "split": [list(distributed.split(n)) for n in (3, 4, 1)],
-           "rows": distributed.on_all_rows(lambda a: a.cumsum(0), x).tolist(), "any": distributed.any_true(rank == 1)}
+    res = {
+        "gathered": g.tolist(),
+        "shapes": shapes,
+        "sum": distributed.all_sum(rank + 1),
+        "max": distributed.all_max(float(rank)),
+        "true": distributed.all_true(rank == 0),
+        "split": [list(distributed.split(n)) for n in (3, 4, 1)],
+        "rows": distributed.on_all_rows(lambda a: a.cumsum(0), x).tolist(),
+        "any": distributed.any_true(rank == 1),
+    }
     # entropy-top over the global batch equals vppo's on the concatenated batch
     gen = torch.Generator().manual_seed(3)
     ent, mask = torch.rand(5, 6, generator=gen), (torch.rand(5, 6, generator=gen) > 0.2).float()
@@ -126,8 +133,12 @@ def fixed_batch(vl, task, groups) -> dict:
     for g in groups:
         ex = tasks.get_task("color").sample(random.Random(500 + g))
         wrong = [c for c in task.labels if c != ex.answer]
-        texts = [f"<answer>{ex.answer}</answer><|im_end|>", f"<answer>{wrong[g % 3]}</answer><|im_end|>",
-                 f"<think>{'the shape is ' * (g + 1)}</think><answer>{ex.answer}</answer><|im_end|>", f"<answer>{wrong[0]}"]
+        texts = [
+            f"<answer>{ex.answer}</answer><|im_end|>",
+            f"<answer>{wrong[g % 3]}</answer><|im_end|>",
+            f"<think>{'the shape is ' * (g + 1)}</think><answer>{ex.answer}</answer><|im_end|>",
+            f"<answer>{wrong[0]}",
+        ]
         rows += [ex] * G
         completions += [vl.tok(t, add_special_tokens=False).input_ids for t in texts]
     batch = vl.with_completions(vl.encode_prompts(rows), completions)
@@ -147,10 +158,25 @@ def one_step(model, ref_model, optimizer, vl, batch, args) -> dict:
     parts = pepo.micro_batches(inputs, args.micro_batch_size)
     reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1 == distributed.world()  # as in pepo.train
     scores = pepo.score(model, ref_model, parts, args, prior=args.pepo, dependency=args.vppo, keep_graph=reuse)
-    adv, weights, mask, _, stats = pepo.shape(scores, batch["rewards"], batch["completion_mask"], batch["truncated"], STEP, args,
-                                              batch["padding"])
-    stats.update(pepo.update(model, optimizer, inputs, scores["old_logp"], scores["ref_logp"], adv, weights, mask, args, STEP,
-                             nullcontext(), logits=scores.pop("logits")))
+    adv, weights, mask, _, stats = pepo.shape(
+        scores, batch["rewards"], batch["completion_mask"], batch["truncated"], STEP, args, batch["padding"]
+    )
+    stats.update(
+        pepo.update(
+            model,
+            optimizer,
+            inputs,
+            scores["old_logp"],
+            scores["ref_logp"],
+            adv,
+            weights,
+            mask,
+            args,
+            STEP,
+            nullcontext(),
+            logits=scores.pop("logits"),
+        )
+    )
     return stats
 
 
@@ -162,7 +188,9 @@ def setup(path, flags):
     ref_model = pepo.copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     ref_model = ref_model and distributed.shard(ref_model)
     model = distributed.shard(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
+    )
     return args, model, ref_model, optimizer, pepo.VLHelper(tok, ip, model.config)
 
 
@@ -175,7 +203,9 @@ def _sharded_updates(rank, path, out):
     for name, flags in CASES.items():
         args, model, ref_model, optimizer, vl = setup(path, flags)
         local = fixed_batch(vl, task, distributed.split(GROUPS))
-        batch = distributed.pad_to_global_rows(local, pepo.slice_batch(local, slice(0, G)), pepo.concat_batches, vl.pad_id)
+        batch = distributed.pad_to_global_rows(
+            local, pepo.slice_batch(local, slice(0, G)), pepo.concat_batches, vl.pad_id
+        )
         stats = one_step(model, ref_model, optimizer, vl, batch, args)
         weights = distributed.full_state_dict(model)
         if rank == 0:
@@ -193,7 +223,9 @@ def _sharded_updates(rank, path, out):
 @pytest.fixture(scope="module")
 def tiny_random(tmp_path_factory):
     """The tiny Qwen2.5-VL without the format warm-up (random weights build in seconds)."""
-    return pepo.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny_random"), tasks.get_task("color"), seed=1, warmup_steps=0)
+    return pepo.build_tiny_model(
+        str(tmp_path_factory.mktemp("tiny") / "tiny_random"), tasks.get_task("color"), seed=1, warmup_steps=0
+    )
 
 
 @pytest.mark.slow
@@ -203,7 +235,9 @@ def test_two_processes_collectives_and_update_equals_one_process(tiny_random, tm
     reference = {}
     for name, flags in CASES.items():
         args, model, ref_model, optimizer, vl = setup(tiny_random, flags)
-        batch = distributed.pad_to_global_rows(fixed_batch(vl, task, range(GROUPS)), None, pepo.concat_batches, vl.pad_id)
+        batch = distributed.pad_to_global_rows(
+            fixed_batch(vl, task, range(GROUPS)), None, pepo.concat_batches, vl.pad_id
+        )
         stats = one_step(model, ref_model, optimizer, vl, batch, args)
         reference[name] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "stats": stats}
     spawn(_sharded_updates, tiny_random, tmp_path)
@@ -236,11 +270,29 @@ SMALL = ["--prompts-per-step", "3", "--group-size", "4", "--eval-size", "5", "--
 
 
 def torchrun(flags, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(REPO / "pepo.py"), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(REPO / "pepo.py"),
+        *flags,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def lines(path) -> list[dict]:
@@ -279,7 +331,9 @@ def test_torchrun_sigterm_then_resume(tiny_random, tmp_path):
     assert 1 <= saved["step"] < 3 and saved["world_size"] == 2, log[-3000:]
     assert not (out / "summary.json").exists()
     # another number of processes is refused with one line
-    one = subprocess.run([sys.executable, str(REPO / "pepo.py"), "--resume", str(out)], cwd=REPO, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, str(REPO / "pepo.py"), "--resume", str(out)], cwd=REPO, capture_output=True, text=True
+    )
     assert one.returncode == 2 and one.stderr.count("\n") == 1 and "2 process" in one.stderr, one.stderr
     # the same command plus --resume finishes the run
     proc = torchrun([*flags, "--resume", str(out)])

@@ -35,8 +35,20 @@ import tasks
 import vppo
 from tasks import FORMAT_BONUS as FB
 from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer, grade
-from vppo import (blacken_patches, ceil_count, entropy_top_mask, gaussian_blur, gaussian_noise, perturb_image, resize_for_model,
-                  solid_grey, token_gradient_mask, token_visual_dependency, token_visual_kl, trajectory_advantage_scale)
+from vppo import (
+    blacken_patches,
+    ceil_count,
+    entropy_top_mask,
+    gaussian_blur,
+    gaussian_noise,
+    perturb_image,
+    resize_for_model,
+    solid_grey,
+    token_gradient_mask,
+    token_visual_dependency,
+    token_visual_kl,
+    trajectory_advantage_scale,
+)
 from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
 
 slow = pytest.mark.slow  # builds or trains a model, or starts a process: `pytest -m "not slow"` skips it
@@ -47,7 +59,14 @@ slow = pytest.mark.slow  # builds or trains a model, or starts a process: `pytes
 # ========================================================================================
 def test_presets_and_explicit_override():
     a = pepo.parse_args(["--algo", "dapo", "--clip-high", "0.3"])
-    assert (a.loss_type, a.clip_low, a.clip_high, a.beta, a.dynamic_sampling, a.pepo) == ("dapo", 0.2, 0.3, 0.0, True, False)
+    assert (a.loss_type, a.clip_low, a.clip_high, a.beta, a.dynamic_sampling, a.pepo) == (
+        "dapo",
+        0.2,
+        0.3,
+        0.0,
+        True,
+        False,
+    )
     g = pepo.parse_args(["--algo", "pepo_g"])
     assert (g.loss_type, g.clip_high, g.beta, g.dynamic_sampling, g.pepo) == ("grpo", 0.2, 0.001, False, True)
     v = pepo.parse_args(["--algo", "vppo", "--no-dynamic-sampling"])
@@ -108,8 +127,11 @@ def test_chunked_token_functions_match_plain_formulas(L, dtype):
     logits, other, tokens = wide_logits(L, dtype, seed=L)
     logp = pepo.token_logprobs(logits, tokens)
     logp64 = torch.log_softmax(logits.double(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
-    for new, ref in ((token_entropy(logits), plain_entropy(logits)), (token_visual_kl(logits, other), plain_kl(logits, other)),
-                     (logp, logp64)):
+    for new, ref in (
+        (token_entropy(logits), plain_entropy(logits)),
+        (token_visual_kl(logits, other), plain_kl(logits, other)),
+        (logp, logp64),
+    ):
         assert new.shape == ref.shape == (2, L) and new.dtype == torch.float32
         assert torch.allclose(new, ref, rtol=1e-6, atol=1e-6)  # values up to ~30 here; -inf log-probs equal
     # the float32 log_softmax is itself off by up to ~5e-5 at V = 700k (it sums exp(.) sequentially;
@@ -148,12 +170,15 @@ def toy_hidden():
     return h, vision
 
 
-@pytest.mark.parametrize("score,expected", [
-    ("cosine", [0.5, 1 / math.sqrt(2)]),       # h2 = v0: (1 + 0) / 2; h3: (cos45 + cos45) / 2
-    ("dot", [0.5, 1.0]),                       # h2: (1 + 0) / 2; h3: (1 + 1) / 2
-    ("l2", [-math.sqrt(2) / 2, -1.0]),         # h2: -(0 + sqrt2) / 2; h3: -(1 + 1) / 2
-    ("l1", [-1.0, -1.0]),                      # h2: -(0 + 2) / 2; h3: -(1 + 1) / 2
-])
+@pytest.mark.parametrize(
+    "score,expected",
+    [
+        ("cosine", [0.5, 1 / math.sqrt(2)]),  # h2 = v0: (1 + 0) / 2; h3: (cos45 + cos45) / 2
+        ("dot", [0.5, 1.0]),  # h2: (1 + 0) / 2; h3: (1 + 1) / 2
+        ("l2", [-math.sqrt(2) / 2, -1.0]),  # h2: -(0 + sqrt2) / 2; h3: -(1 + 1) / 2
+        ("l1", [-1.0, -1.0]),  # h2: -(0 + 2) / 2; h3: -(1 + 1) / 2
+    ],
+)
 def test_perception_prior_by_hand(score, expected):
     h, vision = toy_hidden()
     prior = perception_prior([h], vision, 2, score)
@@ -220,7 +245,9 @@ def test_pepo_weights_mean_one_padding_zero_and_edge_rows():
     torch.manual_seed(0)
     prior = torch.randn(4, 6, requires_grad=True)
     entropy = torch.rand(4, 6)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.float
+    )
     w = pepo_token_weights(prior, entropy, mask)
     assert torch.isfinite(w).all() and not w.requires_grad
     assert torch.allclose((w * mask).sum(1)[:3] / mask.sum(1)[:3], torch.ones(3), atol=1e-6)
@@ -293,8 +320,11 @@ def test_micro_batches_give_the_whole_batch_gradient(loss_type):
     adv, mask = torch.tensor([1.0, -1.0, 0.5, 2.0]), (torch.rand(4, 5) > 0.3).float()
     whole, _ = policy_loss(logits, old, adv, mask, loss_type, max_len=8)
     (g_whole,) = torch.autograd.grad(whole, logits)
-    total = sum(policy_loss(logits[s], old[s], adv[s], mask[s], loss_type, max_len=8)[0] * pepo.loss_share(loss_type, mask[s], len(mask), mask.sum())
-                for s in (slice(0, 1), slice(1, 4)))
+    total = sum(
+        policy_loss(logits[s], old[s], adv[s], mask[s], loss_type, max_len=8)[0]
+        * pepo.loss_share(loss_type, mask[s], len(mask), mask.sum())
+        for s in (slice(0, 1), slice(1, 4))
+    )
     (g_parts,) = torch.autograd.grad(total, logits)
     assert torch.allclose(g_whole, g_parts, atol=1e-6)
 
@@ -311,7 +341,10 @@ def test_dual_clip_by_hand():
     assert loss.item() == pytest.approx(per_dual.mean().item(), rel=1e-6)
     # positive advantages and on-policy ratios (= 1) are untouched: inert with one on-policy update
     for a, lp in ((torch.tensor([1.0]), logp), (torch.tensor([-1.0]), old)):
-        assert policy_loss(lp, old, a, mask, "dapo", clip_dual=3.0)[0].item() == policy_loss(lp, old, a, mask, "dapo")[0].item()
+        assert (
+            policy_loss(lp, old, a, mask, "dapo", clip_dual=3.0)[0].item()
+            == policy_loss(lp, old, a, mask, "dapo")[0].item()
+        )
 
 
 def test_pepo_weight_ablations_by_hand():
@@ -323,6 +356,7 @@ def test_pepo_weight_ablations_by_hand():
 
     def weights(z):
         return 3 * torch.softmax(z, 0)
+
     for gate_on, fused in (("both", v_hat + h_hat), ("prior", v_hat), ("entropy", h_hat)):
         g = 1 + a * torch.tanh(fused - fused.mean())
         w = pepo_token_weights(prior, entropy, mask, a, tau, gate_on=gate_on)
@@ -371,7 +405,9 @@ def test_update_math_stays_finite_on_degenerate_batches(case):
     assert prior.shape == w.shape == keep.shape == (B, L)
     for loss_type in ("grpo", "dapo", "dr_grpo"):
         for beta in (0.0, 0.1):
-            loss, stats = policy_loss(logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta)
+            loss, stats = policy_loss(
+                logp, old, adv * tas, mask, loss_type, 0.2, 0.28, token_weights=w * keep, ref_logp=old, beta=beta
+            )
             (grad,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
             grad = torch.zeros_like(logits) if grad is None else grad
             assert torch.isfinite(loss) and torch.isfinite(grad).all() and all(math.isfinite(v) for v in stats.values())
@@ -382,7 +418,11 @@ def test_update_math_stays_finite_on_degenerate_batches(case):
     if case == "single_token":
         assert torch.equal(w, torch.ones(B, 1)) and torch.equal(keep, torch.ones(B, 1))  # ceil(0.4 * 1) = 1 kept
     if case == "no_end_token":
-        assert torch.equal(w, torch.zeros(B, L)) and torch.equal(keep, torch.zeros(B, L)) and torch.equal(tas, torch.ones(B))
+        assert (
+            torch.equal(w, torch.zeros(B, L))
+            and torch.equal(keep, torch.zeros(B, L))
+            and torch.equal(tas, torch.ones(B))
+        )
     if case == "no_image_tokens":
         assert torch.equal(prior, torch.zeros(B, L)) and torch.allclose(w, mask)  # prior 0: uniform weights
     if case == "extreme_logits":
@@ -419,7 +459,9 @@ def tiny(tmp_path_factory):
 def test_warmup_adds_perception_pretraining(tmp_path, monkeypatch):
     # color-think's warm-up: 32 random-label completions of its own plus 32 correct `color` answers a step.
     seen = []
-    monkeypatch.setattr(tasks.ColorTask, "correct_completion", lambda self, ex: seen.append(ex) or f"<answer>{ex.answer}</answer>")
+    monkeypatch.setattr(
+        tasks.ColorTask, "correct_completion", lambda self, ex: seen.append(ex) or f"<answer>{ex.answer}</answer>"
+    )
     pepo.build_tiny_model(str(tmp_path / "think"), tasks.TASKS["color-think"], seed=1, warmup_steps=2)
     assert len(seen) == 64 and {ex.answer for ex in seen} <= set(tasks.COLORS)
     seen.clear()
@@ -440,32 +482,85 @@ def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tid = tok.convert_tokens_to_ids
-    ids = dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-               vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, bos_token_id=None, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"))
+    ids = dict(
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+    )
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=None,
+        eos_token_id=tid("<|im_end|>"),
+        pad_token_id=tid("<|endoftext|>"),
+    )
     rope = dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])
     vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if kind == "qwen2_vl":
-        config = Qwen2VLConfig(text_config=dict(text, rope_parameters=rope), **ids,
-                               vision_config=dict(vision, depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2))
+        config = Qwen2VLConfig(
+            text_config=dict(text, rope_parameters=rope),
+            **ids,
+            vision_config=dict(vision, depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2),
+        )
     elif kind == "qwen2_5_vl":
-        config = Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope), **ids,
-                                  vision_config=dict(vision, depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                     out_hidden_size=64, window_size=112, fullatt_block_indexes=[0]))
+        config = Qwen2_5_VLConfig(
+            text_config=dict(text, rope_parameters=rope),
+            **ids,
+            vision_config=dict(
+                vision,
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                window_size=112,
+                fullatt_block_indexes=[0],
+            ),
+        )
     else:  # Qwen3-VL: 16-pixel patches, interleaved M-RoPE, deepstack features
-        config = Qwen3VLConfig(text_config=dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True)), **ids,
-                               vision_config=dict(vision, patch_size=16, depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                                                  out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0]))
+        config = Qwen3VLConfig(
+            text_config=dict(text, head_dim=16, rope_parameters=dict(rope, mrope_interleaved=True)),
+            **ids,
+            vision_config=dict(
+                vision,
+                patch_size=16,
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=[0],
+            ),
+        )
     patch = config.vision_config.patch_size
     AutoModelForImageTextToText.from_config(config).save_pretrained(out)
     tok.save_pretrained(out)
-    Qwen2VLImageProcessorPil(patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2).save_pretrained(out)
+    Qwen2VLImageProcessorPil(
+        patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2
+    ).save_pretrained(out)
     return str(out)
 
 
 def run_argv(tmp_path, *flags) -> list[str]:
-    return ["--steps", "2", "--prompts-per-step", "2", "--group-size", "4", "--eval-size", "4", "--output-dir", str(tmp_path), *flags]
+    return [
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "4",
+        "--eval-size",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+        *flags,
+    ]
 
 
 def run(tmp_path, tiny, *flags):
@@ -496,12 +591,17 @@ def test_sampling_never_emits_placeholders(loaded):
     try:
         completions = pepo.generate(model, vl, prompts, 6, 1.0)
         from transformers import GenerationConfig
-        raw = model.generate(**{k: prompts[k] for k in pepo.MODEL_KEYS}, generation_config=GenerationConfig(
-            do_sample=True, max_new_tokens=2, pad_token_id=vl.pad_id, eos_token_id=vl.end_ids))
+
+        raw = model.generate(
+            **{k: prompts[k] for k in pepo.MODEL_KEYS},
+            generation_config=GenerationConfig(
+                do_sample=True, max_new_tokens=2, pad_token_id=vl.pad_id, eos_token_id=vl.end_ids
+            ),
+        )
     finally:
         handle.remove()
     assert not torch.isin(completions, torch.tensor(vl.suppress_ids)).any()
-    assert torch.isin(raw[:, prompts["input_ids"].shape[1]:], torch.tensor(vl.suppress_ids)).all()  # the bias works
+    assert torch.isin(raw[:, prompts["input_ids"].shape[1] :], torch.tensor(vl.suppress_ids)).all()  # the bias works
 
 
 @slow
@@ -527,8 +627,12 @@ def test_perturbed_pass_changes_only_pixels(loaded):
     batch["examples"] = rows
     pert = vppo.perturbed_pixel_values(batch, vl.ip, "blacken", torch.Generator().manual_seed(0))
     assert pert.shape == batch["pixel_values"].shape and not torch.equal(pert, batch["pixel_values"])
-    perturbed_images = [[vppo.perturb_image(im, "blacken", vl.ip, torch.Generator().manual_seed(0)) for im in ex.images] for ex in rows]
-    assert torch.equal(vl.encode_prompts(rows, images=perturbed_images)["input_ids"], vl.encode_prompts(rows)["input_ids"])
+    perturbed_images = [
+        [vppo.perturb_image(im, "blacken", vl.ip, torch.Generator().manual_seed(0)) for im in ex.images] for ex in rows
+    ]
+    assert torch.equal(
+        vl.encode_prompts(rows, images=perturbed_images)["input_ids"], vl.encode_prompts(rows)["input_ids"]
+    )
     with torch.no_grad():
         clean = pepo.forward(model, batch)[0]
         other = pepo.forward(model, dict(batch, pixel_values=pert))[0]
@@ -588,7 +692,9 @@ def test_ablation_flags_change_only_their_part():
     assert torch.equal(weights, token_gradient_mask(scores["entropy"], mask, 0.4)) and torch.allclose(adv, plain_adv)
     _, _, _, (adv, weights, _, _, _) = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")
     assert weights.sum(1).tolist() == [2, 2, 2, 2]  # ceil(0.4 * T_i) for T_i = 5, 3, 4, 5
-    assert torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1])  # seeded by seed and step
+    assert torch.equal(
+        weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1]
+    )  # seeded by seed and step
     assert not torch.equal(weights, shaped("--algo", "vppo", "--ablation", "vppo-random-mask", step=4)[3][1])
     assert ((weights == 1) <= (mask == 1)).all() and torch.allclose(adv, plain_adv)
 
@@ -611,8 +717,19 @@ def test_mini_batches_take_one_optimizer_step_each(loaded):
     args = pepo.parse_args(["--algo", "dapo", "--group-size", "2", "--mini-batches", "2"])
     old = torch.zeros(6, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = pepo.update(model, optimizer, inputs, old, None, torch.tensor([1.0, -1, 1, -1, 1, -1]), torch.ones(6, 3),
-                        batch["completion_mask"], args, 1, nullcontext())
+    stats = pepo.update(
+        model,
+        optimizer,
+        inputs,
+        old,
+        None,
+        torch.tensor([1.0, -1, 1, -1, 1, -1]),
+        torch.ones(6, 3),
+        batch["completion_mask"],
+        args,
+        1,
+        nullcontext(),
+    )
     assert {s["step"].item() for s in optimizer.state.values()} == {2.0}  # groups [0] and [1, 2]: two optimizer steps
     assert math.isfinite(stats["loss"]) and stats["nonfinite_skipped"] == 0
 
@@ -631,17 +748,32 @@ def test_nonfinite_loss_skips_the_optimizer_step(tmp_path, tiny, monkeypatch, ca
     init = load_file(tmp_path / "nan" / "tiny_init" / "model.safetensors")
     weights = lambda d: load_file(tmp_path / d / "checkpoint" / "model.safetensors")
     assert all(torch.equal(init[k], v) for k, v in weights("nan").items())  # weights never updated
-    assert torch.load(tmp_path / "nan" / "checkpoint" / pepo.TRAINER_PT, weights_only=True)["optimizer"]["state"] == {}  # nor Adam
+    assert (
+        torch.load(tmp_path / "nan" / "checkpoint" / pepo.TRAINER_PT, weights_only=True)["optimizer"]["state"] == {}
+    )  # nor Adam
     monkeypatch.setattr(pepo, "policy_loss", real)  # the same run with a finite loss does move the weights
     run(tmp_path / "ok", tiny, "--algo", "grpo") if (tmp_path / "ok").mkdir() is None else None
-    assert [json.loads(line)["nonfinite_skipped"] for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()] == [0, 0]
+    assert [
+        json.loads(line)["nonfinite_skipped"] for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()
+    ] == [0, 0]
     assert not all(torch.equal(init[k], v) for k, v in weights("ok").items())
 
 
 # ========================================================================================
 # §6 The training loop, end to end (pepo.py §6)
 # ========================================================================================
-METRIC_KEYS = {"step", "reward", "accuracy", "completion_len", "entropy", "loss", "clip_frac", "seconds", "time_scoring", "time_update"}
+METRIC_KEYS = {
+    "step",
+    "reward",
+    "accuracy",
+    "completion_len",
+    "entropy",
+    "loss",
+    "clip_frac",
+    "seconds",
+    "time_scoring",
+    "time_update",
+}
 
 
 @slow
@@ -667,7 +799,9 @@ def test_end_to_end_each_algo(tmp_path, tiny, algo):
 @slow
 def test_entropy_top_rule_keeps_a_fifth_of_tokens(tmp_path, tiny):
     run(tmp_path, tiny, "--algo", "dapo", "--token-rule", "entropy_top", "--no-dynamic-sampling")
-    assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert all(
+        math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    )
 
 
 @slow
@@ -684,7 +818,10 @@ def test_freeze_vision_leaves_every_vision_weight_unchanged(tmp_path, tiny):
     from safetensors.torch import load_file
 
     run(tmp_path, tiny, "--algo", "grpo", "--freeze-vision")
-    before, after = load_file(Path(tiny) / "model.safetensors"), load_file(tmp_path / "checkpoint" / "model.safetensors")
+    before, after = (
+        load_file(Path(tiny) / "model.safetensors"),
+        load_file(tmp_path / "checkpoint" / "model.safetensors"),
+    )
     vision = [k for k in before if k.startswith("visual.")]
     assert vision and any(".merger." in k for k in vision)  # the merger (aligner) belongs to the tower
     assert all(torch.equal(before[k], after[k]) for k in vision)
@@ -733,10 +870,22 @@ def test_visualize_shows_every_token_and_leaves_training_unchanged(tmp_path, tin
     import bench
 
     seen, real = [], pepo.token_records
-    def spy(vl, batch, scores, signals, advantages, weights, step, n):  # the masks and token ids the records were built from
-        seen.append((step, batch["completion_mask"][:n].sum(1).long().tolist(),
-                     [vl.tok.decode(c[m.bool()], skip_special_tokens=False) for c, m in zip(batch["completion_ids"][:n], batch["completion_mask"][:n])]))
+
+    def spy(
+        vl, batch, scores, signals, advantages, weights, step, n
+    ):  # the masks and token ids the records were built from
+        seen.append(
+            (
+                step,
+                batch["completion_mask"][:n].sum(1).long().tolist(),
+                [
+                    vl.tok.decode(c[m.bool()], skip_special_tokens=False)
+                    for c, m in zip(batch["completion_ids"][:n], batch["completion_mask"][:n])
+                ],
+            )
+        )
         return real(vl, batch, scores, signals, advantages, weights, step, n)
+
     monkeypatch.setattr(pepo, "token_records", spy)
     run(tmp_path / "vis", tiny, "--algo", "grpo", "--visualize", "3")  # GRPO uses neither the prior nor the dependency
     assert len((tmp_path / "vis" / "tokens.jsonl").read_text().splitlines()) == 6  # pepo.py writes data ...
@@ -773,9 +922,31 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
     ckpt = make_checkpoint(kind, tiny, tmp_path / kind)
     for algo in ("pepo_g", "vppo"):
         out = tmp_path / algo
-        summary = pepo.main(["--model", ckpt, "--algo", algo, "--task", "fewshot", "--steps", "2", "--prompts-per-step", "2",
-                             "--group-size", "2", "--eval-size", "2", "--max-new-tokens", "4", "--no-dynamic-sampling",
-                             "--micro-batch-size", "3", "--output-dir", str(out)])
+        summary = pepo.main(
+            [
+                "--model",
+                ckpt,
+                "--algo",
+                algo,
+                "--task",
+                "fewshot",
+                "--steps",
+                "2",
+                "--prompts-per-step",
+                "2",
+                "--group-size",
+                "2",
+                "--eval-size",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--no-dynamic-sampling",
+                "--micro-batch-size",
+                "3",
+                "--output-dir",
+                str(out),
+            ]
+        )
         assert summary["model"] == ckpt and summary["steps"] == 2
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -786,12 +957,19 @@ def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, 
     model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
     vl = pepo.VLHelper(tok, ip, model.config)
     examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
-    completions = [[5, 6, 7, 8][:2 + i % 3] + [vl.end_ids[0]] * (i % 2) for i in range(9)]  # different lengths, some cut short
+    completions = [
+        [5, 6, 7, 8][: 2 + i % 3] + [vl.end_ids[0]] * (i % 2) for i in range(9)
+    ]  # different lengths, some cut short
     batch = vl.with_completions(pepo.repeat_rows(vl.encode_prompts(examples), 3), completions)  # 3 groups of 3 rows
     vision, text = [], []
-    hooks = [model.model.visual.register_forward_hook(lambda mod, args, kw, out: vision.append(int(kw["grid_thw"].shape[0])),
-                                                      with_kwargs=True),  # images per call
-             model.model.language_model.layers[0].register_forward_hook(lambda mod, args, out: text.append(tuple(args[0].shape[:2])))]
+    hooks = [
+        model.model.visual.register_forward_hook(
+            lambda mod, args, kw, out: vision.append(int(kw["grid_thw"].shape[0])), with_kwargs=True
+        ),  # images per call
+        model.model.language_model.layers[0].register_forward_hook(
+            lambda mod, args, out: text.append(tuple(args[0].shape[:2]))
+        ),
+    ]
     try:
         logits, hidden = pepo.forward(model, batch, hidden_states=True)
     finally:
@@ -806,13 +984,19 @@ def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, 
     monkeypatch.setattr(model.model, "get_rope_index", lambda *a, **kw: calls.append(1) or rope(*a, **kw))
     assert torch.equal(pepo.forward(model, batch, layout=layout)[0], logits.detach()) and calls == []
     # the same as the model on every row's full sequence and own pixels: logits, hidden states, every gradient
-    plain = model(**{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False, output_hidden_states=True)
+    plain = model(
+        **{k: batch[k] for k in pepo.MODEL_KEYS}, logits_to_keep=L + 1, use_cache=False, output_hidden_states=True
+    )
     torch.testing.assert_close(logits, plain.logits[:, :-1], rtol=1e-5, atol=1e-5)
     for h, h_plain in zip(hidden, plain.hidden_states, strict=True):
         torch.testing.assert_close(h, h_plain, rtol=1e-5, atol=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad((logits * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True)
-    plain_grads = torch.autograd.grad((plain.logits[:, :-1] * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True)
+    grads = torch.autograd.grad(
+        (logits * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True
+    )
+    plain_grads = torch.autograd.grad(
+        (plain.logits[:, :-1] * batch["completion_mask"].unsqueeze(-1)).square().sum(), params, allow_unused=True
+    )
     for g, g_plain in zip(grads, plain_grads):
         assert (g is None) == (g_plain is None)
         if g is not None:  # float rounding, relative to the largest entry of each gradient
@@ -829,13 +1013,17 @@ def test_generate_prefills_each_prompt_once_and_matches_transformers(tmp_path, t
     examples = [tasks.get_task(name).sample(random.Random(i)) for i, name in enumerate(["color", "fewshot", "color"])]
     prompts = pepo.repeat_rows(vl.encode_prompts(examples), 3)  # 3 groups of 3 rows, one with several images
     text = []
-    hook = model.model.language_model.layers[0].register_forward_hook(lambda mod, args, out: text.append(tuple(args[0].shape[:2])))
+    hook = model.model.language_model.layers[0].register_forward_hook(
+        lambda mod, args, out: text.append(tuple(args[0].shape[:2]))
+    )
     try:
         greedy = pepo.generate(model.eval(), vl, prompts, 7, 1.0, greedy=True)
     finally:
         hook.remove()
     P = prompts["input_ids"].shape[1]
-    assert text[0] == (3, P) and set(text[1:]) == {(9, 1)} and len(text) == greedy.shape[1]  # each prompt once, then a token a step
+    assert (
+        text[0] == (3, P) and set(text[1:]) == {(9, 1)} and len(text) == greedy.shape[1]
+    )  # each prompt once, then a token a step
     settings = dict(max_new_tokens=7, eos_token_id=vl.end_ids, pad_token_id=vl.pad_id, suppress_tokens=vl.suppress_ids)
     inputs = {k: prompts[k] for k in pepo.MODEL_KEYS}
     expected = model.generate(**inputs, generation_config=GenerationConfig(do_sample=False, **settings))[:, P:]
@@ -852,7 +1040,14 @@ def test_sampling_logits_match_transformers_warpers():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
-    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.7, 5, 0.6), (1.0, 1, 0.5), (1.0, 0, 1e-6)]:
+    for temperature, top_k, top_p in [
+        (1.0, 0, 1.0),
+        (0.7, 5, 1.0),
+        (1.3, 0, 0.8),
+        (0.7, 5, 0.6),
+        (1.0, 1, 0.5),
+        (1.0, 0, 1e-6),
+    ]:
         expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
         if top_k:
             expected = TopKLogitsWarper(top_k)(None, expected)
@@ -875,17 +1070,30 @@ def test_eval_only_writes_eval_json(tmp_path, tiny):
 @pytest.mark.parametrize("fmt", ["swift", "easyr1"])
 def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
     data = tasks.export(tasks.get_task("color"), tmp_path / "data", 6, fmt=fmt)
-    summary = run(tmp_path / "run", tiny, "--data", str(data), "--no-dynamic-sampling") if (tmp_path / "run").mkdir() is None else None
+    summary = (
+        run(tmp_path / "run", tiny, "--data", str(data), "--no-dynamic-sampling")
+        if (tmp_path / "run").mkdir() is None
+        else None
+    )
     assert summary["task"] == data.name and summary["steps"] == 2
 
 
 # ========================================================================================
 # §7 Run management (pepo.py §7): bad input, checkpoints and resume
 # ========================================================================================
-@pytest.mark.parametrize("argv, expected", [
-    (["--algo", "grpo", "--ablation", "pepo-no-ramp"], "--ablation pepo-no-ramp changes PEPO; use it with --algo pepo_g or pepo_d"),
-    (["--algo", "pepo_d", "--ablation", "vppo-tgf-only"], "--ablation vppo-tgf-only changes VPPO; use it with --algo vppo"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--algo", "grpo", "--ablation", "pepo-no-ramp"],
+            "--ablation pepo-no-ramp changes PEPO; use it with --algo pepo_g or pepo_d",
+        ),
+        (
+            ["--algo", "pepo_d", "--ablation", "vppo-tgf-only"],
+            "--ablation vppo-tgf-only changes VPPO; use it with --algo vppo",
+        ),
+    ],
+)
 def test_ablation_needs_its_method(argv, expected):
     with pytest.raises(pepo.UsageError, match=expected):
         pepo.parse_args(argv)
@@ -906,20 +1114,38 @@ def no_model(*args, **kwargs):
     raise AssertionError("a model was built or loaded before the input was checked")
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--algo", "ppo"], "error: argument --algo: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'pepo_g', 'pepo_d', 'vppo')"),
-    (["--task", "colour"], "error: unknown --task 'colour'; choose from color, shape,"),
-    (["--group-size", "1"], "error: --group-size 1: advantages compare completions of one prompt, so use at least 2"),
-    (["--steps", "0"], "error: --steps 0: use at least 1"),
-    (["--steps", "-3"], "error: --steps -3: use at least 1"),
-    (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
-    (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
-    (["--model", "/no/such/model"], "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id"),
-    (["--resume", "/no/such/run"], "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)"),
-    (["--mini-batches", "0"], "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups"),
-    (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
-    (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--algo", "ppo"],
+            "error: argument --algo: invalid choice: 'ppo' (choose from 'grpo', 'dapo', 'pepo_g', 'pepo_d', 'vppo')",
+        ),
+        (["--task", "colour"], "error: unknown --task 'colour'; choose from color, shape,"),
+        (
+            ["--group-size", "1"],
+            "error: --group-size 1: advantages compare completions of one prompt, so use at least 2",
+        ),
+        (["--steps", "0"], "error: --steps 0: use at least 1"),
+        (["--steps", "-3"], "error: --steps -3: use at least 1"),
+        (["--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+        (["--prompts-per-step", "0"], "error: --prompts-per-step 0: use at least 1"),
+        (
+            ["--model", "/no/such/model"],
+            "error: --model /no/such/model: no such folder; pass a save_pretrained folder, a hub id",
+        ),
+        (
+            ["--resume", "/no/such/run"],
+            "error: --resume /no/such/run: no resumable checkpoint (/no/such/run/checkpoint/trainer.json is missing)",
+        ),
+        (
+            ["--mini-batches", "0"],
+            "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups",
+        ),
+        (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
+        (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
     monkeypatch.setattr(pepo, "build_tiny_model", no_model)
     monkeypatch.setattr(pepo, "load_policy", no_model)
@@ -929,15 +1155,30 @@ def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
 OK_ROW = json.dumps({"problem": "<image>Q", "answer": "1", "images": ["ok.png"]})
 
 
-@pytest.mark.parametrize("lines, expected", [
-    (None, "{d}/bad.jsonl: file not found; pass a JSONL file (--data)"),
-    ([], "{d}/bad.jsonl: empty file, no rows; write one JSON object per line"),
-    ([OK_ROW, '{"problem": "<image>Q", "answer":'], "{d}/bad.jsonl:2: not valid JSON (Expecting value); write one JSON object per line"),
-    ([OK_ROW, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})], "{d}/bad.jsonl:2: no answer field; add the ground truth"),
-    ([OK_ROW, json.dumps({"problem": "<image>Q", "answer": "1"})], "{d}/bad.jsonl:2: no image field; add 'images'"),
-    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["x.png"]})], "{d}/bad.jsonl:2: image not found: {d}/x.png; fix the path or set --image-root"),
-    ([OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["fake.png"]})], "{d}/bad.jsonl:2: not a readable image: {d}/fake.png ("),
-])
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        (None, "{d}/bad.jsonl: file not found; pass a JSONL file (--data)"),
+        ([], "{d}/bad.jsonl: empty file, no rows; write one JSON object per line"),
+        (
+            [OK_ROW, '{"problem": "<image>Q", "answer":'],
+            "{d}/bad.jsonl:2: not valid JSON (Expecting value); write one JSON object per line",
+        ),
+        (
+            [OK_ROW, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})],
+            "{d}/bad.jsonl:2: no answer field; add the ground truth",
+        ),
+        ([OK_ROW, json.dumps({"problem": "<image>Q", "answer": "1"})], "{d}/bad.jsonl:2: no image field; add 'images'"),
+        (
+            [OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["x.png"]})],
+            "{d}/bad.jsonl:2: image not found: {d}/x.png; fix the path or set --image-root",
+        ),
+        (
+            [OK_ROW, json.dumps({"problem": "Q", "answer": "1", "images": ["fake.png"]})],
+            "{d}/bad.jsonl:2: not a readable image: {d}/fake.png (",
+        ),
+    ],
+)
 def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkeypatch, lines, expected):
     monkeypatch.setattr(pepo, "build_tiny_model", no_model)
     monkeypatch.setattr(pepo, "load_policy", no_model)
@@ -954,11 +1195,18 @@ def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkey
 def test_cli_bad_input_is_one_line_exit_2_no_traceback(tmp_path):
     write_png(tmp_path / "ok.png")
     (tmp_path / "d.jsonl").write_text(OK_ROW + "\n" + OK_ROW + "\n" + "{oops\n")
-    proc = subprocess.run([sys.executable, "pepo.py", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "out")],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "pepo.py", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "out")],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [f"error: {tmp_path}/d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes); "
-                                        "write one JSON object per line"]
+    assert proc.stderr.splitlines() == [
+        f"error: {tmp_path}/d.jsonl:3: not valid JSON (Expecting property name enclosed in double quotes); "
+        "write one JSON object per line"
+    ]
 
 
 @slow
@@ -966,17 +1214,23 @@ def test_bad_model_folders_exit_2(tmp_path, tiny, capsys):
     out = ["--output-dir", str(tmp_path / "out")]
     (tmp_path / "empty").mkdir()
     msg = usage_error(capsys, "--model", str(tmp_path / "empty"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/empty: no config.json in it; pass a folder written by save_pretrained")
+    assert msg.startswith(
+        f"error: --model {tmp_path}/empty: no config.json in it; pass a folder written by save_pretrained"
+    )
     (tmp_path / "text_only").mkdir()
     (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     msg = usage_error(capsys, "--model", str(tmp_path / "text_only"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint")
+    assert msg.startswith(
+        f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint"
+    )
     # a Qwen-VL config whose image_token_id the tokenizer does not hold (config and tokenizer only: it fails before weights)
     shutil.copytree(tiny, tmp_path / "no_image_token", ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((tmp_path / "no_image_token" / "config.json").read_text())
     (tmp_path / "no_image_token" / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
     msg = usage_error(capsys, "--model", str(tmp_path / "no_image_token"), *out)
-    assert msg.startswith(f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5")
+    assert msg.startswith(
+        f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5"
+    )
     shutil.copytree(tiny, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
     msg = usage_error(capsys, "--model", str(tmp_path / "no_weights"), *out)
     assert msg.startswith(f"error: --model {tmp_path}/no_weights: cannot be loaded as a Qwen-VL checkpoint (")
@@ -997,8 +1251,10 @@ def test_hub_id_without_network_fails_fast(capsys, monkeypatch, offline_env):
     monkeypatch.setattr(pepo, "load_policy", no_model)
     msg = usage_error(capsys, "--model", "nobody/no-such-vl-model")  # load_policy (from_pretrained's retries) never ran
     why = "HF_HUB_OFFLINE is set" if offline_env else f"{hub_constants.ENDPOINT} cannot be reached"
-    assert msg == (f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
-                   "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder")
+    assert msg == (
+        f"error: --model nobody/no-such-vl-model: not a local folder and not in the download cache, and {why}; "
+        "download it where there is network (hf download nobody/no-such-vl-model) or pass a local folder"
+    )
 
 
 @slow
@@ -1009,10 +1265,14 @@ def test_max_new_tokens_below_the_answer_budget(tmp_path, tiny, capsys):
         task, rng = tasks.get_task(name), random.Random(1)
         longest = max(len(tok(task.random_completion(rng) + "<|im_end|>").input_ids) for _ in range(300))
         assert tasks.answer_budget(task, tok) == longest
-    assert tasks.answer_budget(tasks.get_task("color"), tok) == 4  # <answer> colour </answer> <|im_end|>: one token each
+    assert (
+        tasks.answer_budget(tasks.get_task("color"), tok) == 4
+    )  # <answer> colour </answer> <|im_end|>: one token each
     msg = usage_error(capsys, "--output-dir", str(tmp_path), "--max-new-tokens", "3")
-    assert msg == ("error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
-                   "with the end token; use --max-new-tokens 4 or more")
+    assert msg == (
+        "error: --max-new-tokens 3 is too small for task color: its longest well-formatted answer takes 4 tokens "
+        "with the end token; use --max-new-tokens 4 or more"
+    )
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -1023,7 +1283,9 @@ RESUME_FLAGS = ["--algo", "vppo", "--pepo", "--beta", "0.01", "--eval-samples", 
 
 def metrics_without_time(path) -> list[dict]:
     timing = {"seconds", "time_scoring", "time_update"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in Path(path).read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in timing} for line in Path(path).read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -1040,7 +1302,10 @@ def uninterrupted(tmp_path_factory, tiny):
 def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, uninterrupted):
     summary = run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "2")
     assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]
-    assert (summary["eval_before"], summary["eval_after"]) == (uninterrupted[1]["eval_before"], uninterrupted[1]["eval_after"])
+    assert (summary["eval_before"], summary["eval_after"]) == (
+        uninterrupted[1]["eval_before"],
+        uninterrupted[1]["eval_after"],
+    )
     state = json.loads((tmp_path / "checkpoint" / pepo.TRAINER_JSON).read_text())
     assert (state["step"], state["steps"], state["pepo_lambda"]) == (5, 5, 0.8)
     assert state["metrics_bytes"] == (tmp_path / "metrics.jsonl").stat().st_size
@@ -1050,8 +1315,14 @@ def test_same_seed_same_metrics_and_saving_changes_nothing(tmp_path, tiny, unint
 def test_sigterm_mid_run_saves_and_resume_matches_uninterrupted(tmp_path, tiny, uninterrupted):
     shutil.copytree(tiny, tmp_path / "tiny_init")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same threads, same float sums
-    proc = subprocess.Popen([sys.executable, "pepo.py", *run_argv(tmp_path, *RESUME_FLAGS, "--save-every", "1")],
-                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "pepo.py", *run_argv(tmp_path, *RESUME_FLAGS, "--save-every", "1")],
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline, "the run ended or hung before step 2"
@@ -1092,9 +1363,15 @@ def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
     run(tmp_path, tiny, "--algo", "grpo", "--steps", "1")
     resume = ["--resume", str(tmp_path)]
     msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
-    assert msg == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+    assert (
+        msg
+        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+    )
     msg = usage_error(capsys, *resume, "--algo", "dapo")
-    assert msg == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
+    assert (
+        msg
+        == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
+    )
     # equal values (given or preset-filled) are accepted: the run is complete, so it only evaluates and saves again
     args = pepo.parse_args(run_argv(tmp_path, "--algo", "grpo", "--steps", "1", "--beta", "0.001", *resume))
     assert (args.algo, args.steps, args.beta, args.output_dir) == ("grpo", 1, 0.001, str(tmp_path))
@@ -1116,6 +1393,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uni
             if len(count) == 2:
                 raise Killed
             return real_save(*args, **kwargs)
+
         monkeypatch.setattr(torch, "save", save)
     else:  # dies between the step-2 save's renames: checkpoint/ is already checkpoint.old/, the new one still .tmp
         real_rename = Path.rename
@@ -1126,6 +1404,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uni
                 if len(count) == 2:
                     raise Killed
             return real_rename(self, target)
+
         monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(Killed):
         run(tmp_path, tiny, *RESUME_FLAGS, "--save-every", "1")
@@ -1135,7 +1414,9 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, tiny, uni
     assert pepo.load_policy(str(ckpt))[0].config.image_token_id is not None  # the previous checkpoint loads
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # step 2 was logged, not saved
     os.rename(tmp_path / "metrics.jsonl", tmp_path / "kept")
-    assert "metrics.jsonl is missing or shorter than at the checkpoint (step 1)" in usage_error(capsys, "--resume", str(tmp_path))
+    assert "metrics.jsonl is missing or shorter than at the checkpoint (step 1)" in usage_error(
+        capsys, "--resume", str(tmp_path)
+    )
     os.rename(tmp_path / "kept", tmp_path / "metrics.jsonl")
     pepo.main(["--resume", str(tmp_path)])
     assert metrics_without_time(tmp_path / "metrics.jsonl") == uninterrupted[0]  # step 2 done again, written once
@@ -1156,7 +1437,10 @@ def test_blacken_raw_keeps_the_grid_and_matches_blacken_at_model_size(loaded):
     odd = Image.new("RGB", (100, 75), (200, 50, 50))  # resized by the processor after blackening
     pert = vppo.perturb_image(odd, "blacken-raw", ip, torch.Generator().manual_seed(0))
     assert pert.size == (100, 75) and 0 < (np.array(pert).sum(-1) == 0).mean() < 1
-    assert torch.equal(ip([pert], return_tensors="pt")["image_grid_thw"], ip([vppo.resize_for_model(odd, ip)], return_tensors="pt")["image_grid_thw"])
+    assert torch.equal(
+        ip([pert], return_tensors="pt")["image_grid_thw"],
+        ip([vppo.resize_for_model(odd, ip)], return_tensors="pt")["image_grid_thw"],
+    )
     big = Image.new("RGB", (400, 300))  # outside the processor's pixel range: scaled into it, aspect kept
     scaled = vppo.scale_into_pixel_range(big, ip.size["shortest_edge"], ip.size["longest_edge"])
     assert scaled.width * scaled.height <= ip.size["longest_edge"] and abs(scaled.width / scaled.height - 4 / 3) < 0.02
@@ -1239,7 +1523,9 @@ def test_kl_finite_for_huge_and_infinite_logits():
     kl = token_visual_kl(torch.tensor([[[1e4, -1e4]]]), torch.tensor([[[-1e4, 1e4]]]))
     assert torch.isfinite(kl).all() and abs(kl.item() - 2e4) < 1
     # a masked-out (-inf) vocabulary entry in both: 0 * (-inf - -inf) must count as 0, not nan
-    kl = token_visual_kl(torch.tensor([[[0.0, 0.0, float("-inf")]]]), torch.tensor([[[0.0, math.log(3.0), float("-inf")]]]))
+    kl = token_visual_kl(
+        torch.tensor([[[0.0, 0.0, float("-inf")]]]), torch.tensor([[[0.0, math.log(3.0), float("-inf")]]])
+    )
     assert abs(kl.item() - 0.5 * math.log(4 / 3)) < 1e-6
 
 
@@ -1268,24 +1554,38 @@ def test_ceil_count_is_exact():
 
 
 def test_gradient_mask_keeps_top_per_row():
-    dep = torch.tensor([
-        [0.1, 0.5, 0.3, 0.9, 0.2, 0.0],   # T=5 -> ceil(2.0) = 2 -> positions 3 (0.9) and 1 (0.5)
-        [5.0, 1.0, 9.0, 2.0, 3.0, 7.0],   # T=3 (positions 0, 1, 3) -> ceil(1.2) = 2 -> 0 (5.0), 3 (2.0); padding 9, 7 ignored
-        [4.0, 4.0, 4.0, 4.0, 4.0, 4.0],   # T=0 -> nothing
-        [0.0, 0.0, 0.0, 0.0, 0.0, 8.0],   # T=1 -> ceil(0.4) = 1 -> position 0 even though its score is 0
-    ])
-    mask = torch.tensor([
-        [1, 1, 1, 1, 1, 0],
-        [1, 1, 0, 1, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-        [1, 0, 0, 0, 0, 0],
-    ])
-    expected = torch.tensor([
-        [0, 1, 0, 1, 0, 0],
-        [1, 0, 0, 1, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-        [1, 0, 0, 0, 0, 0],
-    ], dtype=torch.float32)
+    dep = torch.tensor(
+        [
+            [0.1, 0.5, 0.3, 0.9, 0.2, 0.0],  # T=5 -> ceil(2.0) = 2 -> positions 3 (0.9) and 1 (0.5)
+            [
+                5.0,
+                1.0,
+                9.0,
+                2.0,
+                3.0,
+                7.0,
+            ],  # T=3 (positions 0, 1, 3) -> ceil(1.2) = 2 -> 0 (5.0), 3 (2.0); padding 9, 7 ignored
+            [4.0, 4.0, 4.0, 4.0, 4.0, 4.0],  # T=0 -> nothing
+            [0.0, 0.0, 0.0, 0.0, 0.0, 8.0],  # T=1 -> ceil(0.4) = 1 -> position 0 even though its score is 0
+        ]
+    )
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 0],
+            [1, 1, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0],
+        ]
+    )
+    expected = torch.tensor(
+        [
+            [0, 1, 0, 1, 0, 0],
+            [1, 0, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.float32,
+    )
     out = token_gradient_mask(dep, mask, top_frac=0.4)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert torch.equal(token_gradient_mask(dep, mask.bool()), expected)  # bool mask works the same
@@ -1295,9 +1595,9 @@ def test_gradient_mask_keeps_top_per_row():
 def test_gradient_mask_ties_keep_exactly_k():
     dep = torch.ones(3, 10)
     mask = torch.zeros(3, 10)
-    mask[0, :10] = 1   # T=10 -> 4
-    mask[1, :5] = 1    # T=5  -> 2
-    mask[2, :3] = 1    # T=3  -> ceil(1.2) = 2
+    mask[0, :10] = 1  # T=10 -> 4
+    mask[1, :5] = 1  # T=5  -> 2
+    mask[2, :3] = 1  # T=3  -> ceil(1.2) = 2
     out = token_gradient_mask(dep, mask, top_frac=0.4)
     assert out.sum(1).tolist() == [4.0, 2.0, 2.0]
     assert (out <= mask).all()  # never padding
@@ -1320,19 +1620,26 @@ def test_gradient_mask_random_matches_definition():
 
 
 def test_entropy_top_mask_over_batch():
-    ent = torch.tensor([
-        [0.5, 2.0, 0.1, 9.0, 0.0],
-        [1.5, 0.2, 3.0, 8.0, 7.0],
-    ])
-    mask = torch.tensor([
-        [1, 1, 1, 0, 0],
-        [1, 1, 1, 0, 0],
-    ])
+    ent = torch.tensor(
+        [
+            [0.5, 2.0, 0.1, 9.0, 0.0],
+            [1.5, 0.2, 3.0, 8.0, 7.0],
+        ]
+    )
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0],
+        ]
+    )
     # N = 6 -> ceil(1.2) = 2 over the whole batch -> 3.0 (row 1) and 2.0 (row 0); padding 9.0, 8.0, 7.0 ignored
-    expected = torch.tensor([
-        [0, 1, 0, 0, 0],
-        [0, 0, 1, 0, 0],
-    ], dtype=torch.float32)
+    expected = torch.tensor(
+        [
+            [0, 1, 0, 0, 0],
+            [0, 0, 1, 0, 0],
+        ],
+        dtype=torch.float32,
+    )
     assert torch.equal(entropy_top_mask(ent, mask, top_frac=0.2), expected)
     assert torch.equal(entropy_top_mask(ent, torch.zeros(2, 5)), torch.zeros(2, 5))
 
@@ -1506,7 +1813,10 @@ def test_blacken_pixel_values_equals_processing_a_blackened_image(name):
 def test_resize_for_model_is_a_fixed_point():
     proc = PROCESSORS["patch14"]
     once = resize_for_model(random_image(300, 200), proc)
-    assert once.size == (112, 84)  # 300x200 -> beta = sqrt(60000/12544); floor(200/2.187/28)*28 = 84, floor(300/2.187/28)*28 = 112
+    assert once.size == (
+        112,
+        84,
+    )  # 300x200 -> beta = sqrt(60000/12544); floor(200/2.187/28)*28 = 84, floor(300/2.187/28)*28 = 112
     assert resize_for_model(once, proc).size == once.size
 
 
@@ -1671,7 +1981,9 @@ def test_fewshot_query_has_the_named_class():
         assert len(names) == 2 and names[0] != names[1] and support[0] != support[1]
         assert ex.answer == names[support.index(query)]
         # Each name comes right after its image, the query image last.
-        assert ex.prompt.index(names[0]) < ex.prompt.index(IMAGE, 1) < ex.prompt.index(names[1]) < ex.prompt.rindex(IMAGE)
+        assert (
+            ex.prompt.index(names[0]) < ex.prompt.index(IMAGE, 1) < ex.prompt.index(names[1]) < ex.prompt.rindex(IMAGE)
+        )
 
 
 def test_same_seed_same_bytes_and_answer():
@@ -1688,7 +2000,10 @@ def test_color_task_unchanged():
     ex = tasks.TASKS["color"].sample(random.Random(0))
     assert ex.prompt == "<image>What colour is the shape? Answer as <answer>colour</answer>."
     assert ex.answer == "yellow" and tasks.TASKS["color"].labels == ["red", "green", "blue", "yellow"]
-    assert hashlib.sha256(ex.images[0].tobytes()).hexdigest() == "183308684c94140b89d80ab8f4e21bdcaea420209e370d8a9c3ea24924bf35fe"
+    assert (
+        hashlib.sha256(ex.images[0].tobytes()).hexdigest()
+        == "183308684c94140b89d80ab8f4e21bdcaea420209e370d8a9c3ea24924bf35fe"
+    )
 
 
 def test_labels_are_balanced():
@@ -1713,7 +2028,9 @@ def test_classifier_verifier(name):
         assert task.score(f"I think <answer>{a}</answer>", ex) == (0, 0)  # extra text before
         assert task.score(f"<answer>{a}</answer> done", ex) == (0, 0)  # extra text after
         assert task.score(f"<answer>{a} or {wrong}</answer>", ex) == pytest.approx((FB, 0))  # hedging
-        assert task.score("<answer></answer>", ex) == task.score("<answer>  </answer>", ex) == (0, 0)  # no answer, no bonus
+        assert (
+            task.score("<answer></answer>", ex) == task.score("<answer>  </answer>", ex) == (0, 0)
+        )  # no answer, no bonus
 
 
 def test_dots_sum_verifier():
@@ -1743,7 +2060,12 @@ def test_grounding_verifier_and_continuous_reward():
     assert task.score("<answer>[10,10,50,50]</answer>", ex) == pytest.approx((1 + FB, 1))
     assert task.score("<answer>[ 10, 10 , 50,50 ]</answer>", ex) == pytest.approx((1 + FB, 1))
     assert task.score("<answer>[60,60,100,100]</answer>", ex) == pytest.approx((FB, 0))  # well-formed, disjoint
-    for bad in ["<answer>[10,10,50]</answer>", "<answer>box</answer>", "[10,10,50,50]", "<answer>[10,10,50,50]</answer>!"]:
+    for bad in [
+        "<answer>[10,10,50]</answer>",
+        "<answer>box</answer>",
+        "[10,10,50,50]",
+        "<answer>[10,10,50,50]</answer>!",
+    ]:
         assert task.score(bad, ex) == (0, 0)
     # Shift right by d: IoU = (40-d)*40 / (2*1600 - (40-d)*40) = (40-d)/(40+d).
     rewards = []
@@ -1776,9 +2098,18 @@ def tiny_bpe():
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(tasks.tokenizer_corpus(), trainers.BpeTrainer(vocab_size=512, special_tokens=["<|im_end|>"], show_progress=False,
-                                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>", "<think>", "</think>"]])
+    bpe.train_from_iterator(
+        tasks.tokenizer_corpus(),
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<|im_end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    bpe.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in ["<answer>", "</answer>", "<think>", "</think>"]]
+    )
     return bpe
 
 
@@ -1786,7 +2117,10 @@ def test_tokenizer_corpus_is_unchanged_by_new_tasks():
     # Tasks added after TOKENIZER_TASKS must not change the tiny tokenizer (and every tiny run's numbers).
     corpus = tasks.tokenizer_corpus()
     assert len(corpus) == 2 * 20 * len(tasks.TOKENIZER_TASKS) and set(tasks.TOKENIZER_TASKS) < set(tasks.TASKS)
-    assert hashlib.sha256("\n".join(corpus).encode()).hexdigest() == "f83a5df9b0d0079ad36e98eaaab1bac9ce023dc28cffd36890fd626b36e70937"
+    assert (
+        hashlib.sha256("\n".join(corpus).encode()).hexdigest()
+        == "f83a5df9b0d0079ad36e98eaaab1bac9ce023dc28cffd36890fd626b36e70937"
+    )
 
 
 def test_random_completions_fit_the_tiny_model():
@@ -1798,8 +2132,15 @@ def test_random_completions_fit_the_tiny_model():
 
 
 def test_blind_baselines():
-    expected = {"color": 1 / 4, "shape": 1 / 3, "count": 1 / 6, "position": 1 / 4, "compare": 1 / 2,
-                "fewshot": 1 / 6, "dots-sum": 1 / 6}
+    expected = {
+        "color": 1 / 4,
+        "shape": 1 / 3,
+        "count": 1 / 6,
+        "position": 1 / 4,
+        "compare": 1 / 2,
+        "fewshot": 1 / 6,
+        "dots-sum": 1 / 6,
+    }
     for name, p in expected.items():
         assert abs(blind_baseline(tasks.TASKS[name]) - p) < 0.08, name
     assert 0.0 < blind_baseline(tasks.TASKS["grounding"]) < 0.2  # no single box fits most shapes
@@ -1836,8 +2177,9 @@ def test_color_think_generator():
     rng = random.Random(0)
     seen = set()
     for _ in range(50):
-        colour, c1, name1, name2 = re.fullmatch(r"<think>(\w+) shape, (\w+) is (\w+)</think><answer>(\w+)</answer>",
-                                                task.random_completion(rng)).groups()
+        colour, c1, name1, name2 = re.fullmatch(
+            r"<think>(\w+) shape, (\w+) is (\w+)</think><answer>(\w+)</answer>", task.random_completion(rng)
+        ).groups()
         assert colour == c1 and tasks.COLOR_NAMES[colour] == name1 == name2
         seen.add(colour)
     assert seen == set(tasks.COLORS)
@@ -1847,17 +2189,27 @@ def test_color_think_verifier():
     task = tasks.TASKS["color-think"]
     ex = Example("", [], "dax", {"color": "red"})
     assert task.score("<think>red shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
-    assert task.score(" <think>red shape, red is dax</think>\n<answer> DAX </answer>\n", ex) == pytest.approx((1 + FB, 1))
+    assert task.score(" <think>red shape, red is dax</think>\n<answer> DAX </answer>\n", ex) == pytest.approx(
+        (1 + FB, 1)
+    )
     # The whole chain is checked: the image's colour first in <think>, then its name as the answer.
-    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))  # the rest of <think> is free
-    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # read at the answer only
+    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx(
+        (1 + FB, 1)
+    )  # the rest of <think> is free
+    assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx(
+        (FB, 0)
+    )  # read at the answer only
     assert task.score("<think>yellow shape, yellow is fep</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
     assert task.score("<think>blue shape, blue is blick</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))
-    assert task.score("<think>red shape, red is dax</think><answer>blick</answer>", ex) == pytest.approx((FB, 0))  # rule not applied
+    assert task.score("<think>red shape, red is dax</think><answer>blick</answer>", ex) == pytest.approx(
+        (FB, 0)
+    )  # rule not applied
     assert task.score("<think>reddish shape</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # a whole word
     assert task.score("<think></think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
     assert task.score("<think>red shape, red is dax</think><answer></answer>", ex) == (0, 0)  # no answer, no bonus
-    assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx((FB, 0))  # the colour is not the name
+    assert task.score("<think>red shape, red is dax</think><answer>red</answer>", ex) == pytest.approx(
+        (FB, 0)
+    )  # the colour is not the name
     assert task.score("<answer>dax</answer>", ex) == (0, 0)  # missing think
     assert task.score("<think>red shape, red is dax</think>dax", ex) == (0, 0)  # missing answer tags
     assert task.score("<think>red shape, red is dax</think><answer>dax</answer> ok", ex) == (0, 0)  # extra text
@@ -1872,7 +2224,10 @@ def test_perception_pretraining_uses_another_task():
     colour_task = tasks.TASKS["color"]
     for ex in samples("color", 20):
         assert colour_task.correct_completion(ex) == f"<answer>{ex.answer}</answer>" and ex.answer in tasks.COLORS
-        assert ex.prompt != tasks.TASKS["color-think"].PROMPT and colour_task.score(colour_task.correct_completion(ex), ex)[1] == 1
+        assert (
+            ex.prompt != tasks.TASKS["color-think"].PROMPT
+            and colour_task.score(colour_task.correct_completion(ex), ex)[1] == 1
+        )
 
 
 def test_color_think_blind_baseline_is_chance():
@@ -1881,7 +2236,10 @@ def test_color_think_blind_baseline_is_chance():
 
 def test_warmup_steps_per_task():
     # Only color-think asks for a longer warm-up (its rule); the other tasks' initial models stay as they were.
-    assert {name: t.warmup_steps for name, t in tasks.TASKS.items()} == {**{name: 60 for name in tasks.TOKENIZER_TASKS}, "color-think": 200}
+    assert {name: t.warmup_steps for name, t in tasks.TASKS.items()} == {
+        **{name: 60 for name in tasks.TOKENIZER_TASKS},
+        "color-think": 200,
+    }
 
 
 def test_color_think_completions_are_long_with_one_colour_token():
@@ -1892,7 +2250,7 @@ def test_color_think_completions_are_long_with_one_colour_token():
         assert 12 <= len(pieces) <= 13 and pieces[:2] == ["<think>", colour]
         mask = tasks.perception_token_mask(pieces, {colour})
         assert mask[1] and [tasks.token_text(p).strip() for p, m in zip(pieces, mask) if m] == [colour, colour]
-        assert not any(mask[pieces.index("</think>"):])  # the name and the answer are not perception
+        assert not any(mask[pieces.index("</think>") :])  # the name and the answer are not perception
 
 
 # ---------------------------------------------------------------------------------------
@@ -1902,23 +2260,61 @@ def test_token_text_is_byte_level_decoding():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     assert tasks.BYTE_LEVEL == {ch: b for b, ch in bytes_to_unicode().items()}
-    assert [tasks.token_text(t) for t in ["Ġred", "Ċ", "red", " red", "<think>", "Ġ", ""]] == [" red", "\n", "red", " red", "<think>", " ", ""]
+    assert [tasks.token_text(t) for t in ["Ġred", "Ċ", "red", " red", "<think>", "Ġ", ""]] == [
+        " red",
+        "\n",
+        "red",
+        " red",
+        "<think>",
+        " ",
+        "",
+    ]
     assert tasks.token_text("Ã©") == "é"  # two bytes of one character
 
 
 def test_perception_token_mask_by_hand():
     mask = tasks.perception_token_mask
-    toks = ["<think>", "yellow", "Ġshape", ",", "Ġ", "yellow", "Ġis", "Ġfep", "</think>", "<answer>", "fep", "</answer>", "<|im_end|>"]
-    assert mask(toks, {"yellow"}) == [False, True, False, False, False, True] + [False] * 7  # 'Ġ' alone is only the space
+    toks = [
+        "<think>",
+        "yellow",
+        "Ġshape",
+        ",",
+        "Ġ",
+        "yellow",
+        "Ġis",
+        "Ġfep",
+        "</think>",
+        "<answer>",
+        "fep",
+        "</answer>",
+        "<|im_end|>",
+    ]
+    assert (
+        mask(toks, {"yellow"}) == [False, True, False, False, False, True] + [False] * 7
+    )  # 'Ġ' alone is only the space
     assert mask(toks, {"fep"}) == [False] * 7 + [True] + [False] * 5  # inside <think> only
     assert mask(toks, {"fep"}, "answer") == [False] * 10 + [True] + [False] * 2
     assert mask(toks, {"fep"}, "all") == [False] * 7 + [True, False, False, True, False, False]
     assert mask(toks, set()) == [False] * 13
     # Decoded text instead of byte-level pieces, and a word split over tokens.
-    assert mask(["<think>", "the", " ye", "llow", " one", "</think>"], {"Yellow"}) == [False, False, True, True, False, False]
+    assert mask(["<think>", "the", " ye", "llow", " one", "</think>"], {"Yellow"}) == [
+        False,
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert mask(["<think>", "yel", "low", "</think>"], {"yellow"}) == [False, True, True, False]
     # Whole words only: 'red' is not in 'reddish' or 'bored'; a token sharing letters with the word is not marked.
-    assert mask(["<think>", "Ġreddish", "Ġbored", "Ġre", "d", "</think>"], {"red"}) == [False, False, False, True, True, False]
+    assert mask(["<think>", "Ġreddish", "Ġbored", "Ġre", "d", "</think>"], {"red"}) == [
+        False,
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
     # dots-sum: the two counts inside <think>, not the sum (nor the '1' of '12').
     toks = ["<think>", "2", "Ġred", ",", "Ġ3", "Ġblue", "Ġ12", "</think>", "<answer>", "5", "</answer>"]
     assert mask(toks, {"2", "3", "1"}) == [False, True, False, False, True, False, False, False, False, False, False]
@@ -1948,45 +2344,56 @@ def test_every_task_labels_its_perception_tokens():
             completion = f"<answer>{ex.answer}</answer>"
         pieces = bpe.encode(completion + "<|im_end|>").tokens
         marked = "".join(tasks.token_text(p) for p, m in zip(pieces, task.perception_mask(pieces, ex)) if m)
-        expected = (f"{ex.meta['red']}{ex.meta['blue']}" if name == "dots-sum" else 2 * ex.meta["color"] if name == "color-think"
-                    else ex.answer)
+        expected = (
+            f"{ex.meta['red']}{ex.meta['blue']}"
+            if name == "dots-sum"
+            else 2 * ex.meta["color"]
+            if name == "color-think"
+            else ex.answer
+        )
         assert marked.replace(" ", "") == expected, name
 
 
-@pytest.mark.parametrize("completion, truth", [
-    ("<answer>0.5</answer>", "\\frac{1}{2}"),
-    ("<answer>\\dfrac{1}{2}</answer>", "0.5"),
-    ("<answer>1/2</answer>", "\\frac{1}{2}"),
-    ("<answer>5</answer>", "5.0"),
-    ("<answer>(B)</answer>", "B"),
-    ("<answer>B.</answer>", "B"),
-    ("<answer>B) 12</answer>", "B"),
-    ("<answer> b </answer>", "(B)"),
-    ("<answer>$60^\\circ$</answer>", "60"),
-    ("<answer>60°</answer>", "60"),
-    ("<answer>\\text{12}.</answer>", "12"),
-    ("<answer>x = 5</answer>", "5"),
-    ("<answer>\\sqrt{2}</answer>", "\\sqrt 2"),
-    ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # by value: 3.4641...
-    ("<answer>\\frac{\\sqrt{3}}{2}</answer>", "0.8660254037844386"),
-    ("<answer>1,000</answer>", "1000"),
-    ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
-    ("<answer>0.50000001</answer>", "1/2"),  # within rel 1e-6
-])
+@pytest.mark.parametrize(
+    "completion, truth",
+    [
+        ("<answer>0.5</answer>", "\\frac{1}{2}"),
+        ("<answer>\\dfrac{1}{2}</answer>", "0.5"),
+        ("<answer>1/2</answer>", "\\frac{1}{2}"),
+        ("<answer>5</answer>", "5.0"),
+        ("<answer>(B)</answer>", "B"),
+        ("<answer>B.</answer>", "B"),
+        ("<answer>B) 12</answer>", "B"),
+        ("<answer> b </answer>", "(B)"),
+        ("<answer>$60^\\circ$</answer>", "60"),
+        ("<answer>60°</answer>", "60"),
+        ("<answer>\\text{12}.</answer>", "12"),
+        ("<answer>x = 5</answer>", "5"),
+        ("<answer>\\sqrt{2}</answer>", "\\sqrt 2"),
+        ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # by value: 3.4641...
+        ("<answer>\\frac{\\sqrt{3}}{2}</answer>", "0.8660254037844386"),
+        ("<answer>1,000</answer>", "1000"),
+        ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
+        ("<answer>0.50000001</answer>", "1/2"),  # within rel 1e-6
+    ],
+)
 def test_grade_correct(completion, truth):
     assert grade(completion, truth) == 1.0
 
 
-@pytest.mark.parametrize("completion, truth", [
-    ("<answer>7</answer>", "8"),
-    ("<answer>C</answer>", "B"),
-    ("<answer>Bob</answer>", "B"),
-    ("<answer>B</answer>", "5"),
-    ("<answer>0.501</answer>", "\\frac{1}{2}"),
-    ("<answer>2\\sqrt{2}</answer>", "2\\sqrt{3}"),
-    ("the answer is 5", "5"),  # nothing to extract
-    ("\\boxed{5", "5"),  # unclosed box
-])
+@pytest.mark.parametrize(
+    "completion, truth",
+    [
+        ("<answer>7</answer>", "8"),
+        ("<answer>C</answer>", "B"),
+        ("<answer>Bob</answer>", "B"),
+        ("<answer>B</answer>", "5"),
+        ("<answer>0.501</answer>", "\\frac{1}{2}"),
+        ("<answer>2\\sqrt{2}</answer>", "2\\sqrt{3}"),
+        ("the answer is 5", "5"),  # nothing to extract
+        ("\\boxed{5", "5"),  # unclosed box
+    ],
+)
 def test_grade_wrong(completion, truth):
     assert grade(completion, truth) == 0.0
 
@@ -2032,16 +2439,25 @@ def test_jsonl_formats_and_paths(tmp_path):
     write_png(tmp_path / "b.png", "blue")
     rows = [
         # ms-swift with an assistant message (ignored) and a tagged solution
-        {"images": ["imgs/a.png"], "messages": [{"role": "user", "content": "<image>\nFind x."},
-                                                 {"role": "assistant", "content": "<answer>99</answer>"}],
-         "solution": "<think>...</think><answer>\\frac{1}{2}</answer>"},
+        {
+            "images": ["imgs/a.png"],
+            "messages": [
+                {"role": "user", "content": "<image>\nFind x."},
+                {"role": "assistant", "content": "<answer>99</answer>"},
+            ],
+            "solution": "<think>...</think><answer>\\frac{1}{2}</answer>",
+        },
         # EasyR1 with no mark: one is prepended per image; an absolute path
         {"problem": "Which is bigger?", "answer": "B", "images": ["imgs/a.png", str(tmp_path / "b.png")]},
         {"problem": "A <image> then <image>", "answer": 3, "images": ["imgs/a.png", "b.png"]},  # marks stay put
     ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # trailing blank line is fine
     ds = JsonlTask(tmp_path / "d.jsonl")
-    assert [r["prompt"] for r in ds.rows] == ["<image>\nFind x.", "<image><image>Which is bigger?", "A <image> then <image>"]
+    assert [r["prompt"] for r in ds.rows] == [
+        "<image>\nFind x.",
+        "<image><image>Which is bigger?",
+        "A <image> then <image>",
+    ]
     assert [r["answer"] for r in ds.rows] == ["\\frac{1}{2}", "B", "3"]
     ex = Example(ds.rows[0]["prompt"], [], ds.rows[0]["answer"])
     assert ds.score("x = 0.5 so <answer>0.5</answer>", ex) == pytest.approx((1 + FB, 1))
@@ -2079,7 +2495,9 @@ def test_dataset_errors(tmp_path):
     assert "bad.jsonl:2" in msg and "not valid JSON" in msg
     msg = dataset_error(tmp_path, [ok, ok, json.dumps({"problem": "<image>Q", "images": ["ok.png"]})])
     assert "bad.jsonl:3" in msg and "answer" in msg
-    msg = dataset_error(tmp_path, [json.dumps({"messages": [{"role": "user", "content": "<image>Q"}], "images": ["ok.png"]})])
+    msg = dataset_error(
+        tmp_path, [json.dumps({"messages": [{"role": "user", "content": "<image>Q"}], "images": ["ok.png"]})]
+    )
     assert "bad.jsonl:1" in msg and "solution" in msg
     msg = dataset_error(tmp_path, [ok, json.dumps({"problem": "<image>Q", "answer": "1"})])
     assert "bad.jsonl:2" in msg and "image" in msg
@@ -2124,11 +2542,15 @@ def test_cli_list_and_export(tmp_path, capsys):
 # ========================================================================================
 def fake_runs():
     """Two seeds of two algorithms on one task, with held-out curves worked out by hand."""
-    curve = lambda accs: dict(eval_steps=[0, 10, 20, 30], eval_accuracy=accs, accuracy_before=accs[0], accuracy_after=accs[-1])
-    return [dict(task="color", algo="grpo", seed=1, **curve([0.2, 0.5, 0.8, 0.9])),
-            dict(task="color", algo="grpo", seed=2, **curve([0.2, 0.85, 0.7, 0.7])),
-            dict(task="color", algo="pepo_g", seed=1, **curve([0.2, 0.3, 0.4, 0.5])),
-            dict(task="color", algo="pepo_g", seed=2, **curve([0.2, 0.3, 0.9, 0.6]))]
+    curve = lambda accs: dict(
+        eval_steps=[0, 10, 20, 30], eval_accuracy=accs, accuracy_before=accs[0], accuracy_after=accs[-1]
+    )
+    return [
+        dict(task="color", algo="grpo", seed=1, **curve([0.2, 0.5, 0.8, 0.9])),
+        dict(task="color", algo="grpo", seed=2, **curve([0.2, 0.85, 0.7, 0.7])),
+        dict(task="color", algo="pepo_g", seed=1, **curve([0.2, 0.3, 0.4, 0.5])),
+        dict(task="color", algo="pepo_g", seed=2, **curve([0.2, 0.3, 0.9, 0.6])),
+    ]
 
 
 def test_learning_table_by_hand():
@@ -2140,13 +2562,17 @@ def test_learning_table_by_hand():
     # resampling 2 seeds gives means 0.7, 0.8 or 0.9 (each extreme with probability 1/4): the interval is [0.7, 0.9]
     assert s["grpo"]["final_ci95"] == pytest.approx([0.7, 0.9])
     # curve areas: (10 * (0.35 + 0.65 + 0.85)) / 30 = 0.6167 and (10 * (0.525 + 0.775 + 0.7)) / 30 = 0.6667
-    assert s["grpo"]["area_mean"] == pytest.approx((18.5 / 30 + 20 / 30) / 2) and s["grpo"]["area_ci95"] == pytest.approx([18.5 / 30, 20 / 30])
+    assert s["grpo"]["area_mean"] == pytest.approx((18.5 / 30 + 20 / 30) / 2) and s["grpo"][
+        "area_ci95"
+    ] == pytest.approx([18.5 / 30, 20 / 30])
     assert s["grpo"]["steps_to_threshold"] == [20, 10] and s["grpo"]["steps_cell"] == "10 (2/2)"
     # pepo_g: only seed 2 reached it (step 20); the median of {20, never} counts 'never' as the slower one
     assert s["pepo_g"]["steps_to_threshold"] == [None, 20] and s["pepo_g"]["steps_cell"] == "20 (1/2)"
     assert bench.summarize(fake_runs()[2:3], 0.8)["color"]["pepo_g"]["steps_cell"] == "not reached (0/1)"
     table = bench.markdown_table(bench.summarize(fake_runs(), 0.8), ["grpo", "pepo_g", "vppo"], 0.8).splitlines()
-    assert table[2] == "| grpo | 0.80 [0.70, 0.90] | 0.64 [0.62, 0.67] | 10 (2/2) |" and table[4] == "| vppo | — | — | — |"
+    assert (
+        table[2] == "| grpo | 0.80 [0.70, 0.90] | 0.64 [0.62, 0.67] | 10 (2/2) |" and table[4] == "| vppo | — | — | — |"
+    )
 
 
 def test_curve_area_and_bootstrap_by_hand():
@@ -2164,13 +2590,28 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     import bench
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    config = {"budget": dict(tasks=["color"], steps=30, lr=1e-3, lr_schedule="constant", prompts_per_step=8, group_size=8, seeds=[1, 2],
-                             eval_every=10, eval_size=100)}
+    config = {
+        "budget": dict(
+            tasks=["color"],
+            steps=30,
+            lr=1e-3,
+            lr_schedule="constant",
+            prompts_per_step=8,
+            group_size=8,
+            seeds=[1, 2],
+            eval_every=10,
+            eval_size=100,
+        )
+    }
     bench.write_learning(tmp_path, fake_runs(), config, ["grpo", "pepo_g"], 0.8)
     out = capsys.readouterr().out
     assert "matplotlib is not installed" in out and "Traceback" not in out and len(out.strip().splitlines()) == 1
     saved = json.loads((tmp_path / "learning.json").read_text())
-    assert saved["config"] == config and len(saved["runs"]) == 4 and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
+    assert (
+        saved["config"] == config
+        and len(saved["runs"]) == 4
+        and saved["summary"]["color"]["grpo"]["steps_cell"] == "10 (2/2)"
+    )
     assert "| pepo_g | 0.55 [0.50, 0.60] | 0.44 [0.35, 0.53] | 20 (1/2) |" in (tmp_path / "learning.md").read_text()
     assert not (tmp_path / "learning.png").exists()
 
@@ -2183,14 +2624,29 @@ def test_learning_budget_settings_per_task(tmp_path, monkeypatch):
     for b in bench.BUDGETS.values():  # a dict names every task
         assert all(not isinstance(v, dict) or set(v) == set(b["tasks"]) for v in b.values())
     _, runs = bench.learn_jobs(bench.BUDGETS["full"], ["grpo"], tmp_path)
-    flags = {(j["task"], j["argv"][j["argv"].index("--steps") + 1], j["argv"][j["argv"].index("--lr") + 1]) for j in runs}
+    flags = {
+        (j["task"], j["argv"][j["argv"].index("--steps") + 1], j["argv"][j["argv"].index("--lr") + 1]) for j in runs
+    }
     assert flags == {("color", "70", "0.001"), ("color-think", "50", "0.0005")}
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    config = {"budget": dict(tasks=["color"], steps={"color": 50, "color-think": 30}, lr=1e-3, prompts_per_step=16, group_size=8,
-                             lr_schedule="constant", seeds=[1, 2], eval_every=10, eval_size=100)}
+    config = {
+        "budget": dict(
+            tasks=["color"],
+            steps={"color": 50, "color-think": 30},
+            lr=1e-3,
+            prompts_per_step=16,
+            group_size=8,
+            lr_schedule="constant",
+            seeds=[1, 2],
+            eval_every=10,
+            eval_size=100,
+        )
+    }
     md = bench.write_learning(tmp_path, fake_runs(), config, ["grpo"], 0.8)
-    assert md.startswith("Held-out greedy accuracy (100 examples) at the end of each run (color: 50 steps of 16 prompts x 8 samples, "
-                         "learning rate 0.001 (constant))")
+    assert md.startswith(
+        "Held-out greedy accuracy (100 examples) at the end of each run (color: 50 steps of 16 prompts x 8 samples, "
+        "learning rate 0.001 (constant))"
+    )
 
 
 def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):
@@ -2204,19 +2660,44 @@ def test_learn_report_reads_finished_runs_only(tmp_path, monkeypatch):
     assert [(j["algo"], j["seed"]) for j in runs] == [("grpo", 1), ("grpo", 2)] and "--lr-schedule" in runs[0]["argv"]
     builds, _ = bench.learn_jobs(bench.BUDGETS["full"], ["grpo"], tmp_path)
     assert {b["warmup_steps"] for b in builds} == {None}  # the full table's models: each task's own warm-up
-    for j, after, argv in [(runs[0], 0.75, runs[0]["argv"]), (runs[1], 0.5, runs[1]["argv"][:-2])]:  # seed 2: other flags
+    for j, after, argv in [
+        (runs[0], 0.75, runs[0]["argv"]),
+        (runs[1], 0.5, runs[1]["argv"][:-2]),
+    ]:  # seed 2: other flags
         out = Path(j["out"])
         out.mkdir(parents=True)
         (out / "job.json").write_text(json.dumps(argv))
-        (out / "summary.json").write_text(json.dumps(dict(accuracy_before=0.25, accuracy_after=after, steps=2, seconds=3.0)))
-        (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=k, reward=0.5, accuracy=0.5, seconds=1.0, eval_accuracy=a)) + "\n"
-                                                   for k, a in [(1, 0.5), (2, after)]))
-    opt = argparse.Namespace(quick=True, tasks=["color"], seeds=[1, 2], steps=None, prompts_per_step=None, algos=["grpo"], extra="",
-                             workers=1, threshold=0.9, report=True, runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"))
+        (out / "summary.json").write_text(
+            json.dumps(dict(accuracy_before=0.25, accuracy_after=after, steps=2, seconds=3.0))
+        )
+        (out / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps(dict(step=k, reward=0.5, accuracy=0.5, seconds=1.0, eval_accuracy=a)) + "\n"
+                for k, a in [(1, 0.5), (2, after)]
+            )
+        )
+    opt = argparse.Namespace(
+        quick=True,
+        tasks=["color"],
+        seeds=[1, 2],
+        steps=None,
+        prompts_per_step=None,
+        algos=["grpo"],
+        extra="",
+        workers=1,
+        threshold=0.9,
+        report=True,
+        runs_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "res"),
+    )
     bench.learn(opt)
     saved = json.loads((tmp_path / "res" / "learning.json").read_text())
     assert [(r["seed"], r["accuracy_after"]) for r in saved["runs"]] == [(1, 0.75)]  # seed 2 ran with other flags
-    assert saved["config"]["runs"] == "1 of 2" and saved["config"]["report_only"] and saved["config"]["run_seconds_sum"] == 3.0
+    assert (
+        saved["config"]["runs"] == "1 of 2"
+        and saved["config"]["report_only"]
+        and saved["config"]["run_seconds_sum"] == 3.0
+    )
     assert "Only 1 of 2 runs had finished" in (tmp_path / "res" / "learning.md").read_text()
     assert not (tmp_path / "runs" / "quick" / "models").exists()  # nothing was built or run
 
@@ -2253,17 +2734,26 @@ def test_auroc_by_hand():
 def test_bootstrap_ci_known_answers():
     import bench
 
-    same = [(np.array([0.1, 0.9, 0.3]), np.array([False, True, False]))] * 12  # every completion alike: every draw the same
+    same = [
+        (np.array([0.1, 0.9, 0.3]), np.array([False, True, False]))
+    ] * 12  # every completion alike: every draw the same
     ci = bench.bootstrap_ci(bench.pooled_auroc, same, n=200)
     assert ci == (1.0, 1.0) and ci.dropped == 0
     # two units, mean: a draw of 2 gives 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so the 95% interval is [0, 1]
     assert bench.bootstrap_ci(lambda us: float(np.mean(us)), [0.0, 1.0], n=1000) == (0.0, 1.0)
     # draws with only one class give nan: left out and counted (about half of them here)
-    ci = bench.bootstrap_ci(bench.pooled_auroc, [(np.array([1.0]), np.array([True])), (np.array([0.0]), np.array([False]))], n=400)
+    ci = bench.bootstrap_ci(
+        bench.pooled_auroc, [(np.array([1.0]), np.array([True])), (np.array([0.0]), np.array([False]))], n=400
+    )
     assert (ci.lo, ci.hi) == (1.0, 1.0) and 150 < ci.dropped < 250
     x = list(np.random.default_rng(3).normal(size=50))
-    a, b = bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1), bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1)
-    assert a == b and a.lo < np.mean(x) < a.hi and a.hi - a.lo < 4 * np.std(x) / math.sqrt(50)  # seeded; holds the estimate
+    a, b = (
+        bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1),
+        bench.bootstrap_ci(lambda us: float(np.mean(us)), x, seed=1),
+    )
+    assert (
+        a == b and a.lo < np.mean(x) < a.hi and a.hi - a.lo < 4 * np.std(x) / math.sqrt(50)
+    )  # seeded; holds the estimate
     assert bench.first_run([False, True, True, False, True]) == [False, True, True, False, False]
 
 
@@ -2283,15 +2773,25 @@ def test_signal_collection_smoke(loaded):
         assert len(c["tokens"]) == n and all(len(v) == n for v in c["signals"].values())
         assert all(len(v) == n for v in c["labels"].values()) and set(c["signals"]) == set(bench.SIGNAL_NAMES)
         assert all(math.isfinite(x) for v in c["signals"].values() for x in v)
-        assert min(c["signals"]["dep_k3"]) >= 0 and min(c["signals"]["dep_exact"]) >= 0 and min(c["signals"]["entropy"]) >= 0
+        assert (
+            min(c["signals"]["dep_k3"]) >= 0
+            and min(c["signals"]["dep_exact"]) >= 0
+            and min(c["signals"]["entropy"]) >= 0
+        )
         assert math.isclose(sum(c["signals"]["pepo_weight"]), n, rel_tol=1e-4)  # w_t averages 1 over a completion
-        assert "".join(c["tokens"]).startswith(vl.decode(coll["batch"]["completion_ids"][comps.index(c)][None], m[None])[0][:3])
+        assert "".join(c["tokens"]).startswith(
+            vl.decode(coll["batch"]["completion_ids"][comps.index(c)][None], m[None])[0][:3]
+        )
     stats = bench.signal_stats(comps, n_boot=20)
     assert stats["tokens"] == sum(len(c["tokens"]) for c in comps) and set(stats["auroc"]) == set(bench.LABELINGS)
     json.dumps(bench.json_safe(stats), allow_nan=False)  # strict JSON even where a class is empty (nan -> null)
-    result = {"seeds": {"1": {"train": {"accuracy_before": 0.25, "accuracy_after": 0.5}, "start": stats, "end": stats}},
-              "config": {"task": "color-think"}}
+    result = {
+        "seeds": {"1": {"train": {"accuracy_before": 0.25, "accuracy_after": 0.5}, "start": stats, "end": stats}},
+        "config": {"task": "color-think"},
+    }
     md = bench.signals_markdown(result)
-    assert md.count("| VPPO dependency (k3) |") == len(bench.LABELINGS) and "PEPO contrast" in md  # one row per labelling
+    assert (
+        md.count("| VPPO dependency (k3) |") == len(bench.LABELINGS) and "PEPO contrast" in md
+    )  # one row per labelling
     records = bench.signal_records(vl, coll, 2, 0, n=2)
     assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)

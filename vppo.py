@@ -38,7 +38,9 @@ def _to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(x.contiguous().numpy())
 
 
-def blacken_patches(image: Image.Image, patch_size: int = 14, prob: float = 0.5, generator: torch.Generator | None = None) -> Image.Image:
+def blacken_patches(
+    image: Image.Image, patch_size: int = 14, prob: float = 0.5, generator: torch.Generator | None = None
+) -> Image.Image:
     """Black out each non-overlapping patch_size x patch_size block independently with probability `prob`.
 
     Partial blocks at the right / bottom edges are blocks too.  Output has the same size (and is RGB).
@@ -88,15 +90,20 @@ def resize_for_model(image: Image.Image, image_processor) -> Image.Image:
     ip = image_processor
     # transformers 5.x keeps the pixel limits in `size` (shortest_edge = min pixels, longest_edge = max pixels)
     height, width = smart_resize(
-        image.height, image.width, factor=ip.patch_size * ip.merge_size,
-        min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"],
+        image.height,
+        image.width,
+        factor=ip.patch_size * ip.merge_size,
+        min_pixels=ip.size["shortest_edge"],
+        max_pixels=ip.size["longest_edge"],
     )
     if (width, height) == image.size:
         return image.copy()
     return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def blacken_pixel_values(pixel_values: torch.Tensor, image_processor, prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+def blacken_pixel_values(
+    pixel_values: torch.Tensor, image_processor, prob: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """`blacken_patches` applied to the Qwen-VL processor's output instead of the image.  [P, C*t*p*p] -> same
 
     Each row of `pixel_values` is one encoder patch of an image at model resolution (channels
@@ -106,7 +113,11 @@ def blacken_pixel_values(pixel_values: torch.Tensor, image_processor, prob: floa
     second pass of every image through Pillow and the processor (0.25 s -> 0.04 s for 128 images, tiny model).
     """
     ip = image_processor
-    black = torch.tensor([(0.0 - m) / s for m, s in zip(ip.image_mean, ip.image_std)]) if ip.do_normalize else torch.zeros(len(ip.image_mean))
+    black = (
+        torch.tensor([(0.0 - m) / s for m, s in zip(ip.image_mean, ip.image_std)])
+        if ip.do_normalize
+        else torch.zeros(len(ip.image_mean))
+    )
     rows = pixel_values.reshape(pixel_values.shape[0], len(black), -1)  # [P, C, t*p*p]
     drop = torch.rand(pixel_values.shape[0], generator=generator) < prob  # rand in [0, 1): prob=0 keeps all
     return torch.where(drop[:, None, None], black.to(rows)[None, :, None], rows).reshape(pixel_values.shape)
@@ -126,7 +137,9 @@ def scale_into_pixel_range(image: Image.Image, min_pixels: int, max_pixels: int)
     return image.resize((max(1, int(image.width * f)), max(1, int(image.height * f))), Image.Resampling.BICUBIC)
 
 
-def perturb_image(image: Image.Image, kind: str, image_processor, generator: torch.Generator | None = None) -> Image.Image:
+def perturb_image(
+    image: Image.Image, kind: str, image_processor, generator: torch.Generator | None = None
+) -> Image.Image:
     """Resize to model resolution, then perturb.  kind in PERTURBATIONS; "blacken" is VPPO's default.
 
     The result's size equals the model-resolution size, so the processor yields the same
@@ -154,7 +167,9 @@ def perturb_image(image: Image.Image, kind: str, image_processor, generator: tor
     raise ValueError(f"unknown perturbation kind {kind!r}; expected one of {PERTURBATIONS}")
 
 
-def perturbed_pixel_values(batch: dict, image_processor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def perturbed_pixel_values(
+    batch: dict, image_processor, kind: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """pixel_values of a freshly perturbed copy of every image of a batch (one row per completion,
     its images in batch["examples"][i].images). Token ids and image grids stay the same: only the
     pixels change, so the clean and the perturbed pass line up token for token."""
@@ -194,7 +209,9 @@ def token_visual_kl(logits: torch.Tensor, logits_perturbed: torch.Tensor) -> tor
     """
     step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
     out = []
-    for a, b in zip(logits.detach().split(step, dim=1), logits_perturbed.detach().split(step, dim=1)):  # L = 0: one empty chunk
+    for a, b in zip(
+        logits.detach().split(step, dim=1), logits_perturbed.detach().split(step, dim=1)
+    ):  # L = 0: one empty chunk
         lp = torch.log_softmax(a.float(), dim=-1)
         lq = torch.log_softmax(b.float(), dim=-1)
         p = lp.exp()
@@ -246,7 +263,9 @@ def token_gradient_mask(dependency: torch.Tensor, mask: torch.Tensor, top_frac: 
     return _keep_top_k(dependency, valid, k)
 
 
-def random_token_mask(mask: torch.Tensor, top_frac: float = 0.4, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_token_mask(
+    mask: torch.Tensor, top_frac: float = 0.4, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """TGF's token count without its criterion (VPPO's ablation).  mask [B, L] -> [B, L] float 0/1
 
     Per completion keep ceil(top_frac * T_i) valid tokens chosen uniformly at random."""

@@ -5,7 +5,7 @@
     python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
     python bench.py speed              # the default run's wall time, this tree vs an earlier commit
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
-    python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameter counts
+    python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameters
     python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
     python bench.py signals [--quick]  # results/signals.{json,md,png}: AUROC of each token signal for perception tokens
 
@@ -26,7 +26,6 @@ import shutil
 import statistics
 import sys
 import time
-import math
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -264,7 +263,8 @@ def plot_learning(path: Path, runs: list[dict], algos: list[str], threshold: flo
         import matplotlib.pyplot as plt
     except ImportError:
         print(
-            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written"
+            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown "
+            f"are written"
         )
         return False
     task_names = list(dict.fromkeys(r["task"] for r in runs))
@@ -309,9 +309,11 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
         for t in b["tasks"]
     )
     md = (
-        f"Held-out greedy accuracy ({b['eval_size']} examples) at the end of each run ({runs_of}): mean over seeds {b['seeds']} "
+        f"Held-out greedy accuracy ({b['eval_size']} examples) at the end of each run ({runs_of}): mean over seeds "
+        f"{b['seeds']} "
         f"[bootstrap 95% interval over seeds]. Curve area: the mean "
-        f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to {threshold:g}: median "
+        f"height of the held-out curve (evaluated every {b['eval_every']} steps, step 0 included). Steps to "
+        f"{threshold:g}: median "
         f"over seeds of the first evaluation at or above it (seeds that reached it / seeds)."
         + (
             f" Only {config['runs']} runs had finished: each row's cells are over the seeds it has."
@@ -346,7 +348,7 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
                 if algo in ABLATION_ROWS and task not in budget["ablation_tasks"]:
                     continue
                 out = root / task / algo.replace(" ", "_").replace("%", "pct") / f"seed{seed}"
-                setting = lambda key: str(per_task(budget, key, task))
+                setting = lambda key, task=task: str(per_task(budget, key, task))
                 argv = [
                     *ALGOS[algo],
                     "--model",
@@ -418,7 +420,8 @@ def learn(opt) -> None:
     )
     todo = [] if opt.report else [j for j in runs if not done(j)]
     print(
-        f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; logs in {root / 'logs'}"
+        f"learn: {len(runs)} runs ({sum(map(done, runs))} already done), budget {budget}, {opt.workers} workers; "
+        f"logs in {root / 'logs'}"
     )
     needs = {b["path"]: [j for j in todo if j["model"] == b["path"]] for b in builds}  # the runs waiting for each model
     with ProcessPoolExecutor(opt.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
@@ -452,7 +455,8 @@ def learn(opt) -> None:
                 s = json.loads((Path(j["out"]) / "summary.json").read_text())
                 eta = (time.time() - t_start) / i * (len(todo) - i) / 60  # rough: runs differ in length
                 print(
-                    f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; {time.time() - t_start:.0f} s total, "
+                    f"{head} {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s; "
+                    f"{time.time() - t_start:.0f} s total, "
                     f"~{eta:.0f} min left)",
                     flush=True,
                 )
@@ -479,8 +483,8 @@ def learn(opt) -> None:
     out = Path(opt.results_dir or ("results/quick" if opt.quick else "results"))
     md = write_learning(out, results, config, algos, opt.threshold)
     print(
-        md
-        + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote {out}/learning.json, learning.md, learning.png"
+        md + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote "
+        f"{out}/learning.json, learning.md, learning.png"
     )
 
 
@@ -982,14 +986,16 @@ def memory(opt) -> dict:
         "rows": rows,
         "fp32_BLV_bytes": {str(L): L * V * 4 for L in opt.completions},
         "config": {
-            "model": "random-weight Qwen2.5-VL, 3B widths (vocab 151936, hidden 2048, 16/2 heads, 1280-wide vision), 2 text layers, 2 vision blocks",
+            "model": "random-weight Qwen2.5-VL, 3B widths (vocab 151936, hidden 2048, 16/2 heads, "
+            "1280-wide vision), 2 text layers, 2 vision blocks",
             "image": "448x448 (256 image tokens)",
             "batch": 1,
             "device": opt.device,
             "dtype": "float32" if opt.device == "cpu" else "bfloat16 autocast (as pepo.train)",
             "method": "cuda: max_memory_allocated - memory_allocated at the start"
             if opt.device == "cuda"
-            else "fresh process per row; peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) - RSS at the start; "
+            else "fresh process per row; peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) - RSS at the "
+            "start; "
             "MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors go back to the OS",
             "machine": machine() | {"threads": opt.threads},
             "torch": torch.__version__,
@@ -1005,7 +1011,7 @@ def memory_markdown(result: dict) -> str:
     ]
     for L, blv in result["fp32_BLV_bytes"].items():
         L = int(L)
-        cell = lambda phase, key: (
+        cell = lambda phase, key, L=L: (
             f"{by[phase, 'before', L][key] / 1e9:.2f} → **{by[phase, 'after', L][key] / 1e9:.2f} GB**"
         )
         lines.append(
@@ -1016,7 +1022,8 @@ def memory_markdown(result: dict) -> str:
     c = result["config"]
     lines += [
         "",
-        f"Peak memory above the built model and inputs, before → after, batch {c['batch']}, {c['dtype']}, {c['device']}; "
+        f"Peak memory above the built model and inputs, before → after, batch {c['batch']}, {c['dtype']}, "
+        f"{c['device']}; "
         f"the update's parameter gradients are {grads / 1e9:.2f} GB. Method: {c['method']}.",
     ]
     return "\n".join(lines)
@@ -1041,8 +1048,10 @@ EXTRA_SIGNALS = {  # shown only when the records carry them (bench.py signals wr
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222} h1{font-size:1.2em}
-input[name=signal]{display:none} .legend{color:#666;font-size:12px;margin:.4em 0 1em} h2{font-size:1em;margin:1.2em 0 .3em}
-.switch label{display:inline-block;margin:0 .4em .3em 0;padding:.2em .7em;border:1px solid #bbb;border-radius:1em;cursor:pointer}
+input[name=signal]{display:none} .legend{color:#666;font-size:12px;margin:.4em 0 1em}
+h2{font-size:1em;margin:1.2em 0 .3em}
+.switch label{display:inline-block;margin:0 .4em .3em 0;padding:.2em .7em;border:1px solid #bbb;
+  border-radius:1em;cursor:pointer}
 .rollout{border:1px solid #ddd;border-radius:6px;padding:.6em;margin:.6em 0;display:flex;gap:1em;align-items:flex-start}
 .rollout img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
 .meta{font-size:12px;color:#555;margin-bottom:.4em} .tokens{font:15px ui-monospace,monospace;line-height:2}
@@ -1062,17 +1071,21 @@ def write_token_heatmap(path, records: list[dict], title: str = "") -> None:
         for k in names
     )
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>tokens {html.escape(title)}</title><style>{css}</style></head><body>",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>tokens "
+        f"{html.escape(title)}</title><style>{css}</style></head><body>",
         f"<h1>Per-token signals: {html.escape(title)}</h1>",
     ]
     for j, k in enumerate(names):  # the radios must precede .rollouts for the ~ selector
         parts.append(f"<input type='radio' name='signal' id='s-{k}'{' checked' if j == 0 else ''}>")
     parts.append("<div class='switch'>" + "".join(f"<label for='s-{k}'>{labels[k]}</label>" for k in names) + "</div>")
     parts.append(
-        "<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for every value. "
-        "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy with "
+        "<div class='legend'>Colour: white = lowest, red = highest value within each rollout; hover a token for "
+        "every value. "
+        "Prior: mean similarity of the token's hidden states to the image tokens'; dependency: KL between the policy "
+        "with "
         "the image and with half its patches blacked out; mask: the top 40% by dependency (VPPO's TGF); PEPO weight: "
-        "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for every "
+        "w_t before the ramp; token weight used: what multiplied this run's loss (PEPO ramp, masks). Computed for "
+        "every "
         "algorithm; only the run's own method acts on them.</div>"
     )
     parts.append("<div class='rollouts'>")
@@ -1247,7 +1260,8 @@ def memory_table(opt) -> dict:
         total, vision = count_parameters(name)
         for freeze in (False, True):
             cells = [
-                f"{gib_per_gpu(total, vision, g, freeze, True):.1f} ({gib_per_gpu(total, vision, g, freeze, False):.1f})"
+                f"{gib_per_gpu(total, vision, g, freeze, True):.1f} "
+                f"({gib_per_gpu(total, vision, g, freeze, False):.1f})"
                 for g in gpus
             ]
             rows[f"{name}{' freeze_vision' if freeze else ''}"] = dict(zip(map(str, gpus), cells))
@@ -1274,9 +1288,11 @@ LABELINGS = {  # which tokens count as perception tokens
     "slot": "every colour word inside <think>, whichever colour the policy wrote (the slot where the image is read)",
     "first": "only the first colour word inside <think> (the one read off the image; the second restates it)",
     "task": "Task.perception_mask: the ground-truth colour word inside <think> (a wrong colour is not marked)",
-    "answer": "the name inside <answer> (colour + rule): where the image is read once the <think> text no longer names the colour",
+    "answer": "the name inside <answer> (colour + rule): where the image is read once the <think> text no longer "
+    "names the colour",
 }
-SIGNALS_BUDGETS = {  # prompts x group_size completions per collection; train = extra pepo.py flags (none: the default run)
+# prompts x group_size completions per collection; train = extra pepo.py flags (none: the default run)
+SIGNALS_BUDGETS = {
     "full": dict(seeds=[1], prompts=32, group_size=8, train=[]),
     "quick": dict(
         seeds=[1], prompts=16, group_size=8, train=["--steps", "8", "--prompts-per-step", "8", "--eval-size", "20"]
@@ -1470,7 +1486,7 @@ def signal_stats(completions: list[dict], n_boot: int = 1000, seed: int = 0) -> 
     for key in ("prior", "entropy"):
         for where in ("all", "perception"):  # mean over all of a completion's tokens, or over its slot tokens
 
-            def per_completion(c):
+            def per_completion(c, key=key, where=where):
                 vals = [v for v, f in zip(c["signals"][key], c["labels"]["slot"]) if f or where == "all"]
                 return (float(np.mean(vals)) if vals else float("nan")), c["correct"]
 
@@ -1549,7 +1565,8 @@ def signals_markdown(result: dict) -> str:
         s, e = r["start"], r["end"]
         lines += [
             f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
-            f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) {s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
+            f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) "
+            f"{s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
             f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}",
             "",
             "AUROC [95% bootstrap CI, resampling completions] for telling perception tokens from the rest "
@@ -1583,7 +1600,8 @@ def signals_markdown(result: dict) -> str:
                 c = r[w]["pepo_contrast"][key]
                 d, (lo, hi) = c["diff"], c["ci"]
                 cells.append(
-                    f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n {c['n_correct']}/{c['n_wrong']})"
+                    f"{c['correct']:.3g} vs {c['wrong']:.3g}: {d:+.3g} [{lo:+.3g}, {hi:+.3g}] (n "
+                    f"{c['n_correct']}/{c['n_wrong']})"
                     if np.isfinite(d)
                     else f"n/a (n {c['n_correct']} correct / {c['n_wrong']} wrong)"
                 )
@@ -1602,7 +1620,8 @@ def plot_signals(path: Path, result: dict) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print(
-            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown are written"
+            f"matplotlib is not installed: skipped {path} (pip install -r requirements-bench.txt); JSON and Markdown "
+            f"are written"
         )
         return False
     seed, r = next(iter(result["seeds"].items()))
@@ -1661,7 +1680,6 @@ def signals(opt) -> dict:
         reused = summary_path.is_file() and all(
             json.loads(summary_path.read_text())["args"].get(k, defaults[k]) == v for k, v in want.items()
         )
-        t0 = time.time()
         if not reused:  # train: a finished run with the same settings is reused
             print(f"signals: seed {seed}: training `python pepo.py {' '.join(argv)}` (log: {out}.log)", flush=True)
             summary_path.unlink(missing_ok=True)
@@ -1693,7 +1711,8 @@ def signals(opt) -> dict:
             entry[when]["seconds"] = {"collect": round(t2 - t1, 1), "stats": round(time.time() - t2, 1)}
             s = entry[when]["auroc"]["slot"]
             print(
-                f"signals: seed {seed} {when}: {entry[when]['tokens']} tokens, {entry[when]['perception_tokens_slot']} perception; AUROC "
+                f"signals: seed {seed} {when}: {entry[when]['tokens']} tokens, "
+                f"{entry[when]['perception_tokens_slot']} perception; AUROC "
                 + ", ".join(f"{k} {fmt_ci(s[k])}" for k in SIGNAL_NAMES),
                 flush=True,
             )
@@ -1729,8 +1748,8 @@ def signals(opt) -> dict:
     (results / "signals.md").write_text(md)
     plot_signals(results / "signals.png", result)
     print(
-        md
-        + f"\nwall time {result['config']['wall_seconds']:.0f} s; wrote {results}/signals.json, signals.md, signals.png; "
+        md + f"\nwall time {result['config']['wall_seconds']:.0f} s; wrote {results}/signals.json, signals.md, "
+        f"signals.png; "
         f"heatmap {root / 'tokens.html'}"
     )
     return result
@@ -1852,7 +1871,8 @@ def main(argv=None):
     )  # internal: "phase,version,L", one measurement as JSON
     g = sub.add_parser(
         "signals",
-        help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token statistics",
+        help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token "
+        "statistics",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g.add_argument(
@@ -1905,7 +1925,8 @@ def main(argv=None):
     else:
         for score, s in result["scores"].items():
             print(
-                f"{score:6s} fast {s['fast_s']:.4f} s  naive {s['naive_s']:.4f} s  speed-up {s['speedup']:.1f}x  max |diff| {s['max_abs_diff']:.2e}"
+                f"{score:6s} fast {s['fast_s']:.4f} s  naive {s['naive_s']:.4f} s  speed-up {s['speedup']:.1f}x  max "
+                f"|diff| {s['max_abs_diff']:.2e}"
             )
     return result
 

@@ -46,23 +46,22 @@ import distributed as dist_  # torchrun/FSDP2 helpers: each is the identity in o
 import tasks
 import vppo
 
-
 # ========================================================================================
 # §1 Arguments and presets
 # ========================================================================================
 PERTURBATIONS = vppo.PERTURBATIONS  # (the Args field `vppo` shadows the module inside the class)
 
 
-ABLATIONS = [
-    "pepo-prior-only",
-    "pepo-entropy-only",
-    "pepo-no-ramp",
-    "pepo-additive",
-    "vppo-tas-only",
-    "vppo-tgf-only",
-    "vppo-random-mask",
-    "vppo-entropy-mask",
-]
+ABLATIONS = {  # --ablation NAME: one part of a method switched off or replaced, as in the papers' ablations
+    "pepo-prior-only": "the gate sees the perception prior alone",
+    "pepo-entropy-only": "the gate sees the entropy alone",
+    "pepo-no-ramp": "lambda fixed at 1 from the first step",
+    "pepo-additive": "the gate term is added to the prior instead of multiplying it",
+    "vppo-tas-only": "advantage shaping (TAS) without the token mask (TGF)",
+    "vppo-tgf-only": "the token mask (TGF) without advantage shaping (TAS)",
+    "vppo-random-mask": "TGF's top 40% picked at random, without TAS",
+    "vppo-entropy-mask": "TGF's top 40% picked by entropy, without TAS",
+}
 
 
 def arg(default, help: str, **kw):
@@ -100,7 +99,8 @@ class Args:
     ppo_epochs: int = arg(1, "passes over each rollout batch; 1 with --mini-batches 1 is on-policy (ratio = 1)")
     mini_batches: int = arg(
         1,
-        "optimizer steps per pass: the rollout batch is split into this many parts, whole groups each (VPPO's config: 3)",
+        "optimizer steps per pass: the rollout batch is split into this many parts, "
+        "whole groups each (VPPO's config: 3)",
     )
     micro_batch_size: int = arg(0, "completions per forward/backward (gradient accumulation); 0 = whole batch")
     max_grad_norm: float = arg(1.0, "gradient clipping")
@@ -146,7 +146,8 @@ class Args:
     vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
     vppo_perturb: str = arg(
         "blacken",
-        "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)",
+        "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); "
+        "blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)",
         choices=list(PERTURBATIONS),
     )
     vppo_kl: str = arg(
@@ -157,7 +158,8 @@ class Args:
     )
     ablation: str = arg(
         "none",
-        "one part of a method switched off or replaced (the papers' ablations): pepo-prior-only and pepo-entropy-only feed the gate one signal, pepo-no-ramp fixes lambda = 1, pepo-additive adds the gate term instead of multiplying; vppo-tas-only, vppo-tgf-only, and vppo-random-mask / vppo-entropy-mask (TGF's top 40%% picked at random / by entropy, without TAS)",
+        "one part of a method switched off or replaced, as in the papers' ablations (ABLATIONS in pepo.py says "
+        "what each does)",
         choices=["none", *ABLATIONS],
     )
     token_rule: str = arg(
@@ -1321,7 +1323,8 @@ def check_args(args: Args) -> None:
     """Refuse settings that would crash later or silently train nothing, before anything is loaded."""
     if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
         raise UsageError(
-            f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl"
+            f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, "
+            "or train on a dataset with --data FILE.jsonl"
         )
     rules = [
         (
@@ -1343,7 +1346,8 @@ def check_args(args: Args) -> None:
         (args.ppo_epochs >= 1, f"--ppo-epochs {args.ppo_epochs}: use at least 1"),
         (
             1 <= args.mini_batches <= args.prompts_per_step,
-            f"--mini-batches {args.mini_batches}: use 1 up to --prompts-per-step ({args.prompts_per_step}); each holds whole groups",
+            f"--mini-batches {args.mini_batches}: use 1 up to --prompts-per-step ({args.prompts_per_step}); "
+            "each holds whole groups",
         ),
         (args.clip_dual == 0 or args.clip_dual > 1, f"--clip-dual {args.clip_dual}: use 0 (off) or a value > 1"),
         (args.top_k >= 0, f"--top-k {args.top_k}: use 0 (off) or more"),
@@ -1748,7 +1752,8 @@ def run(args: Args):
     metrics_path = out_dir / "metrics.jsonl"
     if state and (not metrics_path.is_file() or metrics_path.stat().st_size < state["metrics_bytes"]):
         raise UsageError(
-            f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint (step {state['step']}); "
+            f"--resume {args.resume}: metrics.jsonl is missing or shorter than at the checkpoint "
+            f"(step {state['step']}); "
             "restore it, or start a new run"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1877,7 +1882,8 @@ def run(args: Args):
         )
     if step < args.steps:  # stopped by a signal, after saving this step
         print(
-            f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; checkpoint in {out_dir / 'checkpoint'}; "
+            f"{stop.name or 'a signal to another rank'}: stopped after step {step} of {args.steps}; "
+            f"checkpoint in {out_dir / 'checkpoint'}; "
             f"continue with: python pepo.py --resume {out_dir}",
             file=sys.stderr,
         )

@@ -450,7 +450,10 @@ class ColorThinkTask(Task):
     """
 
     name = "color-think"
-    description = "chain of thought: <think>C shape, C is N</think><answer>N</answer>: the name N of the colour C by a stated rule"
+    description = (
+        "chain of thought: <think>C shape, C is N</think><answer>N</answer>: the name N of the colour C by a stated "
+        "rule"
+    )
     labels = list(COLOR_NAMES.values())
     perception_region = "think"
     warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
@@ -780,7 +783,8 @@ class JsonlTask(Task):
                     self.rows.append(read_row(line, f"{path}:{n}", root, seen))
         if not self.rows:
             raise DatasetError(
-                f"{path}: empty file, no rows; write one JSON object per line (python tasks.py --export shows the format)"
+                f"{path}: empty file, no rows; write one JSON object per line "
+                "(python tasks.py --export shows the format)"
             )
         self.labels = sorted({r["answer"] for r in self.rows})
 

@@ -33,6 +33,7 @@ import bench
 import pepo
 import tasks
 import vppo
+from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
 from tasks import FORMAT_BONUS as FB
 from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer, grade
 from vppo import (
@@ -49,7 +50,6 @@ from vppo import (
     token_visual_kl,
     trajectory_advantage_scale,
 )
-from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
 
 slow = pytest.mark.slow  # builds or trains a model, or starts a process: `pytest -m "not slow"` skips it
 
@@ -572,7 +572,7 @@ def run(tmp_path, tiny, *flags):
 @slow
 def test_completion_mask_runs_to_first_end_token(loaded):
     _, vl = loaded
-    end, pad = vl.end_ids[0], vl.pad_id
+    end = vl.end_ids[0]
     prompts = {k: torch.zeros(2, 3, dtype=torch.long) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
     b = vl.with_completions(prompts, [[7, end, 7, end], [7, 7, 7, 7]])
     assert b["completion_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
@@ -700,7 +700,9 @@ def test_ablation_flags_change_only_their_part():
 
 
 def test_random_mask_differs_between_ranks(monkeypatch):
-    """Under torchrun the ranks hold different rows: each draws its own random mask (rank 0 keeps the one-process mask)."""
+    """Under torchrun the ranks hold different rows: each draws its own random mask.
+
+    Rank 0 keeps the one-process mask."""
     rank0 = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1]
     monkeypatch.setattr(pepo.dist_, "rank", lambda: 1)
     rank1 = shaped("--algo", "vppo", "--ablation", "vppo-random-mask")[3][1]
@@ -979,7 +981,8 @@ def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, 
     assert vision == [distinct] and batch["image_grid_thw"].shape[0] == 3 * distinct
     T, L = batch["input_ids"].shape[1], batch["completion_ids"].shape[1]
     assert text == [(3, T - L), (9, L)]  # each prompt once, then every row's completion on its copy of the cache
-    # a layout worked out once (score: the policy, then the reference pass) gives the same pass, without a second get_rope_index
+    # a layout worked out once (score: the policy, then the reference pass) gives the same pass,
+    # without a second get_rope_index
     layout, rope, calls = pepo.prompt_layout(model, batch), model.model.get_rope_index, []
     monkeypatch.setattr(model.model, "get_rope_index", lambda *a, **kw: calls.append(1) or rope(*a, **kw))
     assert torch.equal(pepo.forward(model, batch, layout=layout)[0], logits.detach()) and calls == []
@@ -1221,15 +1224,18 @@ def test_bad_model_folders_exit_2(tmp_path, tiny, capsys):
     (tmp_path / "text_only" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     msg = usage_error(capsys, "--model", str(tmp_path / "text_only"), *out)
     assert msg.startswith(
-        f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL checkpoint"
+        f"error: --model {tmp_path}/text_only: a qwen2 model with no vision tower or image token, not a Qwen-VL "
+        f"checkpoint"
     )
-    # a Qwen-VL config whose image_token_id the tokenizer does not hold (config and tokenizer only: it fails before weights)
+    # a Qwen-VL config whose image_token_id the tokenizer does not hold
+    # (config and tokenizer only: it fails before weights)
     shutil.copytree(tiny, tmp_path / "no_image_token", ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((tmp_path / "no_image_token" / "config.json").read_text())
     (tmp_path / "no_image_token" / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
     msg = usage_error(capsys, "--model", str(tmp_path / "no_image_token"), *out)
     assert msg.startswith(
-        f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's image_token_id 5"
+        f"error: --model {tmp_path}/no_image_token: its tokenizer has no <|image_pad|> token with the config's "
+        f"image_token_id 5"
     )
     shutil.copytree(tiny, tmp_path / "no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
     msg = usage_error(capsys, "--model", str(tmp_path / "no_weights"), *out)
@@ -1365,12 +1371,14 @@ def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
     msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
     assert (
         msg
-        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new "
+        f"run"
     )
     msg = usage_error(capsys, *resume, "--algo", "dapo")
     assert (
         msg
-        == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start a new run"
+        == f"error: --resume {tmp_path}: --algo dapo differs from the saved run's 'grpo'; leave --algo out, or start "
+        f"a new run"
     )
     # equal values (given or preset-filled) are accepted: the run is complete, so it only evaluates and saves again
     args = pepo.parse_args(run_argv(tmp_path, "--algo", "grpo", "--steps", "1", "--beta", "0.001", *resume))

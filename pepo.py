@@ -962,7 +962,7 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
     """Greedy accuracy; with samples=K also avg@K at the sampling temperature. Sampling uses
     its own seeded torch RNG (forked), so evaluating never shifts the training streams."""
     model.eval()
-    greedy, sampled = [], []
+    greedy, sampled, failures = [], [], tasks.GRADER.failures
     mine = [examples[i] for i in dist_.split(len(examples))]  # this rank's part of the examples
     chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     chunks += [[]] * (dist_.all_max(len(chunks)) - len(chunks))  # as many generate calls on every rank (FSDP2)
@@ -990,6 +990,7 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
                 accs = [task.score(t, ex)[1] for t, ex in zip(texts, rows)]
                 (greedy if greedy_mode else sampled).extend(accs)
     out = {"accuracy": dist_.all_sum(sum(greedy)) / dist_.all_sum(len(greedy))}  # over every rank's examples
+    out["grade_failures"] = dist_.all_sum(tasks.GRADER.failures - failures)  # --data: gradings that hung or failed
     if samples:
         out[f"avg@{samples}"] = dist_.all_sum(sum(sampled)) / dist_.all_sum(len(sampled))
     return out
@@ -1880,6 +1881,7 @@ def run(args: Args):
         with open(out_dir / "tokens.jsonl" if dist_.is_main() else os.devnull, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in token_records(vl, *rollouts, step, args.visualize))
 
+    tasks.GRADER.pop_failures()  # those of the evaluation before RL are in eval_before; each step counts its own
     stop = StopRequest()  # SIGINT/SIGTERM: finish the step, save, stop
     with open(metrics_path if dist_.is_main() else os.devnull, "a" if state else "w") as metrics:  # rank 0 logs
         step, held_out = train(

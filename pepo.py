@@ -1340,7 +1340,7 @@ def check_args(args: Args) -> None:
     if args.data is None and (args.reward != "jsonl" or args.format_prompt is not None):
         flag = "--reward" if args.reward != "jsonl" else "--format-prompt"
         raise UsageError(f"{flag} applies to --data FILE.jsonl; a toy task has its own prompts and verifier")
-    if args.data is not None and tasks.mathruler_missing():
+    if (args.data is not None or args.task.endswith(".jsonl")) and tasks.mathruler_missing():
         raise UsageError(
             f"--reward {args.reward} grades with mathruler, but {tasks.mathruler_missing()} is not installed; "
             "pip install mathruler sympy pylatexenc"

@@ -18,6 +18,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from html.parser import HTMLParser
@@ -35,7 +36,7 @@ import tasks
 import vppo
 from pepo import grpo_advantages, pepo_ramp, pepo_token_weights, perception_prior, policy_loss, token_entropy
 from tasks import FORMAT_BONUS as FB
-from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer, grade
+from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer
 from vppo import (
     blacken_patches,
     ceil_count,
@@ -1070,15 +1071,18 @@ def test_eval_only_writes_eval_json(tmp_path, tiny):
 
 
 @slow
-@pytest.mark.parametrize("fmt", ["swift", "easyr1"])
-def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
+@pytest.mark.parametrize(
+    "fmt, reward",  # each format with its authors' reward (PEPO: ms-swift rows; VPPO: EasyR1 rows), and jsonl
+    [("swift", ["--reward", "pepo"]), ("easyr1", ["--reward", "vppo", "--format-prompt", "vppo"]), ("easyr1", [])],
+)
+def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt, reward):
     data = tasks.export(tasks.get_task("color"), tmp_path / "data", 6, fmt=fmt)
-    summary = (
-        run(tmp_path / "run", tiny, "--data", str(data), "--no-dynamic-sampling")
-        if (tmp_path / "run").mkdir() is None
-        else None
-    )
+    (tmp_path / "run").mkdir()
+    summary = run(tmp_path / "run", tiny, "--data", str(data), "--no-dynamic-sampling", *reward)
     assert summary["task"] == data.name and summary["steps"] == 2
+    assert summary["args"]["reward"] == (reward[1] if reward else "jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["grade_failures"] for m in lines] == [0, 0] and summary["eval_after"]["grade_failures"] == 0
 
 
 # ========================================================================================
@@ -1147,6 +1151,15 @@ def no_model(*args, **kwargs):
         ),
         (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
         (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
+        (
+            ["--reward", "nope"],
+            "error: argument --reward: invalid choice: 'nope' (choose from 'jsonl', 'pepo', 'vppo', 'vppo-format')",
+        ),
+        (
+            ["--reward", "pepo"],
+            "error: --reward applies to --data FILE.jsonl; a toy task has its own prompts and verifier",
+        ),
+        (["--format-prompt", "vppo"], "error: --format-prompt applies to --data FILE.jsonl"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, argv, expected):
@@ -1192,6 +1205,24 @@ def test_bad_dataset_exits_2_before_any_model_is_loaded(tmp_path, capsys, monkey
     msg = usage_error(capsys, "--data", str(tmp_path / "bad.jsonl"), "--output-dir", str(tmp_path / "out"))
     assert msg.startswith("error: " + expected.format(d=tmp_path))
     assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_reward_needs_mathruler_installed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    monkeypatch.setattr(tasks, "MATHRULER", ("mathruler", "no_such_module_3141"))  # as if one were not installed
+    write_png(tmp_path / "ok.png")
+    (tmp_path / "d.jsonl").write_text(OK_ROW + "\n")
+    msg = usage_error(
+        capsys, "--data", str(tmp_path / "d.jsonl"), "--reward", "vppo", "--output-dir", str(tmp_path / "o")
+    )
+    assert msg == (
+        "error: --reward vppo grades with mathruler, but no_such_module_3141 is not installed; "
+        "pip install mathruler sympy pylatexenc"
+    )
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(pepo.UsageError, match="unknown --reward 'nope'; choose from jsonl, pepo, vppo, vppo-format"):
+        pepo.check_args(pepo.apply_preset(pepo.Args(reward="nope")))  # Args built in code skip argparse's choices
 
 
 @slow
@@ -1865,11 +1896,6 @@ def test_task_list(capsys):
 CLASSIFIERS = ["color", "shape", "count", "position", "compare", "fewshot"]  # plain <answer>label</answer> tasks
 
 
-@pytest.fixture(autouse=True)
-def plain_grader(monkeypatch):
-    monkeypatch.setattr(tasks, "math_verify", None)  # the plain fallback must pass on its own
-
-
 def pixels(image: Image.Image, match) -> set[tuple[int, int]]:
     px = image.load()
     return {(x, y) for x in range(image.width) for y in range(image.height) if match(px[x, y])}
@@ -2362,6 +2388,11 @@ def test_every_task_labels_its_perception_tokens():
         assert marked.replace(" ", "") == expected, name
 
 
+def grade(completion: str, truth: str) -> float:
+    """The accuracy of --reward jsonl."""
+    return tasks.REWARDS["jsonl"](completion, truth)[1]
+
+
 @pytest.mark.parametrize(
     "completion, truth",
     [
@@ -2378,11 +2409,10 @@ def test_every_task_labels_its_perception_tokens():
         ("<answer>\\text{12}.</answer>", "12"),
         ("<answer>x = 5</answer>", "5"),
         ("<answer>\\sqrt{2}</answer>", "\\sqrt 2"),
-        ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # by value: 3.4641...
-        ("<answer>\\frac{\\sqrt{3}}{2}</answer>", "0.8660254037844386"),
+        ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # sympy simplifies the difference to 0
         ("<answer>1,000</answer>", "1000"),
-        ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
-        ("<answer>0.50000001</answer>", "1/2"),  # within rel 1e-6
+        ("<answer>3\\pi</answer>", "3\\pi"),
+        ("\\boxed{(1, 2)}", "(1,2)"),  # tuples element by element
     ],
 )
 def test_grade_correct(completion, truth):
@@ -2400,6 +2430,12 @@ def test_grade_correct(completion, truth):
         ("<answer>2\\sqrt{2}</answer>", "2\\sqrt{3}"),
         ("the answer is 5", "5"),  # nothing to extract
         ("\\boxed{5", "5"),  # unclosed box
+        # mathruler's rules, which the hand-written value comparison did not have: no closeness
+        # tolerance, an integer truth wants an integer, fractions compare reduced as written
+        ("<answer>0.50000001</answer>", "1/2"),
+        ("<answer>0.8660254037844386</answer>", "\\frac{\\sqrt{3}}{2}"),
+        ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
+        ("<answer>2/4</answer>", "1/2"),
     ],
 )
 def test_grade_wrong(completion, truth):
@@ -2413,6 +2449,140 @@ def test_answer_extraction():
     assert final_answer("<think>\\boxed{9}</think><answer>x is \\boxed{7}</answer>") == "7"  # box inside the answer
     assert final_answer("just text") is None
     assert grade("Thinking... \\boxed{\\dfrac{3}{4}}", "0.75") == 1.0
+
+
+# The authors' rewards. Expected values come from reading their code, not from tasks.REWARDS:
+# PEPO: xzxxntxdy/PEPO src/pepo/rewards/plugin.py (Format, QA_Accuracy); VPPO: huaixuheqing/VPPO-RL
+# examples/reward_function/math.py (compute_score_wo_format, compute_score); both call
+# mathruler.grader, whose rules decide the accuracy columns (noted where they matter).
+@pytest.mark.parametrize(
+    "completion, truth, reward, accuracy",
+    [
+        ("<think>r</think><answer>15</answer>", "15", 2.0, 1.0),  # format 1 + accuracy 1
+        (
+            "<think>r</think><answer>15</answer><answer>16</answer>",
+            "15",
+            1.0,
+            1.0,
+        ),  # two <answer>: format 0; first graded
+        ("<think>r</think><answer>16</answer><answer>15</answer>", "15", 0.0, 0.0),  # the first <answer>, not the last
+        ("<think>a</think><think>b</think><answer>15</answer>", "15", 1.0, 1.0),  # two <think>: format 0
+        ("<think>a<think>b</think><answer>15</answer>", "15", 2.0, 1.0),  # non-greedy findall sees one <think>
+        ("< think >r</ think ><answer>15</answer>", "15", 1.0, 1.0),  # spaced tags are no tags: no whitespace fix
+        ("<answer>15</answer> then <think>r</think> more", "15", 2.0, 1.0),  # counted anywhere, in any order
+        ("<think>r</think>\\boxed{15}", "15", 0.0, 0.0),  # no <answer>: a box is not read
+        ("<think>r</think><answer></answer>", "15", 1.0, 0.0),  # empty answer: format only
+        ("<think>r</think><answer>2π</answer>", "2\\pi", 2.0, 1.0),  # unicode π written \pi
+        ("<think>r</think><answer>2\\pi</answer>", "2Π", 2.0, 1.0),  # the truth too: casefold Π -> π -> \pi
+        ("<think>r</think><answer>Yes.</answer>", "yes", 2.0, 1.0),  # casefold, one trailing "." dropped
+        ("<think>r</think><answer>yes..</answer>", "yes", 1.0, 0.0),  # only one: "yes." is text mathruler won't eval
+        ("<think>r</think><answer>yes。</answer>", "yes", 2.0, 1.0),  # ideographic full stop dropped
+        ("<think>r</think><answer>yes｡</answer>", "yes", 2.0, 1.0),  # halfwidth ｡ is 。 after NFKC
+        ("<think>r</think><answer>ｙｅｓ</answer>", "yes", 2.0, 1.0),  # NFKC: fullwidth letters
+        ("<think>r</think><answer>\n Right \n\t angle </answer>", "right angle", 2.0, 1.0),  # whitespace collapsed
+        ("<think>r</think><answer>\\frac{1}{2}</answer>", "0.5", 2.0, 1.0),  # mathruler: sympy by value
+        ("<think>r</think><answer>4</answer>", "15", 1.0, 0.0),  # wrong
+    ],
+)
+def test_pepo_reward_as_authors(completion, truth, reward, accuracy):
+    assert tasks.REWARDS["pepo"](completion, truth) == (reward, accuracy)
+
+
+@pytest.mark.parametrize(
+    "completion, truth, accuracy, fmt",
+    [
+        ("<think>r</think> so \\boxed{15}", "15", 1.0, 1.0),
+        ("<think>r</think> so 15", "15", 0.0, 0.0),  # no box: extract_boxed_content gives "None"
+        ("<think>r</think> nothing boxed", "None", 1.0, 0.0),  # ... which a truth "None" grades correct
+        ("<think>r</think>\\boxed{3}, no: \\boxed{15}", "15", 1.0, 1.0),  # the last box
+        ("<think>r</think>\\boxed{15}, no: \\boxed{3}", "15", 0.0, 1.0),
+        ("< think >r< / think > \\boxed{15}", "15", 1.0, 1.0),  # their whitespace fix around < > /
+        ("<think>r</think>\\boxed{ 15 }", "15", 1.0, 1.0),  # box content stripped
+        ("Intro <think>r</think>\\boxed{15}", "15", 1.0, 0.0),  # format is a full match from the start
+        ("<think>line 1\nline 2</think>\n\\boxed{15}\nDone.", "15", 1.0, 1.0),  # across lines, text after the box
+        ("<think>r</think>\\boxed{15", "15", 0.0, 0.0),  # unclosed box
+        ("<think>r</think><answer>15</answer>", "15", 0.0, 0.0),  # <answer> means nothing here
+        ("<think>r</think>\\boxed{2π}", "2\\pi", 0.0, 1.0),  # no π rewrite: mathruler reads π as another symbol
+        ("<think>r</think>\\boxed{yes.}", "yes", 0.0, 1.0),  # no trailing "." dropped
+        ("<think>r</think>\\boxed{15。}", "15", 0.0, 1.0),  # nor "。"
+        ("<think>r</think>\\boxed{ｙｅｓ}", "yes", 0.0, 1.0),  # no NFKC
+        ("<think>r</think>\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),  # mathruler: sympy by value
+    ],
+)
+def test_vppo_rewards_as_authors(completion, truth, accuracy, fmt):
+    assert tasks.REWARDS["vppo"](completion, truth) == (accuracy, accuracy)  # compute_score_wo_format
+    reward, acc = tasks.REWARDS["vppo-format"](completion, truth)  # compute_score, format_weight 0.1
+    assert reward == pytest.approx(0.9 * accuracy + 0.1 * fmt) and acc == accuracy
+
+
+def test_jsonl_reward_keeps_its_format_bonus():
+    assert tasks.REWARDS["jsonl"]("<answer>15</answer>", "15") == pytest.approx((1 + FB, 1))
+    assert tasks.REWARDS["jsonl"]("\\boxed{4}", "15") == pytest.approx((FB, 0))  # an answer, wrong
+    assert tasks.REWARDS["jsonl"]("<answer> </answer>", "15") == (0, 0)  # empty: no bonus
+
+
+VPPO_FORMAT_PROMPT = (  # examples/format_prompt/math_format_perception.jinja after {{ content | trim }}\n\n
+    "You first think through the reasoning process as an internal monologue, enclosed within <think> </think> "
+    "tags. Then, provide your final answer enclosed within \\boxed{}."
+)
+
+
+def test_format_prompt(tmp_path):
+    assert tasks.FORMAT_PROMPTS["vppo"] == VPPO_FORMAT_PROMPT
+    # EasyR1 renders the template stripped: the problem trimmed, a blank line, the instruction
+    assert tasks.apply_format_prompt(" <image>Find x.\n", "vppo") == "<image>Find x.\n\n" + VPPO_FORMAT_PROMPT
+    assert tasks.apply_format_prompt("Q ", " Put it in \\boxed{}. ") == "Q\n\nPut it in \\boxed{}."  # literal text
+    assert tasks.apply_format_prompt(" Q ", None) == " Q "
+    write_png(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "<image>Find x. ", "answer": "2", "images": ["a.png"]}))
+    ds = JsonlTask(tmp_path / "d.jsonl", reward="vppo", format_prompt="vppo")
+    assert ds.sample(random.Random(0)).prompt == "<image>Find x.\n\n" + VPPO_FORMAT_PROMPT
+    assert ds.rows[0]["prompt"] == "<image>Find x. "  # the rows stay as read
+    assert ds.score("<think>r</think>\\boxed{2}", ds.sample(random.Random(0))) == (1.0, 1.0)  # through tasks.GRADER
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        JsonlTask(tmp_path / "d.jsonl", reward="nope")
+
+
+@slow
+def test_grader_bounds_time_and_length_and_counts_failures():
+    grader = tasks.Grader(seconds=2.0, max_chars=1000)
+    ok = ("<think>r</think><answer>15</answer>", "15")
+    try:
+        assert grader("pepo", *ok) == (2.0, 1.0) and grader.failures == 0  # starts the child
+        # A real hang: sympy evaluates 9**9**9 (a 370-million-digit integer) while mathruler compares it to x;
+        # its guards catch ^{ and ^9^ but not **. Unbounded this call ran past 20 s (killed by `timeout`).
+        t0 = time.time()
+        assert grader("pepo", "<think>r</think><answer>9**9**9</answer>", "x") == (0.0, 0.0)
+        assert time.time() - t0 < 4.0 and grader.failures == 1 and grader.proc is None  # the child was killed
+        assert grader("pepo", *ok) == (2.0, 1.0)  # a new child grades the next call
+        t0 = time.time()
+        assert grader("vppo", "\\boxed{1}" + " " * 1000, "1") == (0.0, 0.0)  # over max_chars: not graded
+        assert time.time() - t0 < 0.5 and grader.failures == 2
+        assert grader("no-such-reward", *ok) == (0.0, 0.0) and grader.failures == 3  # raised in the child
+        out = []
+        thread = threading.Thread(target=lambda: out.append(grader("vppo", "\\boxed{15}", "15")))
+        thread.start()
+        thread.join(30)
+        assert out == [(1.0, 1.0)]  # works off the main thread (signal.alarm would not)
+        assert grader.pop_failures() == 3 and grader.failures == 0
+    finally:
+        grader.stop()
+
+
+@slow
+def test_train_logs_grade_failures(tmp_path, tiny, monkeypatch):
+    class AlwaysFails(tasks.Grader):  # every grading call "hangs": scored 0 and counted
+        def __call__(self, name, completion, answer):
+            self.failures += 1
+            return 0.0, 0.0
+
+    monkeypatch.setattr(tasks, "GRADER", AlwaysFails())
+    data = tasks.export(tasks.get_task("color"), tmp_path / "data", 6, fmt="easyr1")
+    (tmp_path / "run").mkdir()
+    summary = run(tmp_path / "run", tiny, "--data", str(data), "--reward", "pepo", "--no-dynamic-sampling")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["grade_failures"] for m in lines] == [2 * 4, 2 * 4]  # --prompts-per-step 2 x --group-size 4
+    assert summary["eval_before"]["grade_failures"] == summary["eval_after"]["grade_failures"] == 4  # --eval-size
 
 
 @pytest.mark.parametrize("fmt", ["swift", "easyr1"])

@@ -702,7 +702,7 @@ def run_prompts(model, batch: dict, P: int, layout: dict, hidden_states: bool = 
         use_cache=True,
     )
     if len(first) < len(index):
-        head.past_key_values.batch_select_indices(
+        head.cache.batch_select_indices(
             torch.tensor(index, device=ids.device)
         )  # its prompt's keys and values for every row
     return head
@@ -738,7 +738,7 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
         input_ids=batch["input_ids"][:, P:],
         attention_mask=batch["attention_mask"],
         position_ids=position_ids[:, :, P:],
-        past_key_values=head.past_key_values,
+        cache=head.cache,
         output_hidden_states=hidden_states,
         use_cache=False,
     )
@@ -813,7 +813,7 @@ def generate(
     B, P = prompts["input_ids"].shape
     layout = prompt_layout(model, prompts, always=True)
     out = run_prompts(model, prompts, P, layout)
-    cache, logits = out.past_key_values, out.logits[layout["index"], -1].float()
+    cache, logits = out.cache, out.logits[layout["index"], -1].float()
     position = (
         layout["position_ids"].amax(dim=(0, 2)) + 1
     )  # [B] text after the prompt goes on from its largest position
@@ -840,10 +840,10 @@ def generate(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=position.view(1, B, 1).expand(3, B, 1),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache, logits, position = out.past_key_values, out.logits[:, -1].float(), position + 1
+        cache, logits, position = out.cache, out.logits[:, -1].float(), position + 1
     dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
     return torch.stack(tokens, 1).cpu()
 

@@ -1033,6 +1033,86 @@ def score(
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
+# The shaping steps: one per method, each the equation it implements with its ablations beside it.
+# Batch-wide quantities (TAS's min/max/mean, the entropy-top threshold) are taken over every rank's
+# rows: dist_.on_all_rows gathers them under torchrun and is the plain call in one process.
+def pepo_weights(scores: dict, mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """PEPO's w_t = T_i softmax_t(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2).  -> [B, L]
+    Ablations: pepo-prior-only / pepo-entropy-only feed the gate one signal; pepo-additive adds
+    the gate's term instead of multiplying."""
+    gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(args.ablation, "both")
+    fusion = "add" if args.ablation == "pepo-additive" else "gate"
+    return pepo_token_weights(
+        scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature, gate_on, fusion
+    )
+
+
+def pepo_blend(w: torch.Tensor, step: int, args: Args) -> tuple[torch.Tensor, float]:
+    """PEPO's token factor (1 - lambda) + lambda w_t (Eq. 6), so A_{i,t} = ((1 - lambda) + lambda w_t) A_i.
+    lambda = (k - 1) / N ramps w_t in (update 1 is plain GRPO/DAPO; it never reaches 1);
+    ablation pepo-no-ramp: lambda = 1.  -> ([B, L], lambda)"""
+    lam = 1.0 if args.ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
+    return (1 - lam) + lam * w, lam
+
+
+def vppo_token_filter(tgf: torch.Tensor, scores: dict, mask: torch.Tensor, step: int, args: Args) -> torch.Tensor:
+    """VPPO's Token Gradient Filtering (Sec. 3.3): `tgf`, 1 on the top ceil(0.4 T_i) tokens of each
+    completion by S_t, is the token mask. Ablations put another mask in its place: as many tokens
+    at random (a seeded stream of its own, per rank) or by entropy, or every token (TAS alone)."""
+    if args.ablation == "vppo-random-mask":
+        generator = torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step)
+        return vppo.random_token_mask(mask, args.vppo_top_frac, generator)
+    if args.ablation == "vppo-entropy-mask":
+        return vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
+    if args.ablation == "vppo-tas-only":
+        return mask.clone()
+    return tgf
+
+
+def vppo_advantage_scale(scores: dict, mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """VPPO's Trajectory Advantage Shaping (Sec. 3.3): alpha_i from completion i's mean S_t,
+    min-max normalised over the whole batch, mean 1, at least beta_min and with no upper bound
+    (as in the authors' code: one outlier completion can get ~14x).  -> [B]
+    Ablations that keep TGF alone (vppo-tgf-only, -random-mask, -entropy-mask): alpha = 1."""
+    if args.ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
+        return torch.ones(mask.shape[0], device=mask.device)
+
+    def tas(dependency, m):
+        return vppo.trajectory_advantage_scale(dependency, m, args.vppo_min_scale)
+
+    return dist_.on_all_rows(tas, scores["dependency"], mask)
+
+
+def entropy_top_weights(scores: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The high-entropy minority rule (arXiv 2506.01939): 1 on the top 20% of the batch's valid
+    tokens by entropy, 0 elsewhere.  -> [B, L]"""
+    return dist_.on_all_rows(vppo.entropy_top_mask, scores["entropy"], mask)
+
+
+def pepo_stats(w: torch.Tensor, mask: torch.Tensor, lam: float) -> dict:
+    """Logged: quantiles of w_t over every rank's valid tokens, and lambda."""
+    stats, valid = {}, dist_.gather_values(w[mask.bool()])
+    if valid.numel():
+        for q in (10, 50, 90):
+            stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
+        stats["pepo_w_max"] = valid.max().item()
+    return {**stats, "pepo_lambda": lam}
+
+
+def vppo_stats(dep, keep, scale, mask, padding) -> dict:
+    """Logged: mean S_t of the kept and dropped tokens, the kept fraction, and alpha over every rank's
+    real rows (`padding` [B] flags rows that only keep the ranks in step)."""
+    real = dist_.gather_values(scale if padding is None else scale[~padding])
+    return dict(
+        vppo_dep_kept=dist_.global_mean(dep, keep),
+        vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
+        vppo_kept_frac=dist_.global_mean(keep, mask),
+        tas_min=real.min().item(),
+        tas_mean=real.mean().item(),
+        tas_max=real.max().item(),
+    )
+
+
 def shape(
     scores: dict,
     rewards: torch.Tensor,
@@ -1042,10 +1122,11 @@ def shape(
     args: Args,
     padding=None,
 ):
-    """Step 3: the one place where the algorithms differ. -> (advantages [B], token weights
-    [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: weight 1 on every valid token.
+    """Step 3: advantages and token weights, where the methods differ. -> (advantages [B], token
+    weights [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: A_i and weight 1 on every valid token;
+    each method multiplies in its own step. (Dynamic sampling lives in collect_rollouts, the loss
+    aggregation and VPPO's entropy term in update; the entropy term is not weighted by TGF.)
     `signals` holds PEPO's w_t and VPPO's TGF mask whenever their inputs were scored, used or not.
-    Batch-wide quantities (TAS, the entropy-top threshold, stats) are over every rank's rows;
     `padding` [B] flags rows that only keep the ranks in step (collect_rollouts)."""
     mask = mask.clone()
     if args.overlong_filter:  # DAPO: a completion cut by the length limit teaches nothing reliable
@@ -1053,63 +1134,60 @@ def shape(
     advantages = grpo_advantages(rewards, args.group_size, scale=args.adv_scale).to(mask.device)  # A_i (GRPO Eq. 3)
     weights = torch.ones_like(mask)
     stats = {"entropy": dist_.global_mean(scores["entropy"], mask)}  # over all ranks' tokens
-    signals = {"pepo_weight": None, "vppo_mask": None}
-    ablation = args.ablation
-    if scores["prior"] is not None:  # PEPO w_t = T_i softmax(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2)
-        gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(ablation, "both")
-        signals["pepo_weight"] = pepo_token_weights(
-            scores["prior"],
-            scores["entropy"],
-            mask,
-            args.pepo_alpha,
-            args.pepo_temperature,
-            gate_on,
-            "add" if ablation == "pepo-additive" else "gate",
-        )
-    if scores["dependency"] is not None:  # VPPO TGF: top 40% of each completion by dependency S_t
+    signals = {"pepo_weight": None, "vppo_mask": None}  # computed whenever scored, used or not (--visualize)
+    if scores["prior"] is not None:
+        signals["pepo_weight"] = pepo_weights(scores, mask, args)
+    if scores["dependency"] is not None:  # TGF: the top 40% of each completion's tokens by S_t
         signals["vppo_mask"] = vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac)
-    if args.pepo:  # PEPO, ramped in: A_{i,t} = ((1 - lambda) + lambda w_t) A_i  (Eq. 6)
-        w, lam = signals["pepo_weight"], 1.0 if ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
-        weights = weights * ((1 - lam) + lam * w)
-        valid = dist_.gather_values(w[mask.bool()])  # every rank's valid weights, for the quantiles
-        if valid.numel():
-            for q in (10, 50, 90):
-                stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
-            stats["pepo_w_max"] = valid.max().item()
-        stats["pepo_lambda"] = lam
-    if args.vppo:  # VPPO: TGF masks tokens, TAS rescales each completion's advantage by its mean S (Sec. 3.3)
-        dep, keep = scores["dependency"], signals["vppo_mask"]
-        if (
-            ablation == "vppo-random-mask"
-        ):  # the same number of tokens, picked at random (a seeded stream of its own, per rank)
-            keep = vppo.random_token_mask(
-                mask, args.vppo_top_frac, torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step)
-            )
-        elif ablation == "vppo-entropy-mask":
-            keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
-        elif ablation == "vppo-tas-only":
-            keep = mask.clone()
-        if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):  # TGF alone: no TAS
-            scale = torch.ones(mask.shape[0], device=mask.device)
-        else:  # min/max/mean over all ranks' rows
-            scale = dist_.on_all_rows(
-                lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask
-            )
+    if args.pepo:  # PEPO: w_t blended in, A_{i,t} = ((1 - lambda) + lambda w_t) A_i
+        blend, lam = pepo_blend(signals["pepo_weight"], step, args)
+        weights = weights * blend
+        stats.update(pepo_stats(signals["pepo_weight"], mask, lam))
+    if args.vppo:  # VPPO: TGF keeps a completion's most image-dependent tokens, TAS rescales its A_i
+        keep = vppo_token_filter(signals["vppo_mask"], scores, mask, step, args)
+        scale = vppo_advantage_scale(scores, mask, args)
         weights, advantages = weights * keep, advantages * scale
-        real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
-        stats.update(
-            vppo_dep_kept=dist_.global_mean(dep, keep),
-            vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
-            vppo_kept_frac=dist_.global_mean(keep, mask),
-            tas_min=real.min().item(),
-            tas_mean=real.mean().item(),
-            tas_max=real.max().item(),
-        )
-    if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch (arXiv 2506.01939)
-        weights = weights * dist_.on_all_rows(
-            vppo.entropy_top_mask, scores["entropy"], mask
-        )  # threshold over all ranks' tokens
+        stats.update(vppo_stats(scores["dependency"], keep, scale, mask, padding))
+    if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch's tokens
+        weights = weights * entropy_top_weights(scores, mask)
     return advantages, weights, mask, signals, stats
+
+
+def mini_batch_rows(rows: int, args: Args) -> list[slice]:
+    """--mini-batches slices of whole groups (fewer when dynamic sampling left fewer groups)."""
+    groups = rows // args.group_size
+    n = max(1, min(args.mini_batches, groups))
+    cuts = [args.group_size * (groups * k // n) for k in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def micro_batch_rows(rows: slice, size: int) -> list[slice]:
+    """Slices of at most `size` rows (0: all of them) that cover `rows`, as micro_batches cuts them."""
+    size = size or rows.stop - rows.start
+    return [slice(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+
+
+def new_logprobs(model, mb: dict, args: Args, autocast, logits=None) -> torch.Tensor:
+    """log pi_theta(o_t) of a micro-batch, with gradient.  -> [b, L]
+    `logits` with their graph (score(keep_graph=True)) stand in for the forward pass."""
+    if logits is None:
+        with autocast:
+            logits, _ = forward(model, mb, args.temperature)
+    return token_logprobs(logits, mb["completion_ids"])
+
+
+def optimizer_step(model, optimizer, finite: bool, args: Args, step: int) -> tuple[float, bool]:
+    """Clip the gradient norm (FSDP2: over all shards) and step, unless the loss or the norm is
+    non-finite on any rank: a nan/inf update would ruin the weights and Adam's moments for good,
+    so it is dropped (every rank steps, or none). -> (the norm before clipping, stepped)"""
+    finite = dist_.all_true(finite)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if finite and torch.isfinite(grad_norm):
+        optimizer.step()
+        return grad_norm.item(), True
+    optimizer.zero_grad(set_to_none=True)
+    print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
+    return grad_norm.item(), False
 
 
 def update(
@@ -1126,36 +1204,30 @@ def update(
     autocast,
     logits=None,
 ) -> dict:
-    """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
-    --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
+    """Step 4: the clipped surrogate (policy_loss), --ppo-epochs passes over the rollout batch, each
+    split into --mini-batches optimizer steps of whole groups, each micro-batched with exact loss
+    scaling (loss_share: the micro-batch's share of the mini-batch's rows or tokens over all ranks;
+    FSDP2 sums the gradients over ranks). Logged: the last pass, averaged over its optimizer steps.
+
+    On-policy (one pass, one mini-batch: every default) old_logp equals the new log-probs, so every
+    ratio is exactly 1 and the clip range, clip-higher and dual clip change nothing: they act with
+    --ppo-epochs or --mini-batches > 1, as in VPPO's recipe. VPPO's entropy term, c mean(-log p)
+    over the mini-batch's valid tokens, reaches every token (TGF's weights do not apply to it) and
+    has zero expected gradient on-policy unless top-k/top-p change what is sampled.
     `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
-    A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights.
-    Under torchrun each rank's loss is its share of the loss of the mini-batch over all ranks
-    (global rows and tokens), and FSDP2 sums the gradients over ranks."""
+    """
     model.train()
-    groups = mask.shape[0] // args.group_size
-    n = max(1, min(args.mini_batches, groups))  # dynamic sampling may leave fewer groups than mini-batches
-    cuts = [args.group_size * (groups * k // n) for k in range(n + 1)]
-    stats, skipped, norms = [], 0, []
+    minis, skipped = mini_batch_rows(mask.shape[0], args), 0
     for _ in range(args.ppo_epochs):
-        for lo, hi in zip(cuts, cuts[1:]):
+        stats, norms = [], []  # each pass's: the last one is logged
+        for mini in minis:
             optimizer.zero_grad(set_to_none=True)
-            mini, mini_mask, row, finite = slice_batch(inputs, slice(lo, hi)), mask[lo:hi], lo, True
-            rows = dist_.all_sum(dist_.real_rows(mini))  # the mini-batch's rows over all ranks (padding left out)
-            tokens = dist_.all_sum(mini_mask.sum())  # and its valid tokens
-            for mb in micro_batches(mini, args.micro_batch_size):
-                sl = slice(row, row + mb["input_ids"].shape[0])
-                row = sl.stop
-                if logits is None:
-                    with autocast:
-                        mb_logits, _ = forward(model, mb, args.temperature)
-                else:
-                    mb_logits = logits
-                logp = token_logprobs(mb_logits, mb["completion_ids"])
-                del (
-                    mb_logits
-                )  # backward keeps what it needs; holding the [B, L, V] logits too raised the peak (bench.py memory)
-                logits = None
+            rows = dist_.all_sum(dist_.real_rows(slice_batch(inputs, mini)))  # all ranks' rows, padding left out
+            tokens = dist_.all_sum(mask[mini].sum())
+            finite = True
+            for sl in micro_batch_rows(mini, args.micro_batch_size):
+                logp = new_logprobs(model, slice_batch(inputs, sl), args, autocast, logits)
+                logits = None  # the scoring pass's logits serve the one micro-batch once
                 loss, s = policy_loss(
                     logp,
                     old_logp[sl],
@@ -1177,28 +1249,12 @@ def update(
                 loss.backward()
                 finite = finite and bool(torch.isfinite(loss))
                 stats.append((share, s))
-            finite = dist_.all_true(finite)  # every rank steps, or none
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.max_grad_norm
-            )  # FSDP2: the norm over all shards
-            norms.append(grad_norm.item())
-            if finite and torch.isfinite(grad_norm):
-                optimizer.step()
-            else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                print(
-                    f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr
-                )
-    # stats of the last pass, averaged over its optimizer steps
-    out = {
-        key: dist_.all_sum(sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs :]))
-        / n  # shares are global: sum the ranks
-        for key in stats[0][1]
-    }
-    out["grad_norm"] = sum(norms[-n:]) / n
-    out["nonfinite_skipped"] = skipped
-    return out
+            norm, stepped = optimizer_step(model, optimizer, finite, args, step)
+            norms.append(norm)
+            skipped += not stepped
+    n = len(minis)  # shares are global: sum them over the ranks
+    out = {key: dist_.all_sum(sum(share * s[key] for share, s in stats)) / n for key in stats[0][1]}
+    return {**out, "grad_norm": sum(norms) / n, "nonfinite_skipped": skipped}
 
 
 # ========================================================================================

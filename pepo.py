@@ -16,8 +16,9 @@ Read it top to bottom; each section uses only what comes before it:
   §2 the math (pure tensor functions) §6 the training loop
   §3 Qwen-VL inputs and outputs     §7 run management: checks, tiny model, checkpoints, main
   §4 rollouts and evaluation
-For the algorithms read §2, §5 and §6. They differ only in `shape` (§5): advantages,
-token weights and token masks.
+For the algorithms read §2, §5 and §6. Their advantages and token weights differ only in
+`shape` (§5); the presets' other differences are flags read elsewhere: dynamic sampling
+(collect_rollouts, §4), the loss aggregation, clipping and VPPO's entropy term (update, §5).
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ def apply_preset(args: Args) -> Args:
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps).  [B] -> [B]
 
-    Rows are grouped in consecutive blocks of `group_size`. scale="none" drops the std
-    division (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal gets exactly 0.
+    Rows are grouped in consecutive blocks of `group_size`; std_g is the sample std (divisor G - 1,
+    torch's default). scale="none" drops the std division (Dr. GRPO,
+    arXiv 2503.20783). A group whose rewards are all equal gets exactly 0.
     """
     r = rewards.float().view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
@@ -262,6 +264,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]
+    `logits` must be already shifted (logits[:, t] is the distribution token t was drawn from)
+    and divided by the sampling temperature, as `forward` returns them.
     Entries with p = 0 (e.g. -inf logits) add 0, not 0 * -inf = nan.
 
     Computed over chunks of ~4M logits (a few dozen positions at V ~ 150k): one float32
@@ -280,8 +284,10 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(token) under `logits`.  [B, L, V], [B, L] -> [B, L]
 
-    logit(token) - logsumexp(logits), over chunks of positions as in `token_entropy`: no
-    [B, L, V] log_softmax copy, and the backward pass needs only chunk-sized temporaries."""
+    `logits` must be already shifted (logits[:, t] scores tokens[:, t]) and divided by the
+    sampling temperature, as `forward` returns them. logit(token) - logsumexp(logits), over
+    chunks of positions as in `token_entropy`: no [B, L, V] log_softmax copy, and the backward
+    pass needs only chunk-sized temporaries."""
     step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
     out = []
     for chunk, tok in zip(logits.split(step, dim=1), tokens.split(step, dim=1)):
@@ -297,14 +303,20 @@ def perception_prior(
     `completion_len` positions, the mean similarity between that position's hidden state
     and every image-token hidden state of the same row, averaged over the layers given.
 
-    hidden_states: sequence of [B, T, D] (e.g. `output_hidden_states`, embeddings included)
-    vision_mask:   [B, T] bool, True at image-placeholder positions
+    Which states: pepo.py passes the model's `output_hidden_states`, the embedding output (image
+    features in place) plus every decoder layer's output (the last one after the final norm),
+    all equally weighted. Which positions: token t's own, the state of the pass that reads o_t
+    (its entropy, by contrast, comes from position t - 1's logits, which predicted o_t).
+
+    hidden_states: sequence of [B, T, D]
+    vision_mask:   [B, T] bool (or 0/1 integers), True at image-placeholder positions
     returns:       [B, L]; rows without image tokens give 0.
 
     For cosine and dot, mean_n sim(h, v_n) = h . mean_n(v_n) (after normalising for
     cosine), so one mean vector per row replaces the L x N similarity matrix. Cosine scales
     by 1/|h| instead of writing out normalised copies of every hidden state (~2.5x faster at T ~ 1000).
     """
+    vision_mask = vision_mask.bool()  # an integer mask would index rows by 0/1 below, not select them
     vm = vision_mask.float()
     n_vis = vm.sum(dim=1)  # [B]
     w = vm / n_vis.clamp(min=1).unsqueeze(-1)  # [B, T]: 1/N on the row's image tokens, 0 elsewhere
@@ -340,7 +352,11 @@ def masked_minmax(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-6) -> t
     return torch.where(mask > 0, (x - lo) / (hi - lo).clamp(min=floor), torch.zeros_like(x))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_average(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(x * mask) / max(sum(mask), 1), over `dim` (None: everything).  [B, L] -> [] or reduced
+
+    An all-zero mask gives 0, not nan. With a soft mask whose sum is below 1 the divisor is 1, which
+    is why this is not named masked_mean: TRL's and verl's divide by the mask's sum itself."""
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
@@ -361,6 +377,7 @@ def pepo_token_weights(
       V^, H^ = per-row min-max of prior and entropy over valid tokens
       g_t    = 1 + alpha * tanh((V^_t + H^_t) - mean_t(V^ + H^))     smooth gate
       w_t    = T_i * softmax_t(VS_t * g_t / temperature)              over valid tokens
+    Row by row (no batch-wide quantity). Needs `masked_minmax`, `masked_average`.
 
     Weights average exactly 1 over each row's valid tokens and are 0 on padding.
     Computed without gradient: they act like advantages (the authors' code lets
@@ -376,7 +393,7 @@ def pepo_token_weights(
         "prior": lambda: masked_minmax(prior, mask),
         "entropy": lambda: masked_minmax(entropy, mask),
     }[gate_on]()
-    gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
+    gate = 1 + alpha * torch.tanh(fused - masked_average(fused, mask, dim=1).unsqueeze(1))
     z = prior * gate if fusion == "gate" else prior + (gate - 1)
     z = (z / temperature).masked_fill(mask == 0, float("-inf"))
     z = z - z.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # rows of all padding stay finite
@@ -388,13 +405,16 @@ def pepo_ramp(step: int, total_steps: int) -> float:
     """lambda of the `step`-th update (1-based): PEPO weights are blended in over training.
 
     lambda = min(1, (step - 1) / total_steps), as the authors' trainer computes it from a global
-    step that is still 0 during the first update: update 1 is plain GRPO/DAPO, update N uses (N-1)/N.
+    step that is still 0 during the first update: update 1 is plain GRPO/DAPO, update N uses (N-1)/N,
+    so within a run of N steps lambda never reaches 1.
     """
     return min(1.0, max(0, step - 1) / max(1, total_steps))
 
 
 def learning_rate(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
-    """Learning rate of `step` (1-based): constant, or cosine from `base` down to 0 at the last step."""
+    """Learning rate of `step` (1-based): constant, or cosine base (1 + cos(pi (step - 1) / N)) / 2,
+    which starts at `base` and would reach 0 at step N + 1: the last step N still gets
+    base (1 - cos(pi / N)) / 2 (0.0245 base for N = 10)."""
     if schedule == "constant":
         return base
     return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total_steps)))
@@ -426,6 +446,8 @@ def policy_loss(
     default L), as in Dr. GRPO (arXiv 2503.20783).
     Log-ratios are clamped to [-20, 20] before exp (as verl does for the KL): far-off tokens,
     e.g. from logits like +-1e4, give large finite values instead of inf, and inf * 0 = nan.
+    On-policy (old_logp equal to logp, the default one update per rollout batch) every r_t is 1,
+    so the clip range, clip-higher and the dual clip change nothing. Needs `masked_average`.
     """
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -448,9 +470,9 @@ def policy_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-    stats = {"loss": loss.item(), "clip_frac": masked_mean(clipped.float(), mask).item()}
+    stats = {"loss": loss.item(), "clip_frac": masked_average(clipped.float(), mask).item()}
     if kl is not None:
-        stats["kl"] = masked_mean(kl.detach(), mask).item()
+        stats["kl"] = masked_average(kl.detach(), mask).item()
     return loss, stats
 
 
@@ -1209,11 +1231,12 @@ def update(
     scaling (loss_share: the micro-batch's share of the mini-batch's rows or tokens over all ranks;
     FSDP2 sums the gradients over ranks). Logged: the last pass, averaged over its optimizer steps.
 
-    On-policy (one pass, one mini-batch: every default) old_logp equals the new log-probs, so every
-    ratio is exactly 1 and the clip range, clip-higher and dual clip change nothing: they act with
-    --ppo-epochs or --mini-batches > 1, as in VPPO's recipe. VPPO's entropy term, c mean(-log p)
-    over the mini-batch's valid tokens, reaches every token (TGF's weights do not apply to it) and
-    has zero expected gradient on-policy unless top-k/top-p change what is sampled.
+    On-policy (one pass, one mini-batch: every default) old_logp equals the new log-probs, so
+    every ratio is 1 (exactly when the scoring pass is reused) and the clip range, clip-higher and
+    dual clip change nothing: they act with --ppo-epochs or --mini-batches > 1, as in VPPO's
+    recipe. VPPO's entropy term, c mean(-log p) over the mini-batch's valid tokens, reaches every
+    token (TGF's weights do not apply to it) and has zero expected gradient on-policy unless
+    top-k/top-p change what is sampled.
     `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
     """
     model.train()
@@ -1587,7 +1610,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
         targets = [tokenizer(t + "<|im_end|>").input_ids for t in texts]
         batch = vl.with_completions(vl.encode_prompts(examples), targets)
         logits, _ = forward(model, batch)
-        loss = -masked_mean(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])
+        loss = -masked_average(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -47,10 +47,10 @@ def test_single_process_identities():
     assert distributed.on_all_rows(lambda a: a * 2, x).equal(x * 2)
 
 
-def test_single_process_global_mean_is_masked_mean():
+def test_single_process_global_mean_is_masked_average():
     gen = torch.Generator().manual_seed(0)
     x, mask = torch.rand(4, 5, generator=gen), (torch.rand(4, 5, generator=gen) > 0.3).float()
-    assert distributed.global_mean(x, mask) == pepo.masked_mean(x, mask).item()
+    assert distributed.global_mean(x, mask) == pepo.masked_average(x, mask).item()
 
 
 # ----------------------------------------------------------------------------------------

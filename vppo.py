@@ -207,7 +207,8 @@ def perturbed_pixel_values(
 ) -> torch.Tensor:
     """pixel_values of a freshly perturbed copy of every image of a batch (one row per completion,
     its images in batch["examples"][i].images). Token ids and image grids stay the same: only the
-    pixels change, so the clean and the perturbed pass line up token for token."""
+    pixels change, so the clean and the perturbed pass line up token for token.
+    Needs `blacken_pixel_values` ("blacken") or `perturb_image` (the other kinds)."""
     if kind == "blacken":  # VPPO's default, done on the processor output: no second processor pass
         return blacken_pixel_values(batch["pixel_values"], image_processor, 0.5, generator)
     images = [perturb_image(im, kind, image_processor, generator) for ex in batch["examples"] for im in ex.images]

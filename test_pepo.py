@@ -247,7 +247,7 @@ def test_masked_average_divides_by_at_least_one():
 def test_learning_rate_cosine_as_its_docstring_says():
     N, base = 10, 2.0
     lrs = [pepo.learning_rate(k, N, base, "cosine") for k in range(1, N + 2)]
-    assert lrs[0] == base and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == base and all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
     assert math.isclose(lrs[N - 1], base * (1 - math.cos(math.pi / N)) / 2) and 0.0244 < lrs[N - 1] / base < 0.0246
     assert abs(lrs[N]) < 1e-15  # step N + 1: 0 (to rounding)
     assert pepo.learning_rate(7, N, base) == base  # constant

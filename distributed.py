@@ -320,5 +320,5 @@ def real_rows(batch: dict) -> int:
 
 def global_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean of x over every rank's entries where mask > 0 (a logged metric of the global batch).
-    One process: exactly pepo.masked_mean(x, mask).item()."""
+    One process: exactly pepo.masked_average(x, mask).item()."""
     return (all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)).item()

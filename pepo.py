@@ -16,8 +16,9 @@ Read it top to bottom; each section uses only what comes before it:
   §2 the math (pure tensor functions) §6 the training loop
   §3 Qwen-VL inputs and outputs     §7 run management: checks, tiny model, checkpoints, main
   §4 rollouts and evaluation
-For the algorithms read §2, §5 and §6. They differ only in `shape` (§5): advantages,
-token weights and token masks.
+For the algorithms read §2, §5 and §6. Their advantages and token weights differ only in
+`shape` (§5); the presets' other differences are flags read elsewhere: dynamic sampling
+(collect_rollouts, §4), the loss aggregation, clipping and VPPO's entropy term (update, §5).
 """
 
 from __future__ import annotations
@@ -261,8 +262,9 @@ def apply_preset(args: Args) -> Args:
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps).  [B] -> [B]
 
-    Rows are grouped in consecutive blocks of `group_size`. scale="none" drops the std
-    division (Dr. GRPO, arXiv 2503.20783). A group whose rewards are all equal gets exactly 0.
+    Rows are grouped in consecutive blocks of `group_size`; std_g is the sample std (divisor G - 1,
+    torch's default). scale="none" drops the std division (Dr. GRPO,
+    arXiv 2503.20783). A group whose rewards are all equal gets exactly 0.
     """
     r = rewards.float().view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
@@ -274,6 +276,8 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position.  [B, L, V] -> [B, L]
+    `logits` must be already shifted (logits[:, t] is the distribution token t was drawn from)
+    and divided by the sampling temperature, as `forward` returns them.
     Entries with p = 0 (e.g. -inf logits) add 0, not 0 * -inf = nan.
 
     Computed over chunks of ~4M logits (a few dozen positions at V ~ 150k): one float32
@@ -292,8 +296,10 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log pi(token) under `logits`.  [B, L, V], [B, L] -> [B, L]
 
-    logit(token) - logsumexp(logits), over chunks of positions as in `token_entropy`: no
-    [B, L, V] log_softmax copy, and the backward pass needs only chunk-sized temporaries."""
+    `logits` must be already shifted (logits[:, t] scores tokens[:, t]) and divided by the
+    sampling temperature, as `forward` returns them. logit(token) - logsumexp(logits), over
+    chunks of positions as in `token_entropy`: no [B, L, V] log_softmax copy, and the backward
+    pass needs only chunk-sized temporaries."""
     step = max(1, 2**22 // max(1, logits.shape[0] * logits.shape[-1]))
     out = []
     for chunk, tok in zip(logits.split(step, dim=1), tokens.split(step, dim=1)):
@@ -309,14 +315,20 @@ def perception_prior(
     `completion_len` positions, the mean similarity between that position's hidden state
     and every image-token hidden state of the same row, averaged over the layers given.
 
-    hidden_states: sequence of [B, T, D] (e.g. `output_hidden_states`, embeddings included)
-    vision_mask:   [B, T] bool, True at image-placeholder positions
+    Which states: pepo.py passes the model's `output_hidden_states`, the embedding output (image
+    features in place) plus every decoder layer's output (the last one after the final norm),
+    all equally weighted. Which positions: token t's own, the state of the pass that reads o_t
+    (its entropy, by contrast, comes from position t - 1's logits, which predicted o_t).
+
+    hidden_states: sequence of [B, T, D]
+    vision_mask:   [B, T] bool (or 0/1 integers), True at image-placeholder positions
     returns:       [B, L]; rows without image tokens give 0.
 
     For cosine and dot, mean_n sim(h, v_n) = h . mean_n(v_n) (after normalising for
     cosine), so one mean vector per row replaces the L x N similarity matrix. Cosine scales
     by 1/|h| instead of writing out normalised copies of every hidden state (~2.5x faster at T ~ 1000).
     """
+    vision_mask = vision_mask.bool()  # an integer mask would index rows by 0/1 below, not select them
     vm = vision_mask.float()
     n_vis = vm.sum(dim=1)  # [B]
     w = vm / n_vis.clamp(min=1).unsqueeze(-1)  # [B, T]: 1/N on the row's image tokens, 0 elsewhere
@@ -352,7 +364,11 @@ def masked_minmax(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-6) -> t
     return torch.where(mask > 0, (x - lo) / (hi - lo).clamp(min=floor), torch.zeros_like(x))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+def masked_average(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum(x * mask) / max(sum(mask), 1), over `dim` (None: everything).  [B, L] -> [] or reduced
+
+    An all-zero mask gives 0, not nan. With a soft mask whose sum is below 1 the divisor is 1, which
+    is why this is not named masked_mean: TRL's and verl's divide by the mask's sum itself."""
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
@@ -373,6 +389,7 @@ def pepo_token_weights(
       V^, H^ = per-row min-max of prior and entropy over valid tokens
       g_t    = 1 + alpha * tanh((V^_t + H^_t) - mean_t(V^ + H^))     smooth gate
       w_t    = T_i * softmax_t(VS_t * g_t / temperature)              over valid tokens
+    Row by row (no batch-wide quantity). Needs `masked_minmax`, `masked_average`.
 
     Weights average exactly 1 over each row's valid tokens and are 0 on padding.
     Computed without gradient: they act like advantages (the authors' code lets
@@ -388,7 +405,7 @@ def pepo_token_weights(
         "prior": lambda: masked_minmax(prior, mask),
         "entropy": lambda: masked_minmax(entropy, mask),
     }[gate_on]()
-    gate = 1 + alpha * torch.tanh(fused - masked_mean(fused, mask, dim=1).unsqueeze(1))
+    gate = 1 + alpha * torch.tanh(fused - masked_average(fused, mask, dim=1).unsqueeze(1))
     z = prior * gate if fusion == "gate" else prior + (gate - 1)
     z = (z / temperature).masked_fill(mask == 0, float("-inf"))
     z = z - z.max(dim=1, keepdim=True).values.clamp(min=-1e30)  # rows of all padding stay finite
@@ -400,13 +417,16 @@ def pepo_ramp(step: int, total_steps: int) -> float:
     """lambda of the `step`-th update (1-based): PEPO weights are blended in over training.
 
     lambda = min(1, (step - 1) / total_steps), as the authors' trainer computes it from a global
-    step that is still 0 during the first update: update 1 is plain GRPO/DAPO, update N uses (N-1)/N.
+    step that is still 0 during the first update: update 1 is plain GRPO/DAPO, update N uses (N-1)/N,
+    so within a run of N steps lambda never reaches 1.
     """
     return min(1.0, max(0, step - 1) / max(1, total_steps))
 
 
 def learning_rate(step: int, total_steps: int, base: float, schedule: str = "constant") -> float:
-    """Learning rate of `step` (1-based): constant, or cosine from `base` down to 0 at the last step."""
+    """Learning rate of `step` (1-based): constant, or cosine base (1 + cos(pi (step - 1) / N)) / 2,
+    which starts at `base` and would reach 0 at step N + 1: the last step N still gets
+    base (1 - cos(pi / N)) / 2 (0.0245 base for N = 10)."""
     if schedule == "constant":
         return base
     return base * 0.5 * (1 + math.cos(math.pi * (step - 1) / max(1, total_steps)))
@@ -438,6 +458,8 @@ def policy_loss(
     default L), as in Dr. GRPO (arXiv 2503.20783).
     Log-ratios are clamped to [-20, 20] before exp (as verl does for the KL): far-off tokens,
     e.g. from logits like +-1e4, give large finite values instead of inf, and inf * 0 = nan.
+    On-policy (old_logp equal to logp, the default one update per rollout batch) every r_t is 1,
+    so the clip range, clip-higher and the dual clip change nothing. Needs `masked_average`.
     """
     mask = mask.float()
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -460,9 +482,9 @@ def policy_loss(
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-    stats = {"loss": loss.item(), "clip_frac": masked_mean(clipped.float(), mask).item()}
+    stats = {"loss": loss.item(), "clip_frac": masked_average(clipped.float(), mask).item()}
     if kl is not None:
-        stats["kl"] = masked_mean(kl.detach(), mask).item()
+        stats["kl"] = masked_average(kl.detach(), mask).item()
     return loss, stats
 
 
@@ -714,7 +736,7 @@ def run_prompts(model, batch: dict, P: int, layout: dict, hidden_states: bool = 
         use_cache=True,
     )
     if len(first) < len(index):
-        head.past_key_values.batch_select_indices(
+        head.cache.batch_select_indices(
             torch.tensor(index, device=ids.device)
         )  # its prompt's keys and values for every row
     return head
@@ -750,7 +772,7 @@ def forward(model, batch: dict, temperature: float = 1.0, hidden_states: bool = 
         input_ids=batch["input_ids"][:, P:],
         attention_mask=batch["attention_mask"],
         position_ids=position_ids[:, :, P:],
-        past_key_values=head.past_key_values,
+        cache=head.cache,
         output_hidden_states=hidden_states,
         use_cache=False,
     )
@@ -825,7 +847,7 @@ def generate(
     B, P = prompts["input_ids"].shape
     layout = prompt_layout(model, prompts, always=True)
     out = run_prompts(model, prompts, P, layout)
-    cache, logits = out.past_key_values, out.logits[layout["index"], -1].float()
+    cache, logits = out.cache, out.logits[layout["index"], -1].float()
     position = (
         layout["position_ids"].amax(dim=(0, 2)) + 1
     )  # [B] text after the prompt goes on from its largest position
@@ -852,10 +874,10 @@ def generate(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=position.view(1, B, 1).expand(3, B, 1),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache, logits, position = out.past_key_values, out.logits[:, -1].float(), position + 1
+        cache, logits, position = out.cache, out.logits[:, -1].float(), position + 1
     dist_.reshard(model)  # FSDP2 keeps the root's weights gathered after a forward without backward
     return torch.stack(tokens, 1).cpu()
 
@@ -1046,6 +1068,86 @@ def score(
     return {k: torch.cat(v) if v else None for k, v in out.items()}
 
 
+# The shaping steps: one per method, each the equation it implements with its ablations beside it.
+# Batch-wide quantities (TAS's min/max/mean, the entropy-top threshold) are taken over every rank's
+# rows: dist_.on_all_rows gathers them under torchrun and is the plain call in one process.
+def pepo_weights(scores: dict, mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """PEPO's w_t = T_i softmax_t(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2).  -> [B, L]
+    Ablations: pepo-prior-only / pepo-entropy-only feed the gate one signal; pepo-additive adds
+    the gate's term instead of multiplying."""
+    gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(args.ablation, "both")
+    fusion = "add" if args.ablation == "pepo-additive" else "gate"
+    return pepo_token_weights(
+        scores["prior"], scores["entropy"], mask, args.pepo_alpha, args.pepo_temperature, gate_on, fusion
+    )
+
+
+def pepo_blend(w: torch.Tensor, step: int, args: Args) -> tuple[torch.Tensor, float]:
+    """PEPO's token factor (1 - lambda) + lambda w_t (Eq. 6), so A_{i,t} = ((1 - lambda) + lambda w_t) A_i.
+    lambda = (k - 1) / N ramps w_t in (update 1 is plain GRPO/DAPO; it never reaches 1);
+    ablation pepo-no-ramp: lambda = 1.  -> ([B, L], lambda)"""
+    lam = 1.0 if args.ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
+    return (1 - lam) + lam * w, lam
+
+
+def vppo_token_filter(tgf: torch.Tensor, scores: dict, mask: torch.Tensor, step: int, args: Args) -> torch.Tensor:
+    """VPPO's Token Gradient Filtering (Sec. 3.3): `tgf`, 1 on the top ceil(0.4 T_i) tokens of each
+    completion by S_t, is the token mask. Ablations put another mask in its place: as many tokens
+    at random (a seeded stream of its own, per rank) or by entropy, or every token (TAS alone)."""
+    if args.ablation == "vppo-random-mask":
+        generator = torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step)
+        return vppo.random_token_mask(mask, args.vppo_top_frac, generator)
+    if args.ablation == "vppo-entropy-mask":
+        return vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
+    if args.ablation == "vppo-tas-only":
+        return mask.clone()
+    return tgf
+
+
+def vppo_advantage_scale(scores: dict, mask: torch.Tensor, args: Args) -> torch.Tensor:
+    """VPPO's Trajectory Advantage Shaping (Sec. 3.3): alpha_i from completion i's mean S_t,
+    min-max normalised over the whole batch, mean 1, at least beta_min and with no upper bound
+    (as in the authors' code: one outlier completion can get ~14x).  -> [B]
+    Ablations that keep TGF alone (vppo-tgf-only, -random-mask, -entropy-mask): alpha = 1."""
+    if args.ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
+        return torch.ones(mask.shape[0], device=mask.device)
+
+    def tas(dependency, m):
+        return vppo.trajectory_advantage_scale(dependency, m, args.vppo_min_scale)
+
+    return dist_.on_all_rows(tas, scores["dependency"], mask)
+
+
+def entropy_top_weights(scores: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The high-entropy minority rule (arXiv 2506.01939): 1 on the top 20% of the batch's valid
+    tokens by entropy, 0 elsewhere.  -> [B, L]"""
+    return dist_.on_all_rows(vppo.entropy_top_mask, scores["entropy"], mask)
+
+
+def pepo_stats(w: torch.Tensor, mask: torch.Tensor, lam: float) -> dict:
+    """Logged: quantiles of w_t over every rank's valid tokens, and lambda."""
+    stats, valid = {}, dist_.gather_values(w[mask.bool()])
+    if valid.numel():
+        for q in (10, 50, 90):
+            stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
+        stats["pepo_w_max"] = valid.max().item()
+    return {**stats, "pepo_lambda": lam}
+
+
+def vppo_stats(dep, keep, scale, mask, padding) -> dict:
+    """Logged: mean S_t of the kept and dropped tokens, the kept fraction, and alpha over every rank's
+    real rows (`padding` [B] flags rows that only keep the ranks in step)."""
+    real = dist_.gather_values(scale if padding is None else scale[~padding])
+    return dict(
+        vppo_dep_kept=dist_.global_mean(dep, keep),
+        vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
+        vppo_kept_frac=dist_.global_mean(keep, mask),
+        tas_min=real.min().item(),
+        tas_mean=real.mean().item(),
+        tas_max=real.max().item(),
+    )
+
+
 def shape(
     scores: dict,
     rewards: torch.Tensor,
@@ -1055,10 +1157,11 @@ def shape(
     args: Args,
     padding=None,
 ):
-    """Step 3: the one place where the algorithms differ. -> (advantages [B], token weights
-    [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: weight 1 on every valid token.
+    """Step 3: advantages and token weights, where the methods differ. -> (advantages [B], token
+    weights [B, L], loss mask [B, L], signals, stats). GRPO/DAPO: A_i and weight 1 on every valid token;
+    each method multiplies in its own step. (Dynamic sampling lives in collect_rollouts, the loss
+    aggregation and VPPO's entropy term in update; the entropy term is not weighted by TGF.)
     `signals` holds PEPO's w_t and VPPO's TGF mask whenever their inputs were scored, used or not.
-    Batch-wide quantities (TAS, the entropy-top threshold, stats) are over every rank's rows;
     `padding` [B] flags rows that only keep the ranks in step (collect_rollouts)."""
     mask = mask.clone()
     if args.overlong_filter:  # DAPO: a completion cut by the length limit teaches nothing reliable
@@ -1066,63 +1169,60 @@ def shape(
     advantages = grpo_advantages(rewards, args.group_size, scale=args.adv_scale).to(mask.device)  # A_i (GRPO Eq. 3)
     weights = torch.ones_like(mask)
     stats = {"entropy": dist_.global_mean(scores["entropy"], mask)}  # over all ranks' tokens
-    signals = {"pepo_weight": None, "vppo_mask": None}
-    ablation = args.ablation
-    if scores["prior"] is not None:  # PEPO w_t = T_i softmax(VS_t g_t / tau), g_t the entropy gate (Sec. 3.2)
-        gate_on = {"pepo-prior-only": "prior", "pepo-entropy-only": "entropy"}.get(ablation, "both")
-        signals["pepo_weight"] = pepo_token_weights(
-            scores["prior"],
-            scores["entropy"],
-            mask,
-            args.pepo_alpha,
-            args.pepo_temperature,
-            gate_on,
-            "add" if ablation == "pepo-additive" else "gate",
-        )
-    if scores["dependency"] is not None:  # VPPO TGF: top 40% of each completion by dependency S_t
+    signals = {"pepo_weight": None, "vppo_mask": None}  # computed whenever scored, used or not (--visualize)
+    if scores["prior"] is not None:
+        signals["pepo_weight"] = pepo_weights(scores, mask, args)
+    if scores["dependency"] is not None:  # TGF: the top 40% of each completion's tokens by S_t
         signals["vppo_mask"] = vppo.token_gradient_mask(scores["dependency"], mask, args.vppo_top_frac)
-    if args.pepo:  # PEPO, ramped in: A_{i,t} = ((1 - lambda) + lambda w_t) A_i  (Eq. 6)
-        w, lam = signals["pepo_weight"], 1.0 if ablation == "pepo-no-ramp" else pepo_ramp(step, args.steps)
-        weights = weights * ((1 - lam) + lam * w)
-        valid = dist_.gather_values(w[mask.bool()])  # every rank's valid weights, for the quantiles
-        if valid.numel():
-            for q in (10, 50, 90):
-                stats[f"pepo_w_p{q}"] = torch.quantile(valid, q / 100).item()
-            stats["pepo_w_max"] = valid.max().item()
-        stats["pepo_lambda"] = lam
-    if args.vppo:  # VPPO: TGF masks tokens, TAS rescales each completion's advantage by its mean S (Sec. 3.3)
-        dep, keep = scores["dependency"], signals["vppo_mask"]
-        if (
-            ablation == "vppo-random-mask"
-        ):  # the same number of tokens, picked at random (a seeded stream of its own, per rank)
-            keep = vppo.random_token_mask(
-                mask, args.vppo_top_frac, torch.Generator().manual_seed(dist_.rank_seed(args.seed) * 1_000_003 + step)
-            )
-        elif ablation == "vppo-entropy-mask":
-            keep = vppo.token_gradient_mask(scores["entropy"], mask, args.vppo_top_frac)
-        elif ablation == "vppo-tas-only":
-            keep = mask.clone()
-        if ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):  # TGF alone: no TAS
-            scale = torch.ones(mask.shape[0], device=mask.device)
-        else:  # min/max/mean over all ranks' rows
-            scale = dist_.on_all_rows(
-                lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask
-            )
+    if args.pepo:  # PEPO: w_t blended in, A_{i,t} = ((1 - lambda) + lambda w_t) A_i
+        blend, lam = pepo_blend(signals["pepo_weight"], step, args)
+        weights = weights * blend
+        stats.update(pepo_stats(signals["pepo_weight"], mask, lam))
+    if args.vppo:  # VPPO: TGF keeps a completion's most image-dependent tokens, TAS rescales its A_i
+        keep = vppo_token_filter(signals["vppo_mask"], scores, mask, step, args)
+        scale = vppo_advantage_scale(scores, mask, args)
         weights, advantages = weights * keep, advantages * scale
-        real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
-        stats.update(
-            vppo_dep_kept=dist_.global_mean(dep, keep),
-            vppo_dep_dropped=dist_.global_mean(dep, mask * (1 - keep)),
-            vppo_kept_frac=dist_.global_mean(keep, mask),
-            tas_min=real.min().item(),
-            tas_mean=real.mean().item(),
-            tas_max=real.max().item(),
-        )
-    if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch (arXiv 2506.01939)
-        weights = weights * dist_.on_all_rows(
-            vppo.entropy_top_mask, scores["entropy"], mask
-        )  # threshold over all ranks' tokens
+        stats.update(vppo_stats(scores["dependency"], keep, scale, mask, padding))
+    if args.token_rule == "entropy_top":  # high-entropy minority: top 20% of the batch's tokens
+        weights = weights * entropy_top_weights(scores, mask)
     return advantages, weights, mask, signals, stats
+
+
+def mini_batch_rows(rows: int, args: Args) -> list[slice]:
+    """--mini-batches slices of whole groups (fewer when dynamic sampling left fewer groups)."""
+    groups = rows // args.group_size
+    n = max(1, min(args.mini_batches, groups))
+    cuts = [args.group_size * (groups * k // n) for k in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def micro_batch_rows(rows: slice, size: int) -> list[slice]:
+    """Slices of at most `size` rows (0: all of them) that cover `rows`, as micro_batches cuts them."""
+    size = size or rows.stop - rows.start
+    return [slice(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+
+
+def new_logprobs(model, mb: dict, args: Args, autocast, logits=None) -> torch.Tensor:
+    """log pi_theta(o_t) of a micro-batch, with gradient.  -> [b, L]
+    `logits` with their graph (score(keep_graph=True)) stand in for the forward pass."""
+    if logits is None:
+        with autocast:
+            logits, _ = forward(model, mb, args.temperature)
+    return token_logprobs(logits, mb["completion_ids"])
+
+
+def optimizer_step(model, optimizer, finite: bool, args: Args, step: int) -> tuple[float, bool]:
+    """Clip the gradient norm (FSDP2: over all shards) and step, unless the loss or the norm is
+    non-finite on any rank: a nan/inf update would ruin the weights and Adam's moments for good,
+    so it is dropped (every rank steps, or none). -> (the norm before clipping, stepped)"""
+    finite = dist_.all_true(finite)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if finite and torch.isfinite(grad_norm):
+        optimizer.step()
+        return grad_norm.item(), True
+    optimizer.zero_grad(set_to_none=True)
+    print(f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr)
+    return grad_norm.item(), False
 
 
 def update(
@@ -1139,36 +1239,31 @@ def update(
     autocast,
     logits=None,
 ) -> dict:
-    """Step 4: the clipped surrogate, --ppo-epochs passes over the rollout batch, each split into
-    --mini-batches optimizer steps of whole groups, each micro-batched with exact loss scaling.
+    """Step 4: the clipped surrogate (policy_loss), --ppo-epochs passes over the rollout batch, each
+    split into --mini-batches optimizer steps of whole groups, each micro-batched with exact loss
+    scaling (loss_share: the micro-batch's share of the mini-batch's rows or tokens over all ranks;
+    FSDP2 sums the gradients over ranks). Logged: the last pass, averaged over its optimizer steps.
+
+    On-policy (one pass, one mini-batch: every default) old_logp equals the new log-probs, so
+    every ratio is 1 (exactly when the scoring pass is reused) and the clip range, clip-higher and
+    dual clip change nothing: they act with --ppo-epochs or --mini-batches > 1, as in VPPO's
+    recipe. VPPO's entropy term, c mean(-log p) over the mini-batch's valid tokens, reaches every
+    token (TGF's weights do not apply to it) and has zero expected gradient on-policy unless
+    top-k/top-p change what is sampled.
     `logits` with their graph (score(keep_graph=True), one pass in one micro-batch) replace the forward.
-    A non-finite loss or gradient norm skips the optimizer step instead of ruining the weights.
-    Under torchrun each rank's loss is its share of the loss of the mini-batch over all ranks
-    (global rows and tokens), and FSDP2 sums the gradients over ranks."""
+    """
     model.train()
-    groups = mask.shape[0] // args.group_size
-    n = max(1, min(args.mini_batches, groups))  # dynamic sampling may leave fewer groups than mini-batches
-    cuts = [args.group_size * (groups * k // n) for k in range(n + 1)]
-    stats, skipped, norms = [], 0, []
+    minis, skipped = mini_batch_rows(mask.shape[0], args), 0
     for _ in range(args.ppo_epochs):
-        for lo, hi in zip(cuts, cuts[1:]):
+        stats, norms = [], []  # each pass's: the last one is logged
+        for mini in minis:
             optimizer.zero_grad(set_to_none=True)
-            mini, mini_mask, row, finite = slice_batch(inputs, slice(lo, hi)), mask[lo:hi], lo, True
-            rows = dist_.all_sum(dist_.real_rows(mini))  # the mini-batch's rows over all ranks (padding left out)
-            tokens = dist_.all_sum(mini_mask.sum())  # and its valid tokens
-            for mb in micro_batches(mini, args.micro_batch_size):
-                sl = slice(row, row + mb["input_ids"].shape[0])
-                row = sl.stop
-                if logits is None:
-                    with autocast:
-                        mb_logits, _ = forward(model, mb, args.temperature)
-                else:
-                    mb_logits = logits
-                logp = token_logprobs(mb_logits, mb["completion_ids"])
-                del (
-                    mb_logits
-                )  # backward keeps what it needs; holding the [B, L, V] logits too raised the peak (bench.py memory)
-                logits = None
+            rows = dist_.all_sum(dist_.real_rows(slice_batch(inputs, mini)))  # all ranks' rows, padding left out
+            tokens = dist_.all_sum(mask[mini].sum())
+            finite = True
+            for sl in micro_batch_rows(mini, args.micro_batch_size):
+                logp = new_logprobs(model, slice_batch(inputs, sl), args, autocast, logits)
+                logits = None  # the scoring pass's logits serve the one micro-batch once
                 loss, s = policy_loss(
                     logp,
                     old_logp[sl],
@@ -1190,28 +1285,12 @@ def update(
                 loss.backward()
                 finite = finite and bool(torch.isfinite(loss))
                 stats.append((share, s))
-            finite = dist_.all_true(finite)  # every rank steps, or none
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), args.max_grad_norm
-            )  # FSDP2: the norm over all shards
-            norms.append(grad_norm.item())
-            if finite and torch.isfinite(grad_norm):
-                optimizer.step()
-            else:  # a nan/inf update would ruin the weights and Adam's moments for good: drop it
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                print(
-                    f"warning: step {step}: non-finite loss or gradient norm, optimizer step skipped", file=sys.stderr
-                )
-    # stats of the last pass, averaged over its optimizer steps
-    out = {
-        key: dist_.all_sum(sum(share * s[key] for share, s in stats[-len(stats) // args.ppo_epochs :]))
-        / n  # shares are global: sum the ranks
-        for key in stats[0][1]
-    }
-    out["grad_norm"] = sum(norms[-n:]) / n
-    out["nonfinite_skipped"] = skipped
-    return out
+            norm, stepped = optimizer_step(model, optimizer, finite, args, step)
+            norms.append(norm)
+            skipped += not stepped
+    n = len(minis)  # shares are global: sum them over the ranks
+    out = {key: dist_.all_sum(sum(share * s[key] for share, s in stats)) / n for key in stats[0][1]}
+    return {**out, "grad_norm": sum(norms) / n, "nonfinite_skipped": skipped}
 
 
 # ========================================================================================
@@ -1557,7 +1636,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
         targets = [tokenizer(t + "<|im_end|>").input_ids for t in texts]
         batch = vl.with_completions(vl.encode_prompts(examples), targets)
         logits, _ = forward(model, batch)
-        loss = -masked_mean(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])
+        loss = -masked_average(token_logprobs(logits, batch["completion_ids"]), batch["completion_mask"])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -47,10 +47,10 @@ def test_single_process_identities():
     assert distributed.on_all_rows(lambda a: a * 2, x).equal(x * 2)
 
 
-def test_single_process_global_mean_is_masked_mean():
+def test_single_process_global_mean_is_masked_average():
     gen = torch.Generator().manual_seed(0)
     x, mask = torch.rand(4, 5, generator=gen), (torch.rand(4, 5, generator=gen) > 0.3).float()
-    assert distributed.global_mean(x, mask) == pepo.masked_mean(x, mask).item()
+    assert distributed.global_mean(x, mask) == pepo.masked_average(x, mask).item()
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def _collectives(rank, out):
     top = distributed.on_all_rows(vppo.entropy_top_mask, ent[mine, :L], mask[mine, :L])
     res["top_equal"] = top.equal(vppo.entropy_top_mask(ent, mask)[mine, :L])
     if rank == 0:
-        json.dump(res, open(out, "w"))
+        Path(out).write_text(json.dumps(res))
     else:
         assert res["rows"] == [[4.0, 4.0, 4.0, 2.0, 2.0]] and res["top_equal"], res
 
@@ -217,7 +217,7 @@ def _sharded_updates(rank, path, out):
     completions = pepo.generate(model, vl, prompts, max_new_tokens=2 if rank == 0 else 9, temperature=1.0)
     lengths = distributed.gather_objects(completions.shape[1])
     if rank == 0:
-        json.dump({"generate_lengths": lengths}, open(out / "generate.json", "w"))
+        (out / "generate.json").write_text(json.dumps({"generate_lengths": lengths}))
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_two_processes_collectives_and_update_equals_one_process(tiny_random, tm
         stats = one_step(model, ref_model, optimizer, vl, batch, args)
         reference[name] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "stats": stats}
     spawn(_sharded_updates, tiny_random, tmp_path)
-    res = json.load(open(tmp_path / "res.json"))
+    res = json.loads((tmp_path / "res.json").read_text())
     assert res["gathered"] == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [2, 2, 2, 2, 2]]
     assert res["shapes"] == [[2, 3], [1, 5]] and res["sum"] == 3 and res["max"] == 1.0 and res["true"] is False
     assert res["split"] == [[0, 1], [0, 1], [0]]  # rank 0's part of 3, 4 and 1 items
@@ -258,7 +258,7 @@ def test_two_processes_collectives_and_update_equals_one_process(tiny_random, tm
         assert set(got["stats"]) == set(ref["stats"])
         for key, value in ref["stats"].items():  # the logged stats are those of the global batch
             assert got["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
-    lengths = json.load(open(tmp_path / "generate.json"))["generate_lengths"]
+    lengths = json.loads((tmp_path / "generate.json").read_text())["generate_lengths"]
     assert lengths[0] <= 2 < lengths[1]  # rank 0 finished first and kept stepping until rank 1 was done
 
 
@@ -296,7 +296,7 @@ def torchrun(flags, **kw):
 
 
 def lines(path) -> list[dict]:
-    return [json.loads(x) for x in open(path)]
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
 @pytest.mark.slow

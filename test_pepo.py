@@ -224,6 +224,36 @@ def test_perception_prior_matches_bench_reference(score):
     assert slow[:2].abs().min() > 1e-3  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("score", ["cosine", "dot", "l2", "l1"])
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.float32])
+def test_perception_prior_takes_a_0_1_mask_as_bool(score, dtype):
+    # l2/l1 index the image tokens with the mask: 0/1 integers would pick rows 0 and 1 instead
+    torch.manual_seed(2)
+    layers = [torch.randn(2, 10, 4) for _ in range(2)]
+    vision = torch.zeros(2, 10, dtype=torch.bool)
+    vision[0, 2:6], vision[1, 4:7] = True, True
+    expected = perception_prior(layers, vision, 3, score)
+    assert torch.equal(perception_prior(layers, vision.to(dtype), 3, score), expected)
+
+
+def test_masked_average_divides_by_at_least_one():
+    x = torch.tensor([[2.0, 4.0, 6.0]])
+    assert pepo.masked_average(x, torch.tensor([[1.0, 1.0, 0.0]])).item() == 3.0
+    assert pepo.masked_average(x, torch.zeros(1, 3)).item() == 0.0  # not nan
+    # a soft mask summing to 0.5: the divisor is 1, not 0.5 (TRL's and verl's masked_mean would give 4)
+    assert pepo.masked_average(x, torch.tensor([[0.0, 0.5, 0.0]])).item() == 2.0
+    assert torch.equal(pepo.masked_average(x, torch.tensor([[1.0, 0.0, 1.0]]), dim=1), torch.tensor([4.0]))
+
+
+def test_learning_rate_cosine_as_its_docstring_says():
+    N, base = 10, 2.0
+    lrs = [pepo.learning_rate(k, N, base, "cosine") for k in range(1, N + 2)]
+    assert lrs[0] == base and all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    assert math.isclose(lrs[N - 1], base * (1 - math.cos(math.pi / N)) / 2) and 0.0244 < lrs[N - 1] / base < 0.0246
+    assert abs(lrs[N]) < 1e-15  # step N + 1: 0 (to rounding)
+    assert pepo.learning_rate(7, N, base) == base  # constant
+
+
 def test_pepo_weights_by_hand():
     prior = torch.tensor([[0.0, 1.0]])
     entropy = torch.tensor([[1.0, 0.0]])
@@ -1847,6 +1877,73 @@ def test_blacken_pixel_values_equals_processing_a_blackened_image(name):
     a, b = vppo.blacken_pixel_values(clean, proc, 0.5, g), vppo.blacken_pixel_values(clean, proc, 0.5, g)
     is_black, is_clean = (a == all_black).all(1), (a == clean).all(1)
     assert (is_black | is_clean).all() and 0.3 < is_black.float().mean() < 0.7 and not torch.equal(a, b)
+
+
+def test_model_size_equals_transformers_smart_resize():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    limits = [
+        (56 * 56, 28 * 28 * 1280, 28),
+        (56 * 56, 112 * 112, 28),
+        (64 * 64, 128 * 128, 32),
+        (4 * 28 * 28, 16 * 28 * 28, 28),
+    ]
+    sides = [1, 13, 27, 28, 29, 41, 55, 56, 57, 84, 100, 112, 199, 300, 333, 640, 1000, 1080, 1920, 4000]
+    n = 0
+    for min_pixels, max_pixels, factor in limits:
+        for h in sides:
+            for w in sides:
+                if max(h, w) / min(h, w) > 200:
+                    with pytest.raises(ValueError):
+                        vppo.model_size(h, w, factor, min_pixels, max_pixels)
+                    continue
+                assert vppo.model_size(h, w, factor, min_pixels, max_pixels) == smart_resize(
+                    h, w, factor, min_pixels, max_pixels
+                ), (h, w, min_pixels, max_pixels)
+                n += 1
+    assert n > 1000
+
+
+def test_vppo_needs_torch_and_pillow_only():
+    import ast
+
+    tree = ast.parse(Path(vppo.__file__).read_text())
+    top = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert top == {"__future__", "math", "fractions", "torch", "PIL"}
+
+
+def test_random_draws_follow_the_generator_not_the_input():
+    # a CPU generator with inputs elsewhere (here the meta device: no values, but devices must line up)
+    proc = PROCESSORS["patch14"]
+    clean = proc(resize_for_model(random_image(300, 200), proc), return_tensors="pt")["pixel_values"]
+    out = vppo.blacken_pixel_values(clean.to("meta"), proc, 0.5, seeded(0))
+    assert out.device.type == "meta" and out.shape == clean.shape
+    mask = torch.ones(3, 7)
+    assert vppo.random_token_mask(mask.to("meta"), 0.4, seeded(0)).device.type == "meta"
+    # without a generator the input's device draws: on CPU, what the global stream gives
+    torch.manual_seed(5)
+    a = vppo.random_token_mask(mask, 0.4)
+    torch.manual_seed(5)
+    assert torch.equal(a, vppo.random_token_mask(mask, 0.4, None)) and a.sum(1).tolist() == [3.0] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inputs_with_a_cpu_generator_match_cpu_inputs():
+    proc = PROCESSORS["patch14"]
+    clean = proc(resize_for_model(random_image(300, 200), proc), return_tensors="pt")["pixel_values"]
+    cpu = vppo.blacken_pixel_values(clean, proc, 0.5, seeded(3))
+    gpu = vppo.blacken_pixel_values(clean.cuda(), proc, 0.5, seeded(3))
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    mask = torch.ones(4, 9)
+    gpu = vppo.random_token_mask(mask.cuda(), 0.4, seeded(3))
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), vppo.random_token_mask(mask, 0.4, seeded(3)))
+    cuda_gen = torch.Generator(device="cuda").manual_seed(3)  # a CUDA generator with a CPU image
+    assert blacken_patches(random_image(56, 56), 14, 0.5, cuda_gen).size == (56, 56)
 
 
 def test_resize_for_model_is_a_fixed_point():

@@ -12,6 +12,7 @@ Also here: the high-entropy-minority token mask (arXiv 2506.01939) used as a bas
 
 Shapes: B = completions, L = completion length, V = vocab.  The tensor functions are pure and
 return detached tensors: the scores decide *which* tokens and *how much*, never carry gradient.
+Everything here needs torch and Pillow only; a function that uses a helper of this file names it.
 """
 
 from __future__ import annotations
@@ -19,23 +20,33 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 
 # ----------------------------------------------------------------------------------------
 # Image perturbations (VPPO ablation: blackening patches works best; noise, blur, grey are worse)
 # ----------------------------------------------------------------------------------------
+def _uniform(shape, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """U[0, 1) numbers on `device`, drawn on the generator's device (on `device` without one), then moved.
+
+    CPU and CUDA streams differ for the same seed, so drawing where the generator lives keeps the
+    numbers a function of the generator alone: a CPU generator gives the same draws for CPU and
+    CUDA inputs, and a CUDA generator works with CPU inputs (images) too.
+    """
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL -> uint8 [H, W, 3].  Alpha / palette / greyscale become RGB, as the Qwen-VL processor does anyway."""
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+    image = image.convert("RGB")
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
 
 
 def _to_image(x: torch.Tensor) -> Image.Image:
-    """uint8 [H, W, 3] -> PIL RGB."""
-    return Image.fromarray(x.contiguous().numpy())
+    """uint8 [H, W, 3] -> PIL RGB (through a Python list: ~0.05 s per megapixel)."""
+    return Image.frombytes("RGB", (x.shape[1], x.shape[0]), bytes(x.cpu().reshape(-1).tolist()))
 
 
 def blacken_patches(
@@ -46,19 +57,23 @@ def blacken_patches(
     Partial blocks at the right / bottom edges are blocks too.  Output has the same size (and is RGB).
     With patch_size = the vision encoder's patch size and an image already at model resolution
     (see `resize_for_model`) every blacked block is exactly one encoder patch: VPPO (arXiv 2510.09285).
+    Needs `_uniform`. The block mask becomes a Pillow mask: no per-pixel copy through Python.
     """
-    x = _to_tensor(image)
-    H, W = x.shape[:2]
-    grid = (math.ceil(H / patch_size), math.ceil(W / patch_size))
-    keep = torch.rand(grid, generator=generator) >= prob  # rand in [0, 1): prob=0 keeps all, prob=1 keeps none
-    keep = keep.repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)[:H, :W]
-    return _to_image(x * keep[..., None])
+    image = image.convert("RGB")
+    W, H = image.size
+    rows, cols = math.ceil(H / patch_size), math.ceil(W / patch_size)
+    keep = _uniform((rows, cols), generator) >= prob  # [0, 1): prob=0 keeps all, prob=1 keeps none
+    mask = Image.frombytes("L", (cols, rows), bytes((keep.view(-1) * 255).tolist()))
+    mask = mask.resize((cols * patch_size, rows * patch_size), Image.Resampling.NEAREST).crop((0, 0, W, H))
+    return Image.composite(image, Image.new("RGB", image.size), mask)  # 255: the image, 0: black
 
 
 def gaussian_noise(image: Image.Image, sigma: float = 189.0, generator: torch.Generator | None = None) -> Image.Image:
-    """Add N(0, sigma^2) noise on the 0-255 scale, clip and round back to uint8.  Same size."""
+    """Add N(0, sigma^2) noise on the 0-255 scale, clip and round back to uint8.  Same size.
+    Needs `_to_tensor`, `_to_image`; the noise is drawn on the generator's device, as `_uniform` does."""
     x = _to_tensor(image).float()
-    noise = torch.randn(x.shape, generator=generator) * sigma
+    device = None if generator is None else generator.device
+    noise = torch.randn(x.shape, generator=generator, device=device).cpu() * sigma
     return _to_image((x + noise).clamp(0, 255).round().to(torch.uint8))
 
 
@@ -72,16 +87,37 @@ def solid_grey(image: Image.Image, value: int = 128) -> Image.Image:
     return Image.new("RGB", image.size, (value, value, value))
 
 
+def model_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) that the Qwen-VL image processor resizes an image to (its `smart_resize` rule).
+
+    Each side is rounded to a multiple of `factor` (patch_size * merge_size); if that area exceeds
+    max_pixels, the sides are divided by sqrt(area / max_pixels) and rounded down to multiples (at
+    least one), if it falls below min_pixels they are multiplied by sqrt(min_pixels / area) and
+    rounded up. Aspect ratios above 200 are refused, as the processor does.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {height}x{width}: the Qwen-VL processor needs an aspect ratio below 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * grow / factor) * factor, math.ceil(width * grow / factor) * factor
+    return h, w
+
+
 def resize_for_model(image: Image.Image, image_processor) -> Image.Image:
     """Resize (bicubic) to exactly the size the Qwen-VL image processor would pick.
 
     The processor snaps H and W to multiples of patch_size * merge_size inside [min_pixels, max_pixels]
-    (smart_resize).  Perturbing *after* this resize makes perturbation blocks coincide with encoder
-    patches, and the processor then leaves the size unchanged, so I and I' give the same grid
+    (`model_size`, which this needs).  Perturbing *after* this resize makes perturbation blocks
+    coincide with encoder patches, and the processor then leaves the size unchanged, so I and I' give the same grid
     and the same number of image tokens.  patch_size is read from the processor: 14 for
     Qwen2/2.5-VL, 16 for Qwen3-VL.
 
-    Corner case: smart_resize is not idempotent when max_pixels is small and the image very
+    Corner case: the rule is not idempotent when max_pixels is small and the image very
     elongated (aspect > max_pixels / factor^2, e.g. > 16:1 for max_pixels = 112*112, never for the
     default 28*28*1280): one side is pinned at `factor` and a second pass shrinks the other.
     Feeding the processor resize_for_model(image) as the *clean* image too makes I and I' the same
@@ -89,13 +125,8 @@ def resize_for_model(image: Image.Image, image_processor) -> Image.Image:
     """
     ip = image_processor
     # transformers 5.x keeps the pixel limits in `size` (shortest_edge = min pixels, longest_edge = max pixels)
-    height, width = smart_resize(
-        image.height,
-        image.width,
-        factor=ip.patch_size * ip.merge_size,
-        min_pixels=ip.size["shortest_edge"],
-        max_pixels=ip.size["longest_edge"],
-    )
+    factor = ip.patch_size * ip.merge_size
+    height, width = model_size(image.height, image.width, factor, ip.size["shortest_edge"], ip.size["longest_edge"])
     if (width, height) == image.size:
         return image.copy()
     return image.resize((width, height), Image.Resampling.BICUBIC)
@@ -111,6 +142,8 @@ def blacken_pixel_values(
     a patch means setting its row to the normalised value of black. This equals running the
     processor on `perturb_image(image, "blacken")` (one independent draw per patch) without a
     second pass of every image through Pillow and the processor (0.25 s -> 0.04 s for 128 images, tiny model).
+    This is VPPO's default perturbation here (`perturbed_pixel_values`); `perturb_image` serves the others.
+    Needs `_uniform`: the draws follow the generator's device, so CUDA inputs work and match CPU ones.
     """
     ip = image_processor
     black = (
@@ -119,7 +152,7 @@ def blacken_pixel_values(
         else torch.zeros(len(ip.image_mean))
     )
     rows = pixel_values.reshape(pixel_values.shape[0], len(black), -1)  # [P, C, t*p*p]
-    drop = torch.rand(pixel_values.shape[0], generator=generator) < prob  # rand in [0, 1): prob=0 keeps all
+    drop = _uniform(pixel_values.shape[0], generator, pixel_values.device) < prob  # [0, 1): prob=0 keeps all
     return torch.where(drop[:, None, None], black.to(rows)[None, :, None], rows).reshape(pixel_values.shape)
 
 
@@ -140,7 +173,9 @@ def scale_into_pixel_range(image: Image.Image, min_pixels: int, max_pixels: int)
 def perturb_image(
     image: Image.Image, kind: str, image_processor, generator: torch.Generator | None = None
 ) -> Image.Image:
-    """Resize to model resolution, then perturb.  kind in PERTURBATIONS; "blacken" is VPPO's default.
+    """Resize to model resolution, then perturb.  kind in PERTURBATIONS.  Needs `resize_for_model`,
+    `scale_into_pixel_range` and the perturbations above. Training's default, "blacken", does not come
+    here: `blacken_pixel_values` does it on the processor's output; this serves the other kinds.
 
     The result's size equals the model-resolution size, so the processor yields the same
     image_grid_thw for I and I' and the two forward passes line up token for token
@@ -172,7 +207,8 @@ def perturbed_pixel_values(
 ) -> torch.Tensor:
     """pixel_values of a freshly perturbed copy of every image of a batch (one row per completion,
     its images in batch["examples"][i].images). Token ids and image grids stay the same: only the
-    pixels change, so the clean and the perturbed pass line up token for token."""
+    pixels change, so the clean and the perturbed pass line up token for token.
+    Needs `blacken_pixel_values` ("blacken") or `perturb_image` (the other kinds)."""
     if kind == "blacken":  # VPPO's default, done on the processor output: no second processor pass
         return blacken_pixel_values(batch["pixel_values"], image_processor, 0.5, generator)
     images = [perturb_image(im, kind, image_processor, generator) for ex in batch["examples"] for im in ex.images]
@@ -257,6 +293,7 @@ def token_gradient_mask(dependency: torch.Tensor, mask: torch.Tensor, top_frac: 
 
     Per completion i keep the k_i = ceil(top_frac * T_i) valid tokens with the highest visual
     dependency (T_i = valid tokens of row i); padding and rows with T_i = 0 get 0.
+    Row by row, so a rank's rows need nothing from the others. Needs `ceil_count`, `_keep_top_k`.
     """
     valid = mask.bool()
     k = ceil_count(top_frac, valid.sum(dim=1))
@@ -268,9 +305,10 @@ def random_token_mask(
 ) -> torch.Tensor:
     """TGF's token count without its criterion (VPPO's ablation).  mask [B, L] -> [B, L] float 0/1
 
-    Per completion keep ceil(top_frac * T_i) valid tokens chosen uniformly at random."""
+    Per completion keep ceil(top_frac * T_i) valid tokens chosen uniformly at random.
+    Needs `_uniform`, `ceil_count`, `_keep_top_k`."""
     valid = mask.bool()
-    scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    scores = _uniform(mask.shape, generator, mask.device)
     return _keep_top_k(scores, valid, ceil_count(top_frac, valid.sum(dim=1)))
 
 
@@ -286,6 +324,9 @@ def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min
     magnitude is unchanged (over rows with valid tokens), only shifted towards visually
     grounded completions. Here the batch is the whole rollout batch (their code: a mini-batch).
     A flat batch (max - min <= 1e-6) gets alpha = 1 everywhere.
+    There is no upper bound, as in the authors' code: alpha_max = min_scale + (1 - min_scale) / mean(n),
+    so one completion far above the rest gets up to min_scale + (1 - min_scale) B (~14x has been seen).
+    Batch-wide: under data parallelism gather every rank's rows first (pepo.py: distributed.on_all_rows).
     """
     m = mask.float()
     has = m.sum(dim=1) > 0  # rows with no valid token (e.g. overlong-filtered) keep alpha = 1
@@ -303,7 +344,8 @@ def entropy_top_mask(entropy: torch.Tensor, mask: torch.Tensor, top_frac: float 
     """High-entropy minority (arXiv 2506.01939).  entropy, mask [B, L] -> [B, L] float 0/1
 
     Over the whole batch keep the ceil(top_frac * N_valid) valid tokens with the highest entropy;
-    0 elsewhere, on padding, and everywhere when N_valid = 0.
+    0 elsewhere, on padding, and everywhere when N_valid = 0. Batch-wide: under data parallelism
+    gather every rank's rows first (pepo.py: distributed.on_all_rows). Needs `ceil_count`, `_keep_top_k`.
     """
     valid = mask.bool().reshape(1, -1)
     k = ceil_count(top_frac, valid.sum(dim=1))

@@ -82,6 +82,16 @@ class Args:
     image_root: str = arg(
         None, "folder that relative image paths in --data resolve against (default: the file's folder)", type=str
     )
+    reward: str = arg(
+        "jsonl",
+        "reward for --data: jsonl (the project's), pepo, vppo or vppo-format (the authors'; tasks.REWARDS)",
+        choices=list(tasks.REWARDS),
+    )
+    format_prompt: str = arg(
+        None,
+        "instruction appended to every --data prompt after a blank line: a tasks.FORMAT_PROMPTS name (vppo) or text",
+        type=str,
+    )
     steps: int = arg(100, "RL steps (one rollout batch and one update each)")
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
@@ -1335,6 +1345,7 @@ def train(
         held_out = None
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
             m["eval_accuracy"] = held_out = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
+        m["grade_failures"] = dist_.all_sum(tasks.GRADER.pop_failures())  # --data: grading calls that hung or failed
         m = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()
         }  # nan -> null: valid JSON
@@ -1358,6 +1369,16 @@ def check_args(args: Args) -> None:
     if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
         raise UsageError(
             f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, or train on a dataset with --data FILE.jsonl"
+        )
+    if args.reward not in tasks.REWARDS:
+        raise UsageError(f"unknown --reward {args.reward!r}; choose from {', '.join(tasks.REWARDS)}")
+    if args.data is None and (args.reward != "jsonl" or args.format_prompt is not None):
+        flag = "--reward" if args.reward != "jsonl" else "--format-prompt"
+        raise UsageError(f"{flag} applies to --data FILE.jsonl; a toy task has its own prompts and verifier")
+    if args.data is not None and tasks.mathruler_missing():
+        raise UsageError(
+            f"--reward {args.reward} grades with mathruler, but {tasks.mathruler_missing()} is not installed; "
+            "pip install mathruler sympy pylatexenc"
         )
     rules = [
         (
@@ -1789,7 +1810,11 @@ def run(args: Args):
         for t in tasks.TASKS.values():
             print(f"{t.name:12s} {t.description}")
         return
-    task = tasks.JsonlTask(args.data, args.image_root) if args.data else tasks.get_task(args.task)  # checks every row
+    task = (  # a dataset's rows are all checked here
+        tasks.JsonlTask(args.data, args.image_root, args.reward, args.format_prompt)
+        if args.data
+        else tasks.get_task(args.task)
+    )
     out_dir = Path(args.output_dir)
     offline = args.model != "tiny" and check_model_source(args.model)
     device = dist_.init(args.device)  # under torchrun: join the process group, this rank's GPU

@@ -11,7 +11,7 @@ Reward = accuracy + FORMAT_BONUS * format_ok. Accuracy is 1.0 for a correct answ
 in the expected format with a non-empty answer. Adding a task takes one small class:
 `sample`, a label pool for the format warm-up, and (optionally) its own `parse` / `accuracy`.
 
-Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with `grade`.
+Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with `REWARDS` (mathruler).
 
     python tasks.py --list                                    # tasks, descriptions, blind baselines
     python tasks.py --export data/count --task count --n 1000 --format easyr1
@@ -20,22 +20,21 @@ Real datasets: `JsonlTask(path)` reads ms-swift or EasyR1 JSONL and grades with 
 from __future__ import annotations
 
 import argparse
-import ast
+import atexit
 import functools
+import importlib.util
 import json
-import math
-import operator
 import random
 import re
+import select
+import subprocess
+import sys
+import threading
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
-
-try:  # optional stronger symbolic checker; the plain grader below stands on its own
-    import math_verify
-except ImportError:
-    math_verify = None
 
 FORMAT_BONUS = 0.1
 IMAGE = "<image>"  # where an image goes in the prompt text
@@ -554,12 +553,28 @@ def answer_budget(task: Task, tokenizer, n: int = 200) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Answer grading for real datasets: <answer>/\boxed{} extraction, normalisation, values
+# Rewards for real datasets (--reward): the authors' and the project's, graded by mathruler
 # ----------------------------------------------------------------------------------------
 ANSWER_ANYWHERE_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+THINK_ANYWHERE_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+VPPO_FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
 TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
 CHOICE_RE = re.compile(r"^\(?([a-e])\)?(?:[.):\s]|$)", re.IGNORECASE)
 LATEX_NOISE = ["\\left", "\\right", "\\!", "\\,", "\\;", "^{\\circ}", "^\\circ", "°", "$"]
+MATHRULER = ("mathruler", "sympy", "pylatexenc")  # mathruler's wheel declares neither of its two dependencies
+
+
+def mathruler_missing() -> str | None:
+    """The first of mathruler and its dependencies that is not installed, else None (nothing is imported)."""
+    return next((m for m in MATHRULER if importlib.util.find_spec(m) is None), None)
+
+
+def grade_answer(given: str, truth: str) -> bool:
+    """mathruler.grader.grade_answer, the grader both authors use; imported on first use (sympy is slow to import).
+    Not symmetric: an integer `truth` needs an integer `given`, fractions must be reduced alike."""
+    from mathruler.grader import grade_answer
+
+    return grade_answer(given, truth)
 
 
 def last_boxed(text: str) -> str | None:
@@ -585,16 +600,11 @@ def final_answer(completion: str) -> str | None:
 
 
 def unwrap(s: str) -> str:
+    """Without \\text{}-like wrappers, $, \\left/\\right, LaTeX spacing and degree marks."""
     s = TEXT_RE.sub(r"\1", s)
     for noise in LATEX_NOISE:
         s = s.replace(noise, "")
     return s.strip()
-
-
-def normalize(s: str) -> str:
-    """Comparable text: no LaTeX spacing, $, \\text{}, degrees, spaces, case, trailing '.'."""
-    s = unwrap(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return re.sub(r"\s+", "", s).lower().rstrip(".")
 
 
 def choice_letter(s: str) -> str | None:
@@ -603,95 +613,178 @@ def choice_letter(s: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
-    ast.USub: operator.neg,
-    ast.UAdd: operator.pos,
+def jsonl_reward(completion: str, answer: str) -> tuple[float, float]:
+    """--reward jsonl, the project's: the final answer (final_answer: <answer> or \\boxed{}); a
+    choice A-E is compared by letter, anything else by grade_answer(answer given, truth) after
+    unwrap(); reward = accuracy + FORMAT_BONUS when there is a non-empty answer, as for toy tasks."""
+    given = final_answer(completion)
+    if not given:
+        return 0.0, 0.0
+    truth = unwrap(answer)
+    if re.fullmatch(r"\(?[A-Ea-e]\)?\.?", truth):  # multiple choice: "B", "(B)", "B."
+        acc = float(choice_letter(given) == truth.strip("().").lower())
+    else:
+        acc = float(grade_answer(unwrap(given), truth))
+    return acc + FORMAT_BONUS, acc
+
+
+def pepo_normalize(text: str) -> str:
+    """PEPO's answer normalisation: NFKC, casefold, whitespace runs -> one space, trimmed, one
+    trailing "." or "。" dropped, and π written \\pi."""
+    text = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    if text.endswith((".", "。")):
+        text = text[:-1].strip()
+    return text.replace("π", "\\pi")
+
+
+def pepo_reward(completion: str, answer: str) -> tuple[float, float]:
+    """--reward pepo: PEPO's ms-swift reward plugin, format + accuracy with weights 1 and 1.
+    format = 1 when the completion holds exactly one <think>...</think> and exactly one
+    <answer>...</answer> (counted anywhere; order and surrounding text are free). accuracy = the
+    first <answer>'s content against the truth, both pepo_normalize'd, graded with the truth as
+    mathruler's *given* argument (their order); a grader error scores 0, as in their code."""
+    fmt = float(len(THINK_ANYWHERE_RE.findall(completion)) == 1 and len(ANSWER_ANYWHERE_RE.findall(completion)) == 1)
+    m = ANSWER_ANYWHERE_RE.search(completion)
+    try:
+        acc = float(m is not None and grade_answer(pepo_normalize(answer), pepo_normalize(m.group(1).strip())))
+    except Exception:
+        acc = 0.0
+    return fmt + acc, acc
+
+
+def vppo_parts(completion: str, answer: str) -> tuple[float, float]:
+    """(accuracy, format) of VPPO's math reward (EasyR1's examples/reward_function/math.py).
+    Whitespace around "<", ">" and "/" is removed from the whole completion first (their fix for
+    Qwen2.5-VL-32B's "< think >"); accuracy grades the last \\boxed{} (mathruler's
+    extract_boxed_content: the string "None" when there is none) against the truth; format = the
+    completion is fully <think>...</think>...\\boxed{...}... (greedy, across lines)."""
+    from mathruler.grader import extract_boxed_content
+
+    text = re.sub(r"\s*(<|>|/)\s*", r"\1", completion)
+    return float(grade_answer(extract_boxed_content(text), answer)), float(VPPO_FORMAT_RE.fullmatch(text) is not None)
+
+
+def vppo_reward(completion: str, answer: str) -> tuple[float, float]:
+    """--reward vppo: accuracy only (their compute_score_wo_format, the reward of VPPO's scripts)."""
+    acc, _ = vppo_parts(completion, answer)
+    return acc, acc
+
+
+def vppo_format_reward(completion: str, answer: str) -> tuple[float, float]:
+    """--reward vppo-format: 0.9 * accuracy + 0.1 * format (their compute_score, format_weight 0.1)."""
+    acc, fmt = vppo_parts(completion, answer)
+    return (1 - 0.1) * acc + 0.1 * fmt, acc
+
+
+# name -> function(completion, answer) -> (reward, accuracy). Plain functions; runs grade them
+# through GRADER, which bounds each call in time and input length.
+REWARDS = {"jsonl": jsonl_reward, "pepo": pepo_reward, "vppo": vppo_reward, "vppo-format": vppo_format_reward}
+
+# --format-prompt NAME: appended to each --data prompt as EasyR1 does (apply_format_prompt).
+FORMAT_PROMPTS = {
+    # VPPO's examples/format_prompt/math_format_perception.jinja (their paper's appendix N, the same text)
+    "vppo": "You first think through the reasoning process as an internal monologue, enclosed within "
+    "<think> </think> tags. Then, provide your final answer enclosed within \\boxed{}.",
 }
 
 
-def _eval(node) -> float:
-    """Arithmetic on numbers, sqrt() and pi only: a whitelist walk, never eval()."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in OPS:
-        a, b = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(b) > 64:
-            raise ValueError("exponent too large")
-        return OPS[type(node.op)](a, b)
-    if isinstance(node, ast.UnaryOp) and type(node.op) in OPS:
-        return OPS[type(node.op)](_eval(node.operand))
-    if (
-        isinstance(node, ast.Call)
-        and getattr(node.func, "id", None) == "sqrt"
-        and len(node.args) == 1
-        and not node.keywords
-    ):
-        return math.sqrt(_eval(node.args[0]))
-    if isinstance(node, ast.Name) and node.id == "pi":
-        return math.pi
-    raise ValueError("not arithmetic")
+def apply_format_prompt(prompt: str, format_prompt: str | None) -> str:
+    """EasyR1's rendering of `{{ content | trim }}\\n\\n<instruction>`: the prompt trimmed, a blank
+    line, the instruction (a FORMAT_PROMPTS name or the text itself). None leaves the prompt as is."""
+    if format_prompt is None:
+        return prompt
+    return prompt.strip() + "\n\n" + FORMAT_PROMPTS.get(format_prompt, format_prompt).strip()
 
 
-def to_value(s: str) -> float | None:
-    """Value of a normalised answer: 5, 5.0, 1,000, 1/2, \\frac{1}{2}, 2\\sqrt{3}, 3\\pi; None otherwise."""
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d*)?", s):
-        s = s.replace(",", "")
-    try:
-        v = float(s)
-        return v if math.isfinite(v) else None
-    except ValueError:
-        pass
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
-    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)  # \sqrt2
-    while True:  # innermost first, so \frac{\sqrt{3}}{2} and nested fractions resolve outwards
-        t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s))
-        if t == s:
-            break
-        s = t
-    s = s.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("^", "**")
-    s = s.replace("{", "(").replace("}", ")")
-    s = re.sub(r"(?<=[\d.)])(?=[a-z(])|(?<=pi)(?=[\d(a-z])", "*", s)  # implicit products: 2sqrt(3), 3pi, pi2
-    if not re.fullmatch(r"(?:[\d.+\-*/()]|sqrt|pi)+", s):
-        return None
-    try:
-        v = _eval(ast.parse(s, mode="eval").body)
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
-        return None
-    return v if isinstance(v, float) and math.isfinite(v) else None
+GRADE_SECONDS = 5.0  # time bound of one grading call; mathruler takes milliseconds on real answers
+GRADE_MAX_CHARS = 100_000  # longer inputs are not graded: ~3x an 8,192-token completion
 
 
-def answers_match(pred: str | None, truth: str) -> bool:
-    """Is the extracted answer `pred` the ground truth `truth`? Letters for multiple choice,
-    else normalised text, else values within rel 1e-6 (else math_verify when installed)."""
-    if pred is None:
-        return False
-    letter = choice_letter(truth)
-    if letter is not None and len(normalize(truth).strip("().")) == 1:  # truth is a choice A-E
-        return choice_letter(pred) == letter
-    p, t = normalize(pred), normalize(truth)
-    if "=" not in t:
-        p = re.sub(r"^[a-z]\w*=", "", p)  # "x = 5" answers "5"
-    if p == t:
-        return True
-    a, b = to_value(p), to_value(t)
-    if a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
-        return True
-    if math_verify is not None:
+def grade_worker() -> None:
+    """Grader's child process: reads [name, completion, answer] as one JSON line, writes
+    [reward, accuracy] (or an error string) as one JSON line, until its stdin closes."""
+    import mathruler.grader  # noqa: F401  (imported before "ready": the time bound covers grading alone)
+
+    out, sys.stdout = sys.stdout, sys.stderr  # nothing the graders print can break the protocol
+    out.write('"ready"\n')
+    out.flush()
+    for line in sys.stdin:
+        name, completion, answer = json.loads(line)
         try:
-            return bool(math_verify.verify(math_verify.parse(f"${truth}$"), math_verify.parse(f"${pred}$")))
-        except Exception:  # its parser and timeouts may raise anything; the plain verdict stands
-            return False
-    return False
+            reply = list(REWARDS[name](completion, answer))
+        except Exception as e:  # e.g. VPPO's code has no guard around the grader
+            reply = f"{type(e).__name__}: {e}"[:200]
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
 
 
-def grade(completion: str, answer: str) -> float:
-    """1.0 when the completion's final answer (<answer>/\\boxed{}) matches `answer`, else 0.0."""
-    return float(answers_match(final_answer(completion), answer))
+class Grader:
+    """Runs REWARDS[name](completion, answer) in a persistent child process, bounded in time and
+    input length: model output is untrusted, and sympy (under mathruler) can hang on some
+    expressions. A call over `seconds` kills the child (the next call starts a new one); it, a
+    call that raises or crashes the child, and an input over `max_chars` score (0, 0) and add 1 to
+    `failures`. A child process (not signal.alarm, which only works in the main thread) works in
+    any thread and on every torchrun rank (each has its own child); a lock keeps calls in order."""
+
+    def __init__(self, seconds: float = GRADE_SECONDS, max_chars: int = GRADE_MAX_CHARS):
+        self.seconds, self.max_chars, self.failures = seconds, max_chars, 0
+        self.proc, self.lock = None, threading.Lock()
+        atexit.register(self.stop)
+
+    def start(self) -> None:
+        here = str(Path(__file__).resolve().parent)
+        code = f"import sys; sys.path.insert(0, {here!r}); import tasks; tasks.grade_worker()"
+        # Its own session: a Ctrl-C meant for the run does not kill it mid-call. It exits when its stdin closes.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        if self.read(60.0) != "ready":  # importing sympy takes a second or two
+            self.stop()
+            raise RuntimeError("the grading process did not start; run: python -c 'import mathruler.grader'")
+
+    def read(self, seconds: float):
+        """The child's next reply, or None when it gave none within `seconds` or died."""
+        if not select.select([self.proc.stdout], [], [], seconds)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __call__(self, name: str, completion: str, answer: str) -> tuple[float, float]:
+        with self.lock:
+            if len(completion) <= self.max_chars and len(answer) <= self.max_chars:
+                if self.proc is None or self.proc.poll() is not None:
+                    self.start()
+                try:
+                    self.proc.stdin.write(json.dumps([name, completion, answer]) + "\n")
+                    self.proc.stdin.flush()
+                    reply = self.read(self.seconds)
+                except BrokenPipeError:  # the child died between calls
+                    reply = None
+                if isinstance(reply, list):
+                    return reply[0], reply[1]
+                if reply is None:  # hung (or died): a fresh child for the next call
+                    self.stop()
+            self.failures += 1
+            return 0.0, 0.0
+
+    def pop_failures(self) -> int:
+        """Failures since the last call (the per-step grade_failures in metrics.jsonl)."""
+        with self.lock:
+            n, self.failures = self.failures, 0
+            return n
+
+
+GRADER = Grader()  # the process's one grader (started on first use)
 
 
 # ----------------------------------------------------------------------------------------
@@ -763,9 +856,20 @@ def read_row(line: str, where: str, root: Path, seen: set) -> dict:
 class JsonlTask(Task):
     """A JSONL dataset as a task. Every row is validated up front (images by header and, for PNG,
     checksums); rows stay light dicts and images are decoded when a row is sampled, where a
-    file that still fails (e.g. a truncated JPEG) raises DatasetError with its row and path."""
+    file that still fails (e.g. a truncated JPEG) raises DatasetError with its row and path.
+    Completions are scored by REWARDS[reward] through GRADER; `format_prompt` (a FORMAT_PROMPTS
+    name or text) is appended to every prompt by apply_format_prompt."""
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path | None = None,
+        reward: str = "jsonl",
+        format_prompt: str | None = None,
+    ):
+        if reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}; choose from {', '.join(REWARDS)}")
+        self.reward, self.format_prompt = reward, format_prompt
         path = Path(path)
         self.name, self.description = path.name, f"JSONL dataset {path}"
         if not path.is_file():
@@ -793,13 +897,11 @@ class JsonlTask(Task):
                     images.append(im.convert("RGB"))
             except OSError as e:
                 raise DatasetError(f"{row['where']}: not a readable image: {p} ({e}); replace or drop it") from None
-        return Example(row["prompt"], images, row["answer"], {"where": row["where"]})
+        prompt = apply_format_prompt(row["prompt"], self.format_prompt)
+        return Example(prompt, images, row["answer"], {"where": row["where"]})
 
-    def parse(self, completion):
-        return final_answer(completion)  # format: an <answer>...</answer> or \boxed{} anywhere
-
-    def accuracy(self, answer, example):
-        return float(answers_match(answer, example.answer))
+    def score(self, completion, example):
+        return GRADER(self.reward, completion, example.answer)  # REWARDS[self.reward], bounded
 
 
 def export(task: Task, out_dir: str | Path, n: int, fmt: str = "swift", seed: int = 0) -> Path:

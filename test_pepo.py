@@ -34,7 +34,7 @@ import pepo
 import tasks
 import vppo
 from tasks import FORMAT_BONUS as FB
-from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer, grade
+from tasks import IMAGE, DatasetError, Example, JsonlTask, blind_baseline, box_iou, final_answer
 from vppo import (
     blacken_patches,
     ceil_count,
@@ -2076,11 +2076,6 @@ def test_task_list(capsys):
 CLASSIFIERS = ["color", "shape", "count", "position", "compare", "fewshot"]  # plain <answer>label</answer> tasks
 
 
-@pytest.fixture(autouse=True)
-def plain_grader(monkeypatch):
-    monkeypatch.setattr(tasks, "math_verify", None)  # the plain fallback must pass on its own
-
-
 def pixels(image: Image.Image, match) -> set[tuple[int, int]]:
     px = image.load()
     return {(x, y) for x in range(image.width) for y in range(image.height) if match(px[x, y])}
@@ -2573,6 +2568,11 @@ def test_every_task_labels_its_perception_tokens():
         assert marked.replace(" ", "") == expected, name
 
 
+def grade(completion: str, truth: str) -> float:
+    """The accuracy of --reward jsonl."""
+    return tasks.REWARDS["jsonl"](completion, truth)[1]
+
+
 @pytest.mark.parametrize(
     "completion, truth",
     [
@@ -2589,11 +2589,10 @@ def test_every_task_labels_its_perception_tokens():
         ("<answer>\\text{12}.</answer>", "12"),
         ("<answer>x = 5</answer>", "5"),
         ("<answer>\\sqrt{2}</answer>", "\\sqrt 2"),
-        ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # by value: 3.4641...
-        ("<answer>\\frac{\\sqrt{3}}{2}</answer>", "0.8660254037844386"),
+        ("<answer>2\\sqrt{3}</answer>", "\\sqrt{12}"),  # sympy simplifies the difference to 0
         ("<answer>1,000</answer>", "1000"),
-        ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
-        ("<answer>0.50000001</answer>", "1/2"),  # within rel 1e-6
+        ("<answer>3\\pi</answer>", "3\\pi"),
+        ("\\boxed{(1, 2)}", "(1,2)"),  # tuples element by element
     ],
 )
 def test_grade_correct(completion, truth):
@@ -2611,6 +2610,12 @@ def test_grade_correct(completion, truth):
         ("<answer>2\\sqrt{2}</answer>", "2\\sqrt{3}"),
         ("the answer is 5", "5"),  # nothing to extract
         ("\\boxed{5", "5"),  # unclosed box
+        # mathruler's rules, which the hand-written value comparison did not have: no closeness
+        # tolerance, an integer truth wants an integer, fractions compare reduced as written
+        ("<answer>0.50000001</answer>", "1/2"),
+        ("<answer>0.8660254037844386</answer>", "\\frac{\\sqrt{3}}{2}"),
+        ("\\boxed{\\frac{1}{\\frac{1}{2}}}", "2"),
+        ("<answer>2/4</answer>", "1/2"),
     ],
 )
 def test_grade_wrong(completion, truth):

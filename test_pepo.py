@@ -6,6 +6,7 @@ Expected values are worked out by hand in the comments.
 """
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -1295,6 +1296,181 @@ def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt):
         else None
     )
     assert summary["task"] == data.name and summary["steps"] == 2
+
+
+def write_rows(folder: Path, fmt: str, n: int = 6) -> Path:
+    """n rows in the format each recipe's authors train on, with real PNG images: ms-swift's (PEPO's
+    Geometry3K files: the instruction in the user message, `solution`) or EasyR1's (VPPO's ViRL39K:
+    `problem`, `answer`, `images`; the format prompt is added by the recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(0), []
+    for i in range(n):
+        ex = tasks.get_task("color").sample(rng)
+        ex.images[0].save(folder / f"{i}.png")
+        question = f"<image>\nThe shape's side is {i + 2} cm. Find its perimeter in cm."
+        if fmt == "swift":
+            instruction = (
+                "First output the thinking process in <think> </think> tags and then output the final answer in "
+                "<answer> </answer> tags."
+            )
+            content = f"{question}\n\n{instruction}"
+            row = {
+                "images": [f"{i}.png"],
+                "messages": [{"role": "user", "content": content}],
+                "solution": str(4 * i + 8),
+            }
+        else:
+            row = {"problem": question, "answer": str(4 * i + 8), "images": [f"{i}.png"]}
+        lines.append(json.dumps(row))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@slow
+@pytest.mark.parametrize(
+    "recipe, kind, fmt",
+    [
+        ("pepo-geo3k-3b", "qwen2_5_vl", "swift"),
+        ("pepo_d-geo3k-3b", "qwen2_5_vl", "swift"),
+        ("vppo-virl39k-7b", "qwen2_5_vl", "easyr1"),
+        ("vppo-virl39k-qwen3vl-8b", "qwen3_vl", "easyr1"),
+    ],
+)
+def test_recipe_trains_on_rows_in_its_authors_format(tmp_path, tiny, recipe, kind, fmt, monkeypatch):
+    # --recipe X --model <small checkpoint> --steps 2 and small batches: everything else is the published run's
+    ckpt, data = make_checkpoint(kind, tiny, tmp_path / kind), write_rows(tmp_path / "data", fmt)
+    small = ["--prompts-per-step", "3", "--group-size", "2", "--max-new-tokens", "8", "--eval-size", "2"]
+    if recipe != "pepo-geo3k-3b":  # a random model scores 0 everywhere: dynamic sampling would keep no group
+        small += ["--no-dynamic-sampling"]
+    prompts, chat_text = [], pepo.VLHelper.chat_text  # every prompt the run renders
+    monkeypatch.setattr(pepo.VLHelper, "chat_text", lambda self, p: prompts.append(chat_text(self, p)) or prompts[-1])
+    summary = pepo.main(
+        ["--recipe", recipe, "--model", ckpt, "--data", str(data), "--steps", "2", "--no-bf16", *small]
+        + ["--output-dir", str(tmp_path / "run")]
+    )
+    assert summary["recipe"] == recipe and summary["steps"] == 2 and summary["model"] == ckpt
+    given = dict(model=ckpt, steps=2, prompts_per_step=3, group_size=2, max_new_tokens=8, bf16=False)
+    given["dynamic_sampling"] = False  # (not in pepo-geo3k-3b's recipe)
+    for key, value in pepo.RECIPES[recipe].items():  # summary.json records the resolved settings
+        assert summary["args"][key] == given.get(key, value), key
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(
+        ("vppo_kept_frac" in m) == ("vppo" in recipe) and ("pepo_lambda" in m) != ("vppo" in recipe) for m in metrics
+    )
+    prompt = prompts[0]
+    if fmt == "swift":  # Qwen2.5-VL's default system message, the row's own instruction, no format prompt added
+        assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        assert "in <answer> </answer> tags.<|im_end|>" in prompt
+    else:  # the problem, a blank line and VPPO's format prompt; Qwen3-VL's template adds no system message
+        assert prompt.endswith(f"cm.\n\n{tasks.FORMAT_PROMPTS['vppo']}<|im_end|>\n<|im_start|>assistant\n")
+        assert prompt.startswith("<|im_start|>user\n") == (kind == "qwen3_vl")
+
+
+def test_recipe_sets_every_knob_and_given_flags_win(tmp_path):
+    data = str(tmp_path / "rows.jsonl")
+    args = pepo.parse_args(["--recipe", "pepo_d-geo3k-3b", "--data", data])
+    assert (args.algo, args.model, args.lr, args.top_k, args.weight_decay, args.adam_beta2) == (
+        "pepo_d",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        1e-6,
+        50,
+        0.1,
+        0.95,
+    )
+    assert (args.beta, args.clip_high, args.loss_type, args.dynamic_sampling, args.overlong_filter) == (
+        0.001,
+        0.2,  # the recipe's 0.2 over the pepo_d preset's clip-higher 0.28
+        "dapo",
+        True,
+        True,
+    )
+    assert args.pepo and args.adv_scale == "group"  # what the recipe leaves, the preset fills
+    given = pepo.parse_args(
+        [
+            "--recipe",
+            "vppo-virl39k-7b",
+            "--data",
+            data,
+            "--model",
+            "m",
+            "--steps",
+            "2",
+            "--top-p",
+            "1",
+            "--max-pixels",
+            "9",
+        ]
+        + ["--min-pixels", "4", "--no-freeze-vision", "--beta", "0.01"]
+    )
+    assert (given.model, given.steps, given.top_p, given.min_pixels, given.max_pixels, given.beta) == (
+        "m",
+        2,
+        1.0,
+        4,
+        9,
+        0.01,
+    )
+    assert (given.algo, given.reward, given.format_prompt, given.mini_batches, given.vppo_perturb) == (
+        "vppo",
+        "vppo",
+        "vppo",
+        3,
+        "blacken-raw",
+    )
+    fields = {f.name for f in dataclasses.fields(pepo.Args)}
+    for name, recipe in pepo.RECIPES.items():
+        assert set(recipe) <= fields and {"model", "algo", "steps", "lr", "reward"} <= set(recipe), name
+        resolved = pepo.parse_args(["--recipe", name, "--data", data])
+        assert all(getattr(resolved, k) == v for k, v in recipe.items()), name
+    # the README's table of the authors' settings is the recipes' (`python pepo.py --recipe list` prints it)
+    assert pepo.recipe_table() in (Path(__file__).parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--recipe", "pepo-geo3k"],
+            "error: unknown --recipe 'pepo-geo3k'; choose from pepo-geo3k-3b, pepo_d-geo3k-3b",
+        ),
+        (
+            ["--recipe", "vppo-virl39k-7b"],
+            "error: --recipe vppo-virl39k-7b trains on a dataset: pass --data FILE.jsonl",
+        ),
+        (["--min-pixels", "200", "--max-pixels", "100"], "error: --min-pixels 200 is above --max-pixels 100"),
+        (["--max-pixels", "0"], "error: --min-pixels / --max-pixels: use at least 1"),
+    ],
+)
+def test_bad_recipe_or_pixel_range_exits_2(capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    assert usage_error(capsys, *argv).startswith(expected)
+
+
+@slow
+def test_pixel_range_scales_images_before_the_processor(loaded):
+    model, vl = loaded
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=2_000_000)
+    lo, hi = 200_704, 1_003_520  # VPPO's range
+    fit = pepo.VLHelper(vl.tok, ip, model.config, pixel_range=(lo, hi))
+    small, large, inside = random_image(300, 200), random_image(2000, 1000), random_image(600, 500)
+    for im in (small, large, inside):
+        out = fit.fit(im)
+        assert lo * 0.99 <= out.width * out.height <= hi and abs(out.width / out.height - im.width / im.height) < 0.01
+    assert fit.fit(inside).size == inside.size
+    ex = Example(f"{IMAGE}a{IMAGE}b", [small, large], "x")
+    grid = fit.encode_prompts([ex])["image_grid_thw"]
+    assert grid.tolist() == ip([fit.fit(small), fit.fit(large)], return_tensors="pt")["image_grid_thw"].tolist()
+    assert (
+        grid.prod(-1).tolist()
+        != pepo.VLHelper(vl.tok, ip, model.config).encode_prompts([ex])["image_grid_thw"].prod(-1).tolist()
+    )
+    # VPPO's perturbation (their pipeline, blacken-raw) starts from the same scaled image: the grids line up
+    batch = dict(fit.encode_prompts([ex]), examples=[ex])
+    vppo.perturbed_pixel_values(batch, ip, "blacken-raw", seeded(0), fit=fit.fit)
+    with pytest.raises(AssertionError, match="changed the image grid"):
+        vppo.perturbed_pixel_values(batch, ip, "blacken-raw", seeded(0))
 
 
 # ========================================================================================

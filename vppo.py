@@ -203,15 +203,17 @@ def perturb_image(
 
 
 def perturbed_pixel_values(
-    batch: dict, image_processor, kind: str, generator: torch.Generator | None = None
+    batch: dict, image_processor, kind: str, generator: torch.Generator | None = None, fit=None
 ) -> torch.Tensor:
     """pixel_values of a freshly perturbed copy of every image of a batch (one row per completion,
     its images in batch["examples"][i].images). Token ids and image grids stay the same: only the
-    pixels change, so the clean and the perturbed pass line up token for token.
+    pixels change, so the clean and the perturbed pass line up token for token. `fit`: what was
+    done to each image before the processor for the clean pass (e.g. scaling into a pixel range).
     Needs `blacken_pixel_values` ("blacken") or `perturb_image` (the other kinds)."""
     if kind == "blacken":  # VPPO's default, done on the processor output: no second processor pass
         return blacken_pixel_values(batch["pixel_values"], image_processor, 0.5, generator)
-    images = [perturb_image(im, kind, image_processor, generator) for ex in batch["examples"] for im in ex.images]
+    fit = fit or (lambda image: image)
+    images = [perturb_image(fit(im), kind, image_processor, generator) for ex in batch["examples"] for im in ex.images]
     vis = image_processor(images, return_tensors="pt")
     assert torch.equal(vis["image_grid_thw"], batch["image_grid_thw"].cpu()), "perturbation changed the image grid"
     return vis["pixel_values"]

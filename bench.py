@@ -1115,7 +1115,7 @@ def memory_lora(opt) -> dict:
             f"{opt.completion} tokens of one prompt with a 448x448 image; score -> shape -> update, AdamW",
             "method": "fresh process per row; peak RSS = VmHWM of the whole process (imports, model, reference, "
             "inputs, step); MALLOC_MMAP_THRESHOLD_=1 MiB",
-            "command": "python bench.py memory-lora " + shlex.join(sys.argv[2:]),
+            "command": shlex.join(["python", "bench.py", "memory-lora", *sys.argv[2:]]),
             "machine": machine() | {"threads": opt.threads},
             "torch": torch.__version__,
         },

@@ -504,7 +504,8 @@ def load_policy(path: str, local_files_only: bool = False):
     if adapter.is_file():  # a LoRA run's checkpoint (add_lora): the base recorded in it, with the adapters merged in
         from peft import PeftModel
 
-        model, tokenizer, image_processor = load_policy(json.loads(adapter.read_text())["base_model_name_or_path"])
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model, tokenizer, image_processor = load_policy(base, local_files_only)
         with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
             warnings.simplefilter("ignore", FutureWarning)
             return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer, image_processor

@@ -7,6 +7,7 @@
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
     python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameters
     python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
+    python bench.py memory-lora        # peak RSS of one PEPO_G step at Qwen2.5-VL-3B widths: full vs --lora-rank 16
     python bench.py signals [--quick]  # results/signals.{json,md,png}: AUROC of each token signal for perception tokens
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
@@ -1030,6 +1031,125 @@ def memory_markdown(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# memory-lora: peak RSS of one PEPO_G step, full fine-tuning vs --lora-rank, at Qwen2.5-VL-3B widths
+# ----------------------------------------------------------------------------------------
+def _measure_step(mode: str, bf16: bool, group: int, completion: int, rank: int) -> dict:
+    """One PEPO_G step (score -> shape -> update with AdamW's step) on `group` completions of one
+    448x448 prompt, set up as pepo.run does, in a fresh process. full: the policy (fp32), a reference
+    copy (bf16 with --bf16), gradients and AdamW's two moments. lora: the frozen base (bf16 with --bf16)
+    with rank-`rank` adapters (pepo.add_lora); the reference is the base with the adapters disabled."""
+    import copy
+    import gc
+
+    import torch
+
+    import pepo
+
+    rss = {"start": _status_bytes("VmRSS")}  # python, torch and transformers imported
+    args = pepo.Args(algo="pepo_g", group_size=group, prompts_per_step=1, steps=1, max_new_tokens=completion, lr=1e-6)
+    args.lora_rank, args.bf16 = (rank if mode == "lora" else 0), bf16
+    pepo.apply_preset(args)
+    model = memory_model()
+    if mode == "lora":
+        ref_model = pepo.add_lora(model, args, "bench.memory_model")
+    else:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if bf16:
+            ref_model.to(torch.bfloat16)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, args.adam_beta2))
+    batch, _ = memory_inputs(model.config, completion)
+    g = torch.Generator().manual_seed(1)
+    inputs = pepo.repeat_rows(batch, group)
+    ids = torch.randint(0, 151643, (group, completion), generator=g)  # a different completion per row
+    inputs["input_ids"] = torch.cat([inputs["input_ids"][:, :-completion], ids], 1)
+    inputs["completion_ids"] = ids
+    mask, truncated = torch.ones(ids.shape), torch.zeros(group, dtype=torch.bool)
+    rewards = torch.arange(group).remainder(2).float()  # half right: every advantage non-zero
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    gc.collect()
+    rss["setup"] = _status_bytes("VmRSS")  # weights, reference, inputs; no gradients or optimizer state yet
+    t0 = time.perf_counter()
+    with autocast:  # as pepo.train, one process: the update reuses the scoring pass (one micro-batch)
+        scores = pepo.score(model, ref_model, [inputs], args, prior=True, dependency=False, keep_graph=True)
+    advantages, weights, mask, _, _ = pepo.shape(scores, rewards, mask, truncated, 1, args)
+    old_logp, ref_logp, logits = scores["old_logp"], scores["ref_logp"], scores.pop("logits")
+    stats = pepo.update(
+        model, optimizer, inputs, old_logp, ref_logp, advantages, weights, mask, args, 1, autocast, logits
+    )
+    rss["peak"] = _status_bytes("VmHWM")
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    return {
+        "mode": mode,
+        "bf16": bf16,
+        "lora_rank": args.lora_rank,
+        "group": group,
+        "completion": completion,
+        "params": sum(p.numel() for p in model.parameters()),
+        "trained_params": sum(p.numel() for p in trained),
+        "reference_copy_bytes": 0 if mode == "lora" else sum(p.nbytes for p in ref_model.parameters()),
+        "optimizer_state_bytes": state,
+        "rss_bytes": rss,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "kl": stats["kl"],
+        "finite": math.isfinite(stats["loss"]) and stats["nonfinite_skipped"] == 0,
+    }
+
+
+def memory_lora(opt) -> dict:
+    """Each (mode, dtype) in a fresh process, one at a time; rows in MB of RSS."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    rows = []
+    for bf16 in (False, True):
+        for mode in ("full", "lora"):
+            one = f"{mode},{int(bf16)},{opt.group_size},{opt.completion},{opt.lora_rank}"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "memory-lora", "--one", one]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  {mode} bf16={bf16}: peak RSS {rows[-1]['rss_bytes']['peak'] / 1e9:.2f} GB", file=sys.stderr)
+    import torch
+
+    return {
+        "rows": rows,
+        "config": {
+            "model": "bench.memory_model: random-weight Qwen2.5-VL at the 3B's widths (vocab 151936, hidden 2048), "
+            "2 text layers, 2 vision blocks",
+            "step": f"one PEPO_G step (beta 0.001: KL reference pass), {opt.group_size} completions of "
+            f"{opt.completion} tokens of one prompt with a 448x448 image; score -> shape -> update, AdamW",
+            "method": "fresh process per row; peak RSS = VmHWM of the whole process (imports, model, reference, "
+            "inputs, step); MALLOC_MMAP_THRESHOLD_=1 MiB",
+            "command": shlex.join(["python", "bench.py", "memory-lora", *sys.argv[2:]]),
+            "machine": machine() | {"threads": opt.threads},
+            "torch": torch.__version__,
+        },
+    }
+
+
+def memory_lora_markdown(result: dict) -> str:
+    GB = 1e9
+    lines = [
+        "| weights | run | trained params | reference copy | AdamW state | RSS after setup | peak RSS | LoRA / full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    full = {r["bf16"]: r["rss_bytes"]["peak"] for r in result["rows"] if r["mode"] == "full"}
+    for r in result["rows"]:
+        run = "full fine-tune" if r["mode"] == "full" else f"LoRA rank {r['lora_rank']}"
+        ratio = f"{r['rss_bytes']['peak'] / full[r['bf16']]:.2f}" if r["mode"] == "lora" else ""
+        lines.append(
+            f"| {'bf16 frozen (--bf16)' if r['bf16'] else 'fp32'} | {run} | {r['trained_params'] / 1e6:.1f}M | "
+            f"{r['reference_copy_bytes'] / GB:.2f} GB | {r['optimizer_state_bytes'] / GB:.3f} GB | "
+            f"{r['rss_bytes']['setup'] / GB:.2f} GB | **{r['rss_bytes']['peak'] / GB:.2f} GB** | {ratio} |"
+        )
+    c = result["config"]
+    lines += ["", f"{c['model']}; {c['step']}. Method: {c['method']}. Command: `{c['command']}`."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
 # Token heatmap (pepo.py --visualize N)
 # ----------------------------------------------------------------------------------------
 SIGNALS = {  # record key -> label shown in the switch
@@ -1869,6 +1989,17 @@ def main(argv=None):
     mm.add_argument(
         "--one", default=None, help=argparse.SUPPRESS
     )  # internal: "phase,version,L", one measurement as JSON
+    ml = sub.add_parser(
+        "memory-lora",
+        help="peak RSS of one PEPO_G step at Qwen2.5-VL-3B widths: full fine-tune vs --lora-rank",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ml.add_argument("--lora-rank", type=int, default=16, help="adapter rank")
+    ml.add_argument("--group-size", type=int, default=8, help="completions of the one prompt")
+    ml.add_argument("--completion", type=int, default=128, help="completion tokens")
+    ml.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
+    ml.add_argument("--results-dir", default="results", help="memory-lora.json and memory-lora.md go here")
+    ml.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "mode,bf16,G,L,rank" as JSON
     g = sub.add_parser(
         "signals",
         help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token "
@@ -1901,6 +2032,18 @@ def main(argv=None):
         phase, version, L = opt.one.split(",")
         print(json.dumps(_measure_memory(phase, version, int(L), opt.device)))
         return None
+    if opt.command == "memory-lora" and opt.one:
+        mode, bf16, G, L, rank = opt.one.split(",")
+        print(json.dumps(_measure_step(mode, bf16 == "1", int(G), int(L), int(rank))))
+        return None
+    if opt.command == "memory-lora":
+        result = memory_lora(opt)
+        md = memory_lora_markdown(result)
+        Path(opt.results_dir).mkdir(parents=True, exist_ok=True)
+        (Path(opt.results_dir) / "memory-lora.json").write_text(json.dumps(result, indent=1))
+        (Path(opt.results_dir) / "memory-lora.md").write_text(md + "\n")
+        print(md)
+        return result
     if opt.command == "memory":
         result = memory(opt)
         md = memory_markdown(result)

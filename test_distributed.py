@@ -341,3 +341,41 @@ def test_torchrun_sigterm_then_resume(tiny_random, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert [m["step"] for m in lines(out / "metrics.jsonl")] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_lora_sigterm_then_resume_matches_uninterrupted(tiny_random, tmp_path):
+    """--lora-rank under FSDP2: base and adapters sharded, the reference is the disabled adapter (KL 0 at
+    step 1), rank 0 saves only the adapters, the resumed run repeats the uninterrupted one's metrics,
+    and the checkpoint loads (merged) in one process."""
+    timing = {"seconds", "time_scoring", "time_update"}
+
+    def metrics(out):
+        return [{k: v for k, v in m.items() if k not in timing} for m in lines(out / "metrics.jsonl")]
+
+    flags = ["--model", tiny_random, "--algo", "grpo", "--beta", "0.01", "--lora-rank", "4", "--steps", "3", *SMALL]
+    flags += ["--entropy-penalty", "0.1"]  # a gradient even when every group's rewards are equal (random weights)
+    whole = tmp_path / "whole"
+    proc = torchrun([*flags, "--output-dir", str(whole)])
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert [m["step"] for m in metrics(whole)] == [1, 2, 3]
+    assert metrics(whole)[0]["kl"] == 0.0 and metrics(whole)[-1]["kl"] > 0  # the adapters moved the policy
+    out = tmp_path / "cut"
+    proc = torchrun([*flags, "--output-dir", str(out)])
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():  # step 1 is done
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    saved = json.loads((out / "checkpoint" / pepo.TRAINER_JSON).read_text())
+    assert 1 <= saved["step"] < 3 and saved["world_size"] == 2, log[-3000:]
+    assert not (out / "checkpoint" / "model.safetensors").exists()  # the adapters only
+    proc = torchrun([*flags, "--output-dir", str(out), "--resume", str(out)])
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+    assert metrics(out) == metrics(whole)
+    merged = pepo.load_policy(str(out / "checkpoint"))[0].state_dict()
+    initial = pepo.load_policy(tiny_random)[0].state_dict()
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k])}
+    assert changed and all(".language_model." in k and k.endswith("_proj.weight") for k in changed)

@@ -6,6 +6,7 @@ Expected values are worked out by hand in the comments.
 """
 
 import base64
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -3465,3 +3466,153 @@ def test_signal_collection_smoke(loaded):
     )  # one row per labelling
     records = bench.signal_records(vl, coll, 2, 0, n=2)
     assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)
+
+
+# ========================================================================================
+# LoRA (--lora-rank): peft adapters on a frozen base; the KL reference is the disabled adapter
+# ========================================================================================
+LORA = ["--lora-rank", "4"]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lora-rank", "-1"], "error: --lora-rank -1: use 0 (off, full fine-tune) or a rank of 1 or more"),
+        (["--lora-alpha", "8"], "error: --lora-alpha, --lora-dropout, --lora-targets and --lora-vision shape LoRA"),
+        (["--lora-vision"], "error: --lora-alpha, --lora-dropout, --lora-targets and --lora-vision shape LoRA"),
+        (["--lora-rank", "4", "--lora-alpha", "0"], "error: --lora-alpha 0.0: use a value > 0"),
+        (["--lora-rank", "4", "--lora-dropout", "1"], "error: --lora-dropout 1.0: use a value in [0, 1)"),
+        (["--lora-rank", "4", "--lora-targets", "q_proj,"], "error: --lora-targets 'q_proj,': use comma-separated"),
+        (
+            ["--lora-rank", "4", "--lora-vision", "--freeze-vision"],
+            "error: --lora-vision adapts the vision tower, --freeze-vision freezes it: leave one out",
+        ),
+    ],
+)
+def test_bad_lora_flags_exit_2_before_loading(capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    assert usage_error(capsys, *argv).startswith(expected)
+
+
+def test_lora_without_peft_names_the_install_command(capsys, monkeypatch):
+    monkeypatch.setattr(pepo, "build_tiny_model", no_model)
+    monkeypatch.setattr(pepo, "load_policy", no_model)
+    monkeypatch.setitem(sys.modules, "peft", None)  # find_spec then reports it missing
+    assert usage_error(capsys, *LORA) == (
+        "error: --lora-rank needs peft (LoRA adapters), which is not installed: pip install peft"
+    )
+    assert pepo.parse_args([]).lora_rank == 0  # without --lora-rank peft is never asked for
+
+
+@slow
+def test_lora_targets_the_language_model_only_unless_asked(loaded):
+    from peft import get_peft_model
+
+    model, _ = loaded
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def matched(**kw):  # the layers peft puts adapters on, and the ones the regex names
+        config = pepo.lora_config(model, pepo.Args(lora_rank=4, **kw))
+        adapted = {n for n, m in get_peft_model(copy.deepcopy(model), config).base_model.model.named_modules()}
+        adapted = {n.removesuffix(".lora_A") for n in adapted if n.endswith(".lora_A")}
+        assert adapted == {n for n in linear if re.fullmatch(config.target_modules, n)}
+        return adapted
+
+    text = matched()
+    assert len(text) == 7 * model.config.text_config.num_hidden_layers and all(".language_model." in n for n in text)
+    vision = {n for n in linear if ".visual." in n}
+    assert {"gate_proj", "up_proj", "down_proj"} <= {n.rsplit(".", 1)[1] for n in vision}  # names shared with text
+    assert any(".merger." in n for n in vision)
+    assert matched(lora_vision=True) == text | vision
+    assert matched(lora_targets="q_proj,v_proj") == {n for n in text if n.endswith(("q_proj", "v_proj"))}
+    with pytest.raises(pepo.UsageError, match="no linear layer named qkv; it has down_proj, gate_proj, k_proj"):
+        pepo.lora_config(model, pepo.Args(lora_rank=4, lora_targets="q_proj,qkv"))  # qkv: a vision layer
+
+
+@slow
+def test_lora_target_the_model_lacks_exits_2_before_training(tmp_path, tiny, capsys):
+    shutil.copytree(tiny, tmp_path / "tiny_init")
+    msg = usage_error(capsys, *run_argv(tmp_path, *LORA, "--lora-targets", "q_proj,fc1"))
+    assert msg.startswith("error: --lora-targets: the language model has no linear layer named fc1; it has ")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@slow
+def test_lora_reference_is_the_disabled_adapter_and_checkpoint_loads(tmp_path, tiny, monkeypatch, capsys):
+    seen, real_train, real_load = {}, pepo.train, pepo.load_policy
+    loads = []
+
+    def spy_train(args, model, ref_model, optimizer, *rest):
+        seen.update(model=model, ref=ref_model, optimizer=optimizer, params=dict(model.named_parameters()))
+        return real_train(args, model, ref_model, optimizer, *rest)
+
+    monkeypatch.setattr(pepo, "train", spy_train)
+    monkeypatch.setattr(pepo, "load_policy", lambda *a: loads.append(a) or real_load(*a))
+    run(tmp_path, tiny, "--algo", "grpo", "--beta", "0.01", "--bf16", *LORA, "--steps", "3")
+    # one copy of the weights: the reference is the peft wrapper of the trained model itself
+    assert len(loads) == 1 and seen["ref"].get_base_model() is seen["model"]
+    params = seen["params"]
+    trained = {n for n, p in params.items() if p.requires_grad}
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+    assert all(params[n].dtype == torch.float32 for n in trained)  # adapters fp32, the frozen base bf16 (--bf16)
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if n not in trained)
+    opt = {id(p) for g in seen["optimizer"].param_groups for p in g["params"]}
+    assert opt == {id(params[n]) for n in trained}
+    kl = [m["kl"] for m in metrics_of(tmp_path)]
+    assert kl[0] == 0.0 and kl[-1] > 0  # adapters start at zero (B = 0): policy == reference, exactly
+    # checkpoint/: adapters only, with the base recorded; --model loads it merged
+    ckpt = tmp_path / "checkpoint"
+    assert not (ckpt / "model.safetensors").exists()
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, str(tmp_path / "tiny_init"))
+    merged, initial = real_load(str(ckpt))[0].state_dict(), real_load(tiny)[0].state_dict()
+    assert set(merged) == set(initial)  # an ordinary model: the adapters merged into their layers
+    changed = {k for k in initial if not torch.equal(initial[k], merged[k])}
+    assert changed and all(".language_model." in k and k.endswith("_proj.weight") for k in changed)
+    summary = pepo.main(["--model", str(ckpt), "--eval-only", "--eval-size", "4", "--output-dir", str(tmp_path / "ev")])
+    assert summary["examples"] == 4
+    # a LoRA checkpoint whose base is gone: one line, exit 2
+    shutil.copytree(ckpt, tmp_path / "moved")
+    (tmp_path / "moved" / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path="/no/b")))
+    msg = usage_error(capsys, "--model", str(tmp_path / "moved"), "--eval-only", "--output-dir", str(tmp_path / "x"))
+    assert msg.startswith(f"error: --model {tmp_path / 'moved'}: the base model recorded in its adapter_config.json")
+
+
+@slow
+def test_lora_gradient_checkpointing_gives_the_same_metrics(tmp_path, tiny):
+    run(tmp_path / "plain", tiny, "--algo", "grpo", *LORA)
+    run(tmp_path / "ckpt", tiny, "--algo", "grpo", *LORA, "--gradient-checkpointing")
+    for a, b in zip(metrics_of(tmp_path / "plain"), metrics_of(tmp_path / "ckpt"), strict=True):
+        for k in ("reward", "loss", "entropy", "kl", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+
+
+@slow
+def test_lora_sigint_then_resume_matches_uninterrupted(tmp_path, tiny, monkeypatch, capsys):
+    # RESUME_FLAGS: VPPO's perturbed pass and PEPO's hidden states through the adapted model, KL, avg@K
+    flags = [*RESUME_FLAGS, *LORA, "--lora-vision"]
+    run(tmp_path / "whole", tiny, *flags)
+    whole = metrics_without_time(tmp_path / "whole" / "metrics.jsonl")
+    assert whole[0]["kl"] == 0.0
+    real, calls = pepo.collect_rollouts, []
+
+    def ctrl_c_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pepo, "collect_rollouts", ctrl_c_in_step_2)
+    out = tmp_path / "cut"
+    assert run(out, tiny, *flags) == {"stopped_at_step": 2, "signal": "SIGINT"}
+    monkeypatch.setattr(pepo, "collect_rollouts", real)
+    # a saved adapter configuration that contradicts the run's settings is refused before loading
+    path = out / "checkpoint" / "adapter_config.json"
+    good = path.read_text()
+    path.write_text(json.dumps(dict(json.loads(good), r=8)))
+    msg = usage_error(capsys, "--resume", str(out))
+    assert msg == f"error: --resume {out}: its adapter_config.json has r 8, the run's settings give 4; start a new run"
+    path.write_text(good)
+    pepo.main(run_argv(out, *flags, "--resume", str(out)))
+    assert metrics_without_time(out / "metrics.jsonl") == whole

@@ -124,14 +124,16 @@ def reshard(model) -> None:
         model.reshard()
 
 
-def full_state_dict(model) -> dict:
+def full_state_dict(model, trainable_only: bool = False) -> dict:
     """The full (unsharded) model state dict on CPU, on rank 0; {} on the other ranks.
+    trainable_only: leave frozen parameters out (LoRA: only the adapters are gathered and saved).
     Collective: every rank must call it. One process: the plain state dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if world() == 1:
         return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
 
 
 class Saveable:
@@ -146,12 +148,12 @@ class Saveable:
         self.model.save_pretrained(path, state_dict=self.state_dict, **kw)
 
 
-def saveable(model):
-    """Collective: gathers the full weights; returns a Saveable on rank 0 and None elsewhere.
-    One process: the model itself."""
+def saveable(model, trainable_only: bool = False):
+    """Collective: gathers the full weights (trainable_only: the trained ones, see full_state_dict);
+    returns a Saveable on rank 0 and None elsewhere. One process: the model itself."""
     if world() == 1:
         return model
-    state = full_state_dict(model)
+    state = full_state_dict(model, trainable_only)
     return Saveable(model, state) if is_main() else None
 
 

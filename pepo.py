@@ -35,7 +35,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,9 @@ ABLATIONS = {  # --ablation NAME: one part of a method switched off or replaced,
     "vppo-random-mask": "TGF's top 40% picked at random, without TAS",
     "vppo-entropy-mask": "TGF's top 40% picked by entropy, without TAS",
 }
+
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear layer of a decoder layer
 
 
 def arg(default, help: str, **kw):
@@ -187,6 +191,15 @@ class Args:
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the update pass (GPU)")
     freeze_vision: bool = arg(
         False, "do not train the vision tower and its merger (ms-swift's default, behind PEPO's scripts)"
+    )
+    lora_rank: int = arg(0, "train LoRA adapters of this rank (peft) on a frozen base instead of every weight; 0 = off")
+    lora_alpha: float = arg(None, "LoRA alpha: adapters add alpha/rank * B A x (default 2 x --lora-rank)", type=float)
+    lora_dropout: float = arg(
+        0.0, "dropout on the adapters' input; 0 keeps on-policy ratios at 1 and the first step's KL at 0"
+    )
+    lora_targets: str = arg(LORA_TARGETS, "the language model's linear layers that get adapters (comma-separated)")
+    lora_vision: bool = arg(
+        False, "also adapt every linear layer of the vision tower and its merger (default: frozen, as ms-swift)"
     )
     output_dir: str = arg("runs/pepo", "metrics.jsonl, summary.json and checkpoint/ go here")
     save_every: int = arg(
@@ -489,6 +502,14 @@ def load_policy(path: str, local_files_only: bool = False):
     Anything that is not a Qwen-VL checkpoint whose tokenizer has the image token raises UsageError."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA run's checkpoint (add_lora): the base recorded in it, with the adapters merged in
+        from peft import PeftModel
+
+        model, tokenizer, image_processor = load_policy(json.loads(adapter.read_text())["base_model_name_or_path"])
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer, image_processor
     kw = dict(local_files_only=local_files_only)
     try:
         config = AutoConfig.from_pretrained(path, **kw)
@@ -991,6 +1012,18 @@ def evaluate(model, vl, task, examples, args, device, autocast, samples: int = 0
 # §5 One step: score -> shape -> update. Every algorithm runs these three functions; the
 # flags decide which signals `score` computes and how `shape` uses them.
 # ========================================================================================
+@contextmanager
+def reference_policy(model, ref_model):
+    """`with reference_policy(model, ref_model) as ref:` ref is the frozen initial policy of the KL term.
+    Full fine-tuning: ref_model, a frozen copy. LoRA: ref_model is the peft wrapper of `model` (add_lora),
+    and the reference is `model` with its adapters switched off, as TRL does: no second copy of the weights."""
+    if not hasattr(ref_model, "disable_adapter"):
+        yield ref_model
+        return
+    with ref_model.disable_adapter():
+        yield model
+
+
 def score(
     model, ref_model, parts: list[dict], args: Args, prior: bool, dependency: bool, keep_graph: bool = False
 ) -> dict:
@@ -1022,9 +1055,9 @@ def score(
                 vision = mb["input_ids"] == model.config.image_token_id
                 out["prior"].append(perception_prior(hidden, vision, logits.shape[1], args.pepo_score))
             if ref_model is not None:
-                out["ref_logp"].append(
-                    token_logprobs(forward(ref_model, mb, args.temperature, layout=layout)[0], mb["completion_ids"])
-                )
+                with reference_policy(model, ref_model) as ref:
+                    ref_logits = forward(ref, mb, args.temperature, layout=layout)[0]
+                out["ref_logp"].append(token_logprobs(ref_logits, mb["completion_ids"]))
             if dependency:
                 logits_pert, _ = forward(model, dict(mb, pixel_values=mb["pixel_values_perturbed"]), args.temperature)
                 out["dependency"].append(
@@ -1363,10 +1396,41 @@ def check_args(args: Args) -> None:
             0 <= args.length_penalty_cache < args.max_new_tokens,
             f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1",
         ),
+        (args.lora_rank >= 0, f"--lora-rank {args.lora_rank}: use 0 (off, full fine-tune) or a rank of 1 or more"),
+        (
+            args.lora_rank > 0
+            or (
+                args.lora_alpha is None
+                and args.lora_dropout == 0
+                and args.lora_targets == LORA_TARGETS
+                and not args.lora_vision
+            ),
+            "--lora-alpha, --lora-dropout, --lora-targets and --lora-vision shape LoRA adapters: add --lora-rank R",
+        ),
+        (args.lora_alpha is None or args.lora_alpha > 0, f"--lora-alpha {args.lora_alpha}: use a value > 0"),
+        (0 <= args.lora_dropout < 1, f"--lora-dropout {args.lora_dropout}: use a value in [0, 1)"),
+        (
+            re.fullmatch(r"\w+(,\w+)*", args.lora_targets) is not None,
+            f"--lora-targets {args.lora_targets!r}: use comma-separated layer names such as {LORA_TARGETS}",
+        ),
+        (
+            not (args.lora_vision and args.freeze_vision),
+            "--lora-vision adapts the vision tower, --freeze-vision freezes it: leave one out",
+        ),
     ]
     for ok, message in rules:
         if not ok:
             raise UsageError(message)
+    if args.lora_rank:
+        require_peft("--lora-rank")
+
+
+def require_peft(what: str) -> None:
+    """peft is needed only for LoRA: without it, one line naming the install command."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError(f"{what} needs peft (LoRA adapters), which is not installed: pip install peft")
 
 
 HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")  # "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -1376,6 +1440,15 @@ def check_model_source(name: str) -> bool:
     """Fail fast on a --model that cannot be found. Returns True when a hub id has to come from
     the local cache because the hub cannot be reached (then loading skips the network)."""
     path = Path(name).expanduser()
+    if (path / "adapter_config.json").is_file():  # a LoRA run's checkpoint: adapters on the base recorded in it
+        require_peft(f"--model {name}, a LoRA checkpoint,")
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not (Path(base).is_dir() or HUB_ID.match(base)):
+            raise UsageError(
+                f"--model {name}: the base model recorded in its adapter_config.json ({base}) is missing; "
+                "restore it there, or set base_model_name_or_path to a copy of it"
+            )
+        return check_model_source(base)
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(
@@ -1404,6 +1477,73 @@ def check_model_source(name: str) -> bool:
             f"download it where there is network (hf download {name}) or pass a local folder"
         )
     return offline
+
+
+def lora_config(model, args: Args):
+    """peft LoraConfig of the --lora-* flags: adapters on the language model's linear layers named in
+    --lora-targets and, with --lora-vision, on every linear layer of the vision tower and its merger.
+    target_modules is one regex of the chosen layers' names with the layer index as \\d+: bare names
+    would also match the vision tower's gate_proj/up_proj/down_proj. A name the model lacks: UsageError."""
+    from peft import LoraConfig
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    text = [n for n in linear if ".language_model." in n]
+    have, wanted = sorted({n.rsplit(".", 1)[1] for n in text}), args.lora_targets.split(",")
+    missing = [t for t in wanted if t not in have]
+    if missing:
+        raise UsageError(
+            f"--lora-targets: the language model has no linear layer named {', '.join(missing)}; "
+            f"it has {', '.join(have)}"
+        )
+    chosen = [n for n in text if n.rsplit(".", 1)[1] in wanted]
+    chosen += [n for n in linear if ".visual." in n] if args.lora_vision else []
+    patterns = sorted({re.sub(r"\\\.\d+\\\.", lambda _: r"\.\d+\.", re.escape(n)) for n in chosen})
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+        lora_dropout=args.lora_dropout,
+        target_modules="|".join(patterns),
+        bias="none",
+    )
+
+
+def add_lora(model, args: Args, base: str, adapter: str | None = None):
+    """--lora-rank: LoRA adapters (peft) on `model`: new ones, or a run's saved ones to resume (`adapter`).
+    Every other weight is frozen and, with --bf16, held in bf16 (never trained, it needs no fp32 master
+    copy); the adapters and so their optimizer state stay fp32. `base` (the model the run started from)
+    is recorded in the saved adapter_config.json, so a checkpoint/ loads with --model (load_policy).
+    Returns the PeftModel, whose disable_adapter() is the KL reference (reference_policy); `model`, which
+    training keeps using as it is, now holds the adapter layers."""
+    from peft import PeftModel, get_peft_model
+
+    config = lora_config(model, args)  # checks the target names, also when resuming
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        if adapter:
+            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    if args.bf16:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return peft_model
+
+
+def check_saved_adapter(ckpt: Path, args: Args) -> None:
+    """--resume of a LoRA run: its saved adapter_config.json must agree with the run's settings."""
+    path = ckpt / "adapter_config.json"
+    if not path.is_file():
+        raise UsageError(f"--resume {args.resume}: a LoRA run (--lora-rank {args.lora_rank}) but {path} is missing")
+    saved = json.loads(path.read_text())
+    want = {"r": args.lora_rank, "lora_alpha": args.lora_alpha or 2 * args.lora_rank, "lora_dropout": args.lora_dropout}
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise UsageError(
+                f"--resume {args.resume}: its adapter_config.json has {key} {saved.get(key)}, the run's settings "
+                f"give {value}; start a new run"
+            )
 
 
 TRAINER_JSON, TRAINER_PT = "trainer.json", "trainer_state.pt"  # checkpoint/ = save_pretrained files + these two
@@ -1686,6 +1826,8 @@ def parse_args(argv=None) -> Args:
         )
     apply_preset(args)
     check_args(args)
+    if args.resume and args.lora_rank:
+        check_saved_adapter(find_checkpoint(args.resume), args)
     return args
 
 
@@ -1775,13 +1917,18 @@ def run(args: Args):
     if args.model == "tiny" and dist_.is_main():  # one writer
         build_tiny_model(model_path, task, args.seed)
     dist_.barrier()  # the other ranks read the tiny model once rank 0 wrote it
-    model, tokenizer, image_processor = load_policy(str(ckpt) if state else model_path, offline)
+    # A resumed run loads its checkpoint's weights; with LoRA, the initial base and (add_lora) its saved adapters.
+    model, tokenizer, image_processor = load_policy(str(ckpt) if state and not args.lora_rank else model_path, offline)
     need = tasks.answer_budget(task, tokenizer)
     if args.max_new_tokens < need:
         raise UsageError(
             f"--max-new-tokens {args.max_new_tokens} is too small for task {task.name}: its longest well-formatted "
             f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more"
         )
+    peft_model = None
+    if args.lora_rank:  # the base frozen (bf16 with --bf16), adapters trained in fp32
+        base = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
+        peft_model = add_lora(model, args, base, str(ckpt) if state else None)
     model.to(device)
     vl = VLHelper(tokenizer, image_processor, model.config)
     if args.freeze_vision:
@@ -1790,7 +1937,9 @@ def run(args: Args):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
-    if (
+    if args.beta > 0 and not args.eval_only and peft_model is not None:
+        ref_model = peft_model  # the policy with its adapters switched off (reference_policy)
+    elif (
         args.beta > 0 and not args.eval_only
     ):  # the frozen initial policy; a resumed run loads it again from the initial weights
         ref_model = (
@@ -1832,7 +1981,8 @@ def run(args: Args):
     def save(
         step,
     ):  # the resumable checkpoint/ of this step; under torchrun every rank hands in its shards, rank 0 writes
-        weights, optimizer_state = dist_.saveable(model), dist_.optimizer_state(model, optimizer)  # gathered on rank 0
+        weights = dist_.saveable(peft_model or model, trainable_only=peft_model is not None)  # gathered on rank 0
+        optimizer_state = dist_.optimizer_state(model, optimizer)
         rngs = dist_.gather_objects(rng_states(train_rng, perturb_gen))  # every rank's random streams
         if dist_.is_main():
             save_training_state(

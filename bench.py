@@ -1275,6 +1275,11 @@ def memory_table(opt) -> dict:
             rows[f"{name}{' freeze_vision' if freeze else ''}"] = dict(zip(map(str, gpus), cells))
             label = f"{name} ({total / 1e9:.2f}B, {vision / 1e9:.2f}B)" if not freeze else ""
             lines.append(f"| {label} | {'yes' if freeze else 'no'} | " + " | ".join(cells) + " |")
+        # --lora-rank 64: bf16 base (2 B/param) + fp32 adapters, grads and AdamW (16 B); no reference copy
+        lora = (2 * total + 16 * lora_parameters(name, PLAN["lora_rank"])) / 2**30
+        cells = [f"{lora / g:.1f}" for g in gpus]
+        rows[f"{name} lora"] = dict(zip(map(str, gpus), cells))
+        lines.append(f"| | LoRA r{PLAN['lora_rank']} (frozen) | " + " | ".join(cells) + " |")
     return {
         "params": {k: {"total": t, "vision": v} for k, (t, v) in PARAMS.items()},
         "GiB_per_gpu beta>0 (beta=0)": rows,
@@ -1516,6 +1521,8 @@ def fit_plan(points: list[dict]) -> dict:
     for key in sorted({(p["name"], p["mode"]) for p in points}):
         mine = [p for p in points if (p["name"], p["mode"]) == key]
         fit = [p for p in mine if (p["layers"], p["prompt_text"], p["completion"], p["rows"]) in FIT_POINTS]
+        if len(fit) < len(FIT_POINTS):  # still being measured
+            continue
         rest = [p for p in mine if p not in fit]
         X = np.array([_features(p["layers"], p["tokens"], p["completion"]) for p in fit])
         for phase in PHASES:
@@ -1529,6 +1536,8 @@ def fit_plan(points: list[dict]) -> dict:
                         measured=p[phase],
                         predicted=round(pred),
                         error=round(pred / p[phase] - 1, 4),
+                        # the error against what the point costs beyond the fixed term a: a stricter measure
+                        error_beyond_a=round((pred - p[phase]) / max(p[phase] - coef[0], 1), 4),
                     )
                 )
             fits[f"{key[0]} {key[1]} {phase}"] = dict(
@@ -1649,7 +1658,7 @@ def plan_table(fits: dict, models: list[str]) -> list[dict]:
     rows = []
     for name in models:
         P = plan_prompt_tokens(name)
-        for mode in ("full", "lora"):
+        for mode in [m for m in ("full", "lora") if f"{name} {m} update" in fits]:
             for L in PLAN["completions"]:
                 for ckpt in (False, True):
                     for mb in PLAN["micro_batches"]:
@@ -1710,7 +1719,10 @@ def plan_markdown(result: dict) -> str:
     for key, f in result["fits"].items():
         if not isinstance(f, dict):
             continue
-        errs = ", ".join(f"{h['error']:+.1%} @{h['point']}" for h in f["held_out"])
+        errs = ", ".join(
+            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB) @{h['point']}"
+            for h in f["held_out"]
+        )
         lines.append(
             f"| {key} | {f['a'] / 2**20:.0f} | {f['d_per_layer'] / 2**20:.1f} | "
             f"{f['b_per_layer_token'] / 2**10:.1f} | {f['c_per_completion_token'] / 2**10:.1f} | {errs} |"

@@ -1508,10 +1508,16 @@ def _measure_plan(name: str, mode: str, layers: int, points: list[tuple]) -> lis
     return rows
 
 
-def _features(layers, tokens, completion, rows=1):
-    """a + d n + rows (b n T + c L): a fixed cost, a per-layer one (weight copies, the layers'
-    gradients), a per-layer-and-token one (activations) and a per-completion-token one (logits)."""
-    return [1.0, layers, rows * layers * tokens, rows * completion]
+def _features(layers, tokens, completion, rows=1, prompts=None):
+    """a + d n + b n (token rows) + c rows L: a fixed cost, a per-layer one (weight copies, the
+    layers' gradients), a per-layer-and-token one (activations) and a per-completion-token one
+    (logits). Token rows = rows x tokens, or with `prompts` distinct prompts shared by the rows
+    (pepo.forward without checkpointing) prompts x prompt tokens + rows x completion tokens."""
+    token_rows = rows * tokens if prompts is None else prompts * (tokens - completion) + rows * completion
+    return [1.0, layers, layers * token_rows, rows * completion]
+
+
+SHARED_PHASES = ("scoring", "update")  # the passes through pepo.forward, which shares a group's prompt
 
 
 def fit_plan(points: list[dict]) -> dict:
@@ -1529,7 +1535,8 @@ def fit_plan(points: list[dict]) -> dict:
             coef = np.linalg.lstsq(X, np.array([p[phase] for p in fit], dtype=float), rcond=None)[0]
             held = []
             for p in rest:
-                pred = float(np.dot(_features(p["layers"], p["tokens"], p["completion"], p["rows"]), coef))
+                shared = 1 if phase in SHARED_PHASES else None  # the points' rows repeat one prompt
+                pred = float(np.dot(_features(p["layers"], p["tokens"], p["completion"], p["rows"], shared), coef))
                 held.append(
                     dict(
                         point=[p["layers"], p["tokens"], p["completion"], p["rows"]],
@@ -1571,14 +1578,16 @@ def predict_peak(
     beta=True,
     freeze_vision=True,
 ) -> dict:
-    """Bytes per phase of one training step of `name` on one GPU (see plan_notes), and the peak."""
+    """Bytes per phase of one training step of `name` on one GPU (see PLAN_NOTES), and the peak.
+    A micro-batch holds whole groups or part of one (consecutive rows), so max(1, mb / G) prompts."""
     total, vision = count_parameters(name)
     text = CONFIGS[name][1]
     V, D, N = text["vocab_size"], text["hidden_size"], text["num_hidden_layers"]
     coef = lambda phase: fits[f"{name} {mode} {phase}"]
+    shared = lambda phase: None if ckpt or phase not in SHARED_PHASES else max(1, micro_batch // group_size)
     act = lambda phase, rows, T, L: float(
         np.dot(
-            _features(N, T, L, rows),
+            _features(N, T, L, rows, shared(phase)),
             [coef(phase)[k] for k in ("a", "d_per_layer", "b_per_layer_token", "c_per_completion_token")],
         )
     )
@@ -1718,8 +1727,9 @@ def plan_markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "Fit (bytes): peak above the start = a + d·layers + rows·(b·layers·tokens + c·completion tokens); "
-        "held-out points: measured vs predicted.",
+        "Fit: peak above the start = a + d·layers + b·layers·(token rows) + c·rows·(completion tokens); held-out "
+        "points [layers, tokens, completion, rows]: predicted vs measured, in % of the measured peak, in MiB, and in % "
+        "of the part above a.",
         "",
         "| model, training, phase | a (MiB) | d (MiB/layer) | b (KiB/layer/token) | c (KiB/completion token) "
         "| held-out errors |",
@@ -1729,7 +1739,8 @@ def plan_markdown(result: dict) -> str:
         if not isinstance(f, dict):
             continue
         errs = ", ".join(
-            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB) @{h['point']}"
+            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB, {h['error_beyond_a']:+.0%}) "
+            f"@{h['point']}"
             for h in f["held_out"]
         )
         lines.append(
@@ -1747,8 +1758,9 @@ PLAN_NOTES = [
     "CUDA's bf16 autocast (bf16 matmul outputs; fp32 residual stream, norms and RoPE'd keys with fp32 weights; bf16 "
     "everywhere with a bf16 LoRA base), so no fp32-to-bf16 factor is applied. Points: [layers, tokens per row, "
     "completion tokens, rows].",
-    "Extrapolation: the fit's per-layer terms times the full depth, its per-row terms times the micro-batch. Rows of "
-    "one group share their prompt pass without checkpointing (pepo.forward): micro-batches > 1 are an upper bound.",
+    "Extrapolation: the fit's per-layer terms times the full depth, its per-row terms times the micro-batch. Without "
+    "checkpointing the rows of a group share their prompt's pass (pepo.forward), so scoring and update count the "
+    "prompt's tokens once per group in a micro-batch (checked on the 2-row held-out point).",
     "Static memory: full fine-tune = fp32 weights (4 B/param) + fp32 grads and AdamW m, v of the trained parameters "
     "(12 B) + the bf16 reference (2 B/param, beta > 0); a step's grads live on through the next rollout and scoring "
     "(zero_grad(set_to_none) runs at the update). LoRA = bf16 base (2 B/param) + fp32 adapters, grads, AdamW (16 B "

@@ -1891,7 +1891,7 @@ def gpu_check(opt) -> dict:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench.py gpu: no CUDA device; use --device cpu --tiny to check the code path")
     plan_path = Path(opt.results_dir) / "memory-plan.json"
-    fits = json.loads(plan_path.read_text())["fits"] if plan_path.exists() and not opt.tiny else None
+    fits = None if opt.tiny else json.loads(plan_path.read_text())["fits"] if plan_path.exists() else {}
     saver, pepo.save_training_state = pepo.save_training_state, lambda *a, **k: None  # a 3B checkpoint: > 2 steps
     try:
         return _gpu_runs(opt, pepo, run, cuda, t_start, fits)
@@ -1932,8 +1932,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                 rows.append(row)
                 args = pepo.apply_preset(pepo.Args(algo=preset))
                 mode = "lora" if setting == "lora" else "full"
-                if fits and f"{name} {mode} update" in fits:
-                    P = prompt_tokens
+                if fits is not None:  # without measured activations: the static memory, a lower bound
                     pred = predict_peak(
                         fits,
                         name,
@@ -1941,7 +1940,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                         run["max_new_tokens"],
                         run["prompts_per_step"] * run["group_size"],
                         setting == "gradient_checkpointing",
-                        P,
+                        prompt_tokens,
                         run["prompts_per_step"],
                         run["group_size"],
                         beta=args.beta > 0,
@@ -1981,6 +1980,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                     with open("/proc/self/clear_refs", "w") as f:
                         f.write("5")
                     start = _status_bytes("VmRSS")
+                shutil.rmtree(run_dir, ignore_errors=True)  # no metrics of an earlier run
                 t0 = time.time()
                 try:
                     with redirect_stdout(open(os.devnull, "w")):

@@ -2819,7 +2819,8 @@ def test_memory_plan_fit_recovers_costs_and_predicts_held_out_points():
             p = dict(name=name, mode=mode, layers=layers, prompt_text=prompt_text, completion=completion, rows=rows)
             p |= dict(tokens=tokens, rollout_prefill_kv_bytes_per_token_layer=1536.0 if mode == "full" else 1024.0)
             for phase in bench.PHASES:
-                p[phase] = float(np.dot(bench._features(layers, tokens, completion, rows), true))
+                shared = 1 if phase in bench.SHARED_PHASES else None  # the rows of a group share their prompt pass
+                p[phase] = float(np.dot(bench._features(layers, tokens, completion, rows, shared), true))
             points.append(p)
     fits = bench.fit_plan(points)
     f = fits[f"{name} lora update"]

@@ -1520,6 +1520,19 @@ def _features(layers, tokens, completion, rows=1, prompts=None):
 SHARED_PHASES = ("scoring", "update")  # the passes through pepo.forward, which shares a group's prompt
 
 
+def nonnegative_fit(X, y):
+    """Least squares with the per-layer and per-token costs (columns 1-3) kept >= 0: a negative one is
+    measurement noise, and extrapolated to the full depth and length it would subtract gigabytes."""
+    keep = list(range(X.shape[1]))
+    while True:
+        coef = np.zeros(X.shape[1])
+        coef[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        worst = min(keep[1:], key=lambda k: coef[k], default=None)
+        if worst is None or coef[worst] >= 0:
+            return coef
+        keep.remove(worst)
+
+
 def fit_plan(points: list[dict]) -> dict:
     """Per (model, mode, phase): the coefficients solved from the FIT_POINTS measurements, and
     the held-out points' measured vs predicted bytes."""
@@ -1532,7 +1545,10 @@ def fit_plan(points: list[dict]) -> dict:
         rest = [p for p in mine if p not in fit]
         X = np.array([_features(p["layers"], p["tokens"], p["completion"]) for p in fit])
         for phase in PHASES:
-            coef = np.linalg.lstsq(X, np.array([p[phase] for p in fit], dtype=float), rcond=None)[0]
+            coef = nonnegative_fit(X, np.array([p[phase] for p in fit], dtype=float))
+            if phase == "scoring":  # it keeps every layer's hidden state [T, D]: a cost below the points' resolution
+                D = CONFIGS[key[0]][1]["hidden_size"]
+                coef[2] = max(coef[2], D * (2 if key[1] == "lora" else 4))  # bf16 residual stream, or fp32
             held = []
             for p in rest:
                 shared = 1 if phase in SHARED_PHASES else None  # the points' rows repeat one prompt
@@ -1772,6 +1788,8 @@ PLAN_NOTES = [
     "gradients are added).",
     "Not counted: the CUDA context and allocator fragmentation (hence the 90% use), VPPO's perturbed pass (like the "
     "reference pass) and a trained vision tower's activations (PEPO's scripts freeze it).",
+    "The per-layer and per-token costs are fitted >= 0 (a negative one is noise); scoring's per-layer cost is at "
+    "least its kept hidden states (D x 2 bytes per token, D x 4 with fp32 weights), which the points cannot resolve.",
     "CPU-only term: about V x D x 2 bytes of a (598 MiB at the 3B's widths) is a copy of the lm_head weight that CPU "
     "F.linear makes per row for a non-contiguous bf16 input (the logits_to_keep slice; 612 MiB for 1 row, 1188 for 2, "
     "1 MiB once the input is contiguous). The 2-row held-out point misses it in the two phases that slice per row; "

@@ -1560,7 +1560,9 @@ def fit_plan(points: list[dict]) -> dict:
                         predicted=round(pred),
                         error=round(pred / p[phase] - 1, 4),
                         # the error against what the point costs beyond the fixed term a: a stricter measure
-                        error_beyond_a=round((pred - p[phase]) / max(p[phase] - coef[0], 1), 4),
+                        error_beyond_a=round((pred - p[phase]) / (p[phase] - coef[0]), 4)
+                        if p[phase] - coef[0] > 2**20
+                        else None,
                     )
                 )
             fits[f"{key[0]} {key[1]} {phase}"] = dict(
@@ -1626,7 +1628,10 @@ def predict_peak(
         return {"static": static, "phases": {"static": held}, "peak": held, "peak_phase": "static only"}
     rows = prompts_per_step * group_size
     kv = rows * T * N * fits[f"{name} {mode} kv_bytes_per_token_layer"]
-    rollout = max(act("rollout_prefill", prompts_per_step, prompt_tokens, 0), kv * (1 + 1 / N) + 16 * rows * V)
+    # decoding holds the fixed and per-layer terms of the prefill (with fp32 weights: autocast's bf16 copies of the
+    # trained weights, cached until the autocast block ends) next to the growing cache and the sampling temporaries
+    fixed = coef("rollout_prefill")["a"] + N * coef("rollout_prefill")["d_per_layer"]
+    rollout = max(act("rollout_prefill", prompts_per_step, prompt_tokens, 0), fixed + kv * (1 + 1 / N) + 16 * rows * V)
     held = sum(static.values())
     phases = {
         "rollout": held + rollout,
@@ -1755,7 +1760,8 @@ def plan_markdown(result: dict) -> str:
         if not isinstance(f, dict):
             continue
         errs = ", ".join(
-            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB, {h['error_beyond_a']:+.0%}) "
+            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB, "
+            f"{'n/a' if h['error_beyond_a'] is None else format(h['error_beyond_a'], '+.0%')}) "
             f"@{h['point']}"
             for h in f["held_out"]
         )
@@ -1790,6 +1796,9 @@ PLAN_NOTES = [
     "reference pass) and a trained vision tower's activations (PEPO's scripts freeze it).",
     "The per-layer and per-token costs are fitted >= 0 (a negative one is noise); scoring's per-layer cost is at "
     "least its kept hidden states (D x 2 bytes per token, D x 4 with fp32 weights), which the points cannot resolve.",
+    "With fp32 weights (full fine-tune) autocast caches a bf16 copy of every trained weight until its block ends "
+    "(the fit's d, ~2 bytes per parameter of a layer): the rollout and scoring hold it too, pepo.train running each "
+    "in one autocast block.",
     "CPU-only term: about V x D x 2 bytes of a (598 MiB at the 3B's widths) is a copy of the lm_head weight that CPU "
     "F.linear makes per row for a non-contiguous bf16 input (the logits_to_keep slice; 612 MiB for 1 row, 1188 for 2, "
     "1 MiB once the input is contiguous). The 2-row held-out point misses it in the two phases that slice per row; "
@@ -1819,7 +1828,8 @@ def memory_plan(opt) -> dict:
         },
         "notes": PLAN_NOTES,
         "machine": machine() | {"threads": opt.threads},
-        "command": "python bench.py memory-plan --models " + " ".join(models),
+        "command": "python " + shlex.join(sys.argv) if sys.argv[1:2] == ["memory-plan"] else None,
+        "points": "memory-plan-points.jsonl (one line per measured point)",
     }
     md = plan_markdown(result)
     (Path(opt.results_dir) / "memory-plan.json").write_text(json.dumps(result, indent=1))

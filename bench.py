@@ -1307,9 +1307,11 @@ PLAN = dict(  # the recipes' settings the table covers (pepo-geo3k-3b: 1,024 tok
 # Measured points (text layers, prompt text tokens, completion tokens, rows), one 224 x 224 image.
 # The fit uses the first four: depth, prompt tokens (cheap: no logits) and completion tokens apart.
 FIT_POINTS = [(1, 26, 16, 1), (2, 26, 16, 1), (1, 282, 16, 1), (1, 26, 48, 1)]
-HELD_OUT = {  # points the fit never sees; depth 3 and 2 rows at the 3B's widths only (CPU time)
+HELD_OUT = {  # points the fit never sees; 2 rows at the 3B's widths, depth 3 with LoRA at all three (CPU time)
     "all": [(2, 282, 48, 1), (1, 538, 32, 1)],
     "Qwen2.5-VL-3B": [(3, 282, 48, 1), (1, 26, 48, 2)],
+    "Qwen2.5-VL-7B lora": [(3, 282, 48, 1)],
+    "Qwen3-VL-8B lora": [(3, 282, 48, 1)],
 }
 MEASURE_IMAGE_PX = 224
 PHASES = ("rollout_prefill", "scoring", "update", "update_ckpt")
@@ -1648,7 +1650,8 @@ def predict_peak(
 def plan_points(models: list[str]) -> list[tuple]:
     """(name, mode, layers, prompt text, completion, rows) of every measurement."""
     order = [(name, "lora") for name in models] + [(name, "full") for name in models]  # LoRA's first
-    return [(name, mode, *pt) for name, mode in order for pt in FIT_POINTS + HELD_OUT["all"] + HELD_OUT.get(name, [])]
+    held = lambda name, mode: HELD_OUT["all"] + HELD_OUT.get(name, []) + HELD_OUT.get(f"{name} {mode}", [])
+    return [(name, mode, *pt) for name, mode in order for pt in FIT_POINTS + held(name, mode)]
 
 
 def measure_plan_points(opt) -> list[dict]:

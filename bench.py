@@ -7,6 +7,8 @@
     python bench.py heatmap runs/pepo  # tokens.html from the tokens.jsonl of a `pepo.py --visualize N` run
     python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameters
     python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
+    python bench.py memory-plan        # results/memory-plan.{json,md}: peak GiB on one GPU, full vs LoRA (CPU-measured)
+    python bench.py gpu                # results/gpu.{json,md}: two steps per preset and setting on CUDA (< 8 min, H100)
     python bench.py signals [--quick]  # results/signals.{json,md,png}: AUROC of each token signal for perception tokens
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.

@@ -8,6 +8,8 @@
     python bench.py memory-table       # GPU memory per model and GPU count under torchrun (FSDP2), from parameters
     python bench.py memory             # peak memory of a scoring pass and an update at Qwen2.5-VL-3B widths
     python bench.py memory-lora        # peak RSS of one PEPO_G step at Qwen2.5-VL-3B widths: full vs --lora-rank 16
+    python bench.py memory-plan        # results/memory-plan.{json,md}: peak GiB on one GPU, full vs LoRA (CPU-measured)
+    python bench.py gpu                # results/gpu.{json,md}: two steps per preset and setting on CUDA (< 8 min, H100)
     python bench.py signals [--quick]  # results/signals.{json,md,png}: AUROC of each token signal for perception tokens
 
 Plots need matplotlib (requirements-bench.txt); without it the JSON and Markdown are still written.
@@ -1271,6 +1273,7 @@ CONFIGS = {
             num_attention_heads=16,
             num_key_value_heads=2,
             tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
         ),
         dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048),
     ),
@@ -1284,6 +1287,7 @@ CONFIGS = {
             num_attention_heads=28,
             num_key_value_heads=4,
             tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
         ),
         dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
     ),
@@ -1298,6 +1302,9 @@ CONFIGS = {
             num_key_value_heads=8,
             head_dim=128,
             tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
+            ),
         ),
         dict(
             depth=27,
@@ -1321,6 +1328,9 @@ CONFIGS = {
             num_key_value_heads=8,
             head_dim=128,
             tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20], mrope_interleaved=True
+            ),
         ),
         dict(
             depth=27,
@@ -1387,11 +1397,792 @@ def memory_table(opt) -> dict:
             rows[f"{name}{' freeze_vision' if freeze else ''}"] = dict(zip(map(str, gpus), cells))
             label = f"{name} ({total / 1e9:.2f}B, {vision / 1e9:.2f}B)" if not freeze else ""
             lines.append(f"| {label} | {'yes' if freeze else 'no'} | " + " | ".join(cells) + " |")
+        # --lora-rank 64: bf16 base (2 B/param) + fp32 adapters, grads and AdamW (16 B); no reference copy
+        lora = (2 * total + 16 * lora_parameters(name, PLAN["lora_rank"])) / 2**30
+        cells = [f"{lora / g:.1f}" for g in gpus]
+        rows[f"{name} lora"] = dict(zip(map(str, gpus), cells))
+        lines.append(f"| | LoRA r{PLAN['lora_rank']} (frozen) | " + " | ".join(cells) + " |")
     return {
         "params": {k: {"total": t, "vision": v} for k, (t, v) in PARAMS.items()},
         "GiB_per_gpu beta>0 (beta=0)": rows,
         "markdown": "\n".join(lines),
     }
+
+
+# ----------------------------------------------------------------------------------------
+# memory-plan: peak memory of one training step on one GPU, full fine-tune vs LoRA. The
+# activations are measured on CPU at each model's real widths with 1-3 layers (a fresh process
+# per point), fitted per layer and per token, and extrapolated to the full depth.
+# ----------------------------------------------------------------------------------------
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # pepo.py's default
+PLAN = dict(  # the recipes' settings the table covers (pepo-geo3k-3b: 1,024 tokens, micro-batch 2, checkpointing)
+    completions=[1024, 2048],
+    micro_batches=[1, 2, 4, 8],
+    group_size=8,
+    prompts_per_step=8,  # the PEPO recipe's (pepo-geo3k-3b): 64 rows generated at once, their attention cache
+    image_px=448,  # one 448 x 448 image per prompt: 256 image tokens (Qwen2.5-VL), 196 (Qwen3-VL)
+    prompt_text=100,  # text tokens around it (system message, question, format prompt)
+    lora_rank=64,
+    gpus_gib=[24, 48, 80],
+    usable=0.9,  # of a GPU's memory: the CUDA context and the allocator's fragmentation take the rest
+)
+# Measured points (text layers, prompt text tokens, completion tokens, rows), one 224 x 224 image.
+# The fit uses the first four: depth, prompt tokens (cheap: no logits) and completion tokens apart.
+FIT_POINTS = [(1, 26, 16, 1), (2, 26, 16, 1), (1, 282, 16, 1), (1, 26, 48, 1)]
+HELD_OUT = {  # points the fit never sees; 2 rows at the 3B's widths, depth 3 with LoRA at all three (CPU time)
+    "all": [(2, 282, 48, 1), (1, 538, 32, 1)],
+    "Qwen2.5-VL-3B": [(3, 282, 48, 1), (1, 26, 48, 2)],
+    "Qwen2.5-VL-7B lora": [(3, 282, 48, 1)],
+    "Qwen3-VL-8B lora": [(3, 282, 48, 1)],
+}
+MEASURE_IMAGE_PX = 224
+PHASES = ("rollout_prefill", "scoring", "update", "update_ckpt")
+
+
+def plan_config(name: str, layers: int | None = None, vision_depth: int | None = None, widths=None):
+    """The published config of `name` (CONFIGS), optionally cut to `layers` text layers and
+    `vision_depth` vision blocks (Qwen3-VL keeps the deepstack taps that still exist, else block 0),
+    or with other `widths` (text, vision dicts: TINY_WIDTHS)."""
+    from transformers import AutoConfig
+
+    model_type, text, vision = CONFIGS[name]
+    text, vision = dict(text), dict(vision)
+    if widths:
+        text |= widths[0] | ({"head_dim": 16} if "head_dim" in text else {})
+        text["rope_parameters"] = text["rope_parameters"] | {"mrope_section": [2, 3, 3]}  # head_dim 16
+        vision |= widths[1]
+        layers, vision_depth = layers or text["num_hidden_layers"], vision_depth or vision["depth"]
+    if layers:
+        text["num_hidden_layers"] = layers
+    if vision_depth:
+        vision["depth"] = vision_depth
+        if "deepstack_visual_indexes" in vision:
+            vision["deepstack_visual_indexes"] = [
+                i for i in vision["deepstack_visual_indexes"] if i < vision_depth
+            ] or [0]
+    return AutoConfig.for_model(
+        model_type,
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=text["tie_word_embeddings"],
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+    )
+
+
+def random_model(config, device: str = "cpu", seed: int = 0):
+    """Random weights (uniform, std 0.02; norms 1) on `device`, fp32, without transformers' slow init."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config)
+    model.tie_weights()  # no_init_weights leaves a tied lm_head untied
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.uniform_(-0.035, 0.035, generator=g)
+            else:
+                p.fill_(1.0 if "norm" in name or "ln_q" in name else 0.0)
+    return model
+
+
+def add_lora(model, rank: int):
+    """LoRA adapters (peft) on the language model's linear layers, as pepo.py's --lora-rank does by
+    default: alpha = 2 rank, no dropout, the base frozen; the adapters in fp32."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pattern = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(" + "|".join(LORA_TARGETS) + ")"
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=pattern), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model
+
+
+def lora_disabled(model, off: bool = True):
+    """The reference pass of a LoRA run: the same model with its adapters switched off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(not off)
+
+
+def plan_inputs(config, image_px: int, prompt_text: int, completion: int, rows: int = 1, seed: int = 0) -> dict:
+    """`rows` rows of one prompt (`prompt_text` text tokens around one image_px x image_px image)
+    with `completion` random completion tokens each: the G rows of a group, as one micro-batch holds them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vc = config.vision_config
+    ip = Qwen2VLImageProcessorPil(
+        patch_size=vc.patch_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        merge_size=vc.spatial_merge_size,
+        min_pixels=image_px * image_px,
+        max_pixels=image_px * image_px,
+    )
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (image_px, image_px, 3), dtype=np.uint8))
+    vis = ip([image], return_tensors="pt")
+    n_image = int(vis["image_grid_thw"].prod()) // ip.merge_size**2
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(0, 151643, (n,), generator=g)  # ordinary token ids
+    image_ids = [config.vision_start_token_id] + [config.image_token_id] * n_image + [config.vision_end_token_id]
+    prompt = torch.cat([text(prompt_text // 2), torch.tensor(image_ids), text(prompt_text - prompt_text // 2)])
+    completion_ids = text(rows * completion).view(rows, completion)
+    input_ids = torch.cat([prompt.expand(rows, -1), completion_ids], 1)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        mm_token_type_ids=(input_ids == config.image_token_id).long(),
+        pixel_values=vis["pixel_values"].repeat(rows, 1),
+        image_grid_thw=vis["image_grid_thw"].repeat(rows, 1),
+        completion_ids=completion_ids,
+    )
+
+
+def _measure_plan(name: str, mode: str, layers: int, points: list[tuple]) -> list[dict]:
+    """The points (prompt text tokens, completion tokens, rows) of one depth, in one fresh process:
+    bytes above the start of each phase's peak RSS, at `name`'s widths with `layers` text layers
+    and 1 vision block, under bf16 autocast as pepo.py runs on CUDA. mode "full": fp32 weights,
+    the text layers trained (the embedding, lm_head and vision tower frozen: less CPU memory, and
+    the only activation it drops is the lm_head's [L, D] input); "lora": bf16 base, rank
+    PLAN["lora_rank"] adapters in fp32. An unmeasured small pass first: one-time allocations
+    (libraries' buffers) stay out of the numbers."""
+    import gc
+
+    import torch
+
+    import pepo
+
+    torch.manual_seed(0)
+    config = plan_config(name, layers, vision_depth=1)
+    model = random_model(config)
+    if mode == "lora":
+        model = add_lora(model.to(torch.bfloat16), PLAN["lora_rank"])
+    else:
+        model.requires_grad_(False)
+        model.model.language_model.layers.requires_grad_(True)
+        model.model.language_model.norm.requires_grad_(True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def prefill(batch, ids):  # generate's first pass: the prompt once, with its attention cache
+        model.eval()
+        with torch.no_grad(), autocast:
+            cache = model(**pepo.model_inputs(model, batch), logits_to_keep=1, use_cache=True).past_key_values
+        kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return {"kv_bytes_per_token_layer": sum(t.numel() * t.element_size() for t in kv) / ids.numel() / layers}
+
+    def scoring(batch, ids):  # as pepo.score for PEPO_G: every layer's hidden states, the prior, the reference
+        model.eval()
+        with torch.no_grad(), autocast:
+            layout = pepo.prompt_layout(model, batch)
+            logits, hidden = pepo.forward(model, batch, 1.0, hidden_states=True, layout=layout)
+            logp, ent = pepo.token_logprobs(logits, batch["completion_ids"]), pepo.token_entropy(logits)
+            prior = pepo.perception_prior(hidden, batch["input_ids"] == config.image_token_id, logits.shape[1])
+            lora_disabled(model, mode == "lora")  # full: the policy stands in for the bf16 reference copy
+            ref = pepo.token_logprobs(pepo.forward(model, batch, 1.0, layout=layout)[0], batch["completion_ids"])
+            lora_disabled(model, False)
+        assert math.isfinite(float(logp.sum() + ent.sum() + prior.sum() + ref.sum()))
+
+    def update(batch, ids):  # as pepo.update, one micro-batch: forward, log-probs, clipped surrogate, backward
+        model.train()
+        comp = batch["completion_ids"]
+        with autocast:
+            logits, _ = pepo.forward(model, batch, 1.0)
+        logp = pepo.token_logprobs(logits, comp)
+        del logits
+        loss, _ = pepo.policy_loss(logp, logp.detach(), torch.ones(comp.shape[0]), torch.ones(comp.shape))
+        loss.backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        model.zero_grad(set_to_none=True)
+        return {"grad_bytes": grads}
+
+    def measure(out, phase, fn, batch):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS (VmHWM) := RSS now
+        start, t0 = _status_bytes("VmRSS"), time.perf_counter()
+        extra = fn(batch, batch["input_ids"])
+        out[phase] = _status_bytes("VmHWM") - start
+        out[phase + "_seconds"] = round(time.perf_counter() - t0, 2)
+        out.update({f"{phase}_{k}": v for k, v in (extra or {}).items()})
+
+    rows = []
+    for i, (prompt_text, completion, n_rows) in enumerate([(2, 4, 1), *points]):
+        batch = plan_inputs(config, MEASURE_IMAGE_PX, prompt_text, completion, n_rows)
+        T = int(batch["input_ids"].shape[1])
+        out = dict(name=name, mode=mode, layers=layers, prompt_text=prompt_text, completion=completion, rows=n_rows)
+        out |= dict(tokens=T, prompt_tokens=T - completion)
+        model.activation_checkpointing_disable()
+        for phase, fn in zip(PHASES, (prefill, scoring, update)):
+            measure(out, phase, fn, batch)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        measure(out, "update_ckpt", update, batch)
+        if i:  # the first, small pass is the warm-up
+            rows.append(out)
+    return rows
+
+
+def _features(layers, tokens, completion, rows=1, prompts=None):
+    """a + d n + b n (token rows) + c rows L: a fixed cost, a per-layer one (weight copies, the
+    layers' gradients), a per-layer-and-token one (activations) and a per-completion-token one
+    (logits). Token rows = rows x tokens, or with `prompts` distinct prompts shared by the rows
+    (pepo.forward without checkpointing) prompts x prompt tokens + rows x completion tokens."""
+    token_rows = rows * tokens if prompts is None else prompts * (tokens - completion) + rows * completion
+    return [1.0, layers, layers * token_rows, rows * completion]
+
+
+SHARED_PHASES = ("scoring", "update")  # the passes through pepo.forward, which shares a group's prompt
+
+
+def nonnegative_fit(X, y):
+    """Least squares with the per-layer and per-token costs (columns 1-3) kept >= 0: a negative one is
+    measurement noise, and extrapolated to the full depth and length it would subtract gigabytes."""
+    keep = list(range(X.shape[1]))
+    while True:
+        coef = np.zeros(X.shape[1])
+        coef[keep] = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        worst = min(keep[1:], key=lambda k: coef[k], default=None)
+        if worst is None or coef[worst] >= 0:
+            return coef
+        keep.remove(worst)
+
+
+def fit_plan(points: list[dict]) -> dict:
+    """Per (model, mode, phase): the coefficients solved from the FIT_POINTS measurements, and
+    the held-out points' measured vs predicted bytes."""
+    fits = {}
+    for key in sorted({(p["name"], p["mode"]) for p in points}):
+        mine = [p for p in points if (p["name"], p["mode"]) == key]
+        fit = [p for p in mine if (p["layers"], p["prompt_text"], p["completion"], p["rows"]) in FIT_POINTS]
+        if len(fit) < len(FIT_POINTS):  # still being measured
+            continue
+        rest = [p for p in mine if p not in fit]
+        X = np.array([_features(p["layers"], p["tokens"], p["completion"]) for p in fit])
+        for phase in PHASES:
+            coef = nonnegative_fit(X, np.array([p[phase] for p in fit], dtype=float))
+            if phase == "scoring":  # it keeps every layer's hidden state [T, D]: a cost below the points' resolution
+                D = CONFIGS[key[0]][1]["hidden_size"]
+                coef[2] = max(coef[2], D * (2 if key[1] == "lora" else 4))  # bf16 residual stream, or fp32
+            held = []
+            for p in rest:
+                shared = 1 if phase in SHARED_PHASES else None  # the points' rows repeat one prompt
+                pred = float(np.dot(_features(p["layers"], p["tokens"], p["completion"], p["rows"], shared), coef))
+                held.append(
+                    dict(
+                        point=[p["layers"], p["tokens"], p["completion"], p["rows"]],
+                        measured=p[phase],
+                        predicted=round(pred),
+                        error=round(pred / p[phase] - 1, 4),
+                        # the error against what the point costs beyond the fixed term a: a stricter measure
+                        error_beyond_a=round((pred - p[phase]) / (p[phase] - coef[0]), 4)
+                        if p[phase] - coef[0] > 2**20
+                        else None,
+                    )
+                )
+            fits[f"{key[0]} {key[1]} {phase}"] = dict(
+                zip(["a", "d_per_layer", "b_per_layer_token", "c_per_completion_token"], coef.round(1).tolist())
+            ) | {"held_out": held}
+        kv = [p["rollout_prefill_kv_bytes_per_token_layer"] for p in mine]
+        fits[f"{key[0]} {key[1]} kv_bytes_per_token_layer"] = max(kv)
+    return fits
+
+
+def lora_parameters(name: str, rank: int) -> int:
+    """Parameters of rank-`rank` adapters on every LORA_TARGETS layer of the language model."""
+    t = CONFIGS[name][1]
+    D, inter = t["hidden_size"], t["intermediate_size"]
+    hd = t.get("head_dim", D // t["num_attention_heads"])
+    q, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
+    per_layer = (D + q) + 2 * (D + kv) + (q + D) + 2 * (D + inter) + (inter + D)
+    return rank * per_layer * t["num_hidden_layers"]
+
+
+def predict_peak(
+    fits,
+    name,
+    mode,
+    completion,
+    micro_batch,
+    ckpt,
+    prompt_tokens,
+    prompts_per_step,
+    group_size,
+    beta=True,
+    freeze_vision=True,
+) -> dict:
+    """Bytes per phase of one training step of `name` on one GPU (see PLAN_NOTES), and the peak.
+    A micro-batch holds whole groups or part of one (consecutive rows), so max(1, mb / G) prompts."""
+    total, vision = count_parameters(name)
+    text = CONFIGS[name][1]
+    V, D, N = text["vocab_size"], text["hidden_size"], text["num_hidden_layers"]
+    coef = lambda phase: fits[f"{name} {mode} {phase}"]
+    shared = lambda phase: None if ckpt or phase not in SHARED_PHASES else max(1, micro_batch // group_size)
+    act = lambda phase, rows, T, L: float(
+        np.dot(
+            _features(N, T, L, rows, shared(phase)),
+            [coef(phase)[k] for k in ("a", "d_per_layer", "b_per_layer_token", "c_per_completion_token")],
+        )
+    )
+    T = prompt_tokens + completion
+    if mode == "lora":
+        n = lora_parameters(name, PLAN["lora_rank"])
+        static = {"weights": 2 * total + 4 * n, "grads": 4 * n, "adam": 8 * n, "reference": 0}
+        head_grads = 0
+    else:
+        trained = total - (vision if freeze_vision else 0)
+        static = {
+            "weights": 4 * total,
+            "grads": 4 * trained,
+            "adam": 8 * trained,
+            "reference": 2 * total if beta else 0,
+        }
+        head_grads = 4 * V * D * (1 if text["tie_word_embeddings"] else 2)  # trained, frozen in the measurement
+    if f"{name} {mode} update" not in fits:  # activations not measured: the static memory alone, a lower bound
+        held = sum(static.values())
+        return {"static": static, "phases": {"static": held}, "peak": held, "peak_phase": "static only"}
+    rows = prompts_per_step * group_size
+    kv = rows * T * N * fits[f"{name} {mode} kv_bytes_per_token_layer"]
+    # decoding holds the fixed and per-layer terms of the prefill (with fp32 weights: autocast's bf16 copies of the
+    # trained weights, cached until the autocast block ends) next to the growing cache and the sampling temporaries
+    fixed = coef("rollout_prefill")["a"] + N * coef("rollout_prefill")["d_per_layer"]
+    rollout = max(act("rollout_prefill", prompts_per_step, prompt_tokens, 0), fixed + kv * (1 + 1 / N) + 16 * rows * V)
+    held = sum(static.values())
+    phases = {
+        "rollout": held + rollout,
+        "scoring": held + act("scoring", micro_batch, T, completion),
+        # the update starts with the gradients freed (zero_grad(set_to_none=True)); the fit holds the layers' own
+        "update": held
+        - static["grads"]
+        + head_grads
+        + act("update_ckpt" if ckpt else "update", micro_batch, T, completion),
+    }
+    return {"static": static, "phases": phases, "peak": max(phases.values()), "peak_phase": max(phases, key=phases.get)}
+
+
+def plan_points(models: list[str]) -> list[tuple]:
+    """(name, mode, layers, prompt text, completion, rows) of every measurement."""
+    order = [(name, "lora") for name in models] + [(name, "full") for name in models]  # LoRA's first
+    held = lambda name, mode: HELD_OUT["all"] + HELD_OUT.get(name, []) + HELD_OUT.get(f"{name} {mode}", [])
+    return [(name, mode, *pt) for name, mode in order for pt in FIT_POINTS + held(name, mode)]
+
+
+def measure_plan_points(opt) -> list[dict]:
+    """The plan_points, one process per model, mode and depth, one after another; points already
+    in memory-plan-points.jsonl are kept (delete the file to measure again)."""
+    import subprocess
+
+    path = Path(opt.results_dir) / "memory-plan-points.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    have = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = {(p["name"], p["mode"], p["layers"], p["prompt_text"], p["completion"], p["rows"]) for p in have}
+    todo = {}
+    for name, mode, layers, *pt in plan_points(opt.models):
+        if (name, mode, layers, *pt) not in done:
+            todo.setdefault((name, mode, layers), []).append(pt)
+    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    for (name, mode, layers), pts in todo.items():
+        one = json.dumps([name, mode, layers, pts])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "memory-plan", "--one", one]
+        t0 = time.time()
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        new = json.loads(out.stdout.strip().splitlines()[-1])
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+        have += new
+        print(f"  {name} {mode} {layers} layer(s): {len(new)} points in {time.time() - t0:.0f} s", file=sys.stderr)
+    return [p for p in have if p["name"] in opt.models]
+
+
+def plan_prompt_tokens(name: str) -> int:
+    """Prompt tokens of PLAN's prompt: its text and one PLAN["image_px"] image (+2 vision markers)."""
+    vision = CONFIGS[name][2]
+    side = PLAN["image_px"] // (vision.get("patch_size", 14) * 2)  # 2 x 2 patches merge into one token
+    return PLAN["prompt_text"] + side * side + 2
+
+
+def plan_table(fits: dict, models: list[str]) -> list[dict]:
+    rows = []
+    for name in models:
+        P = plan_prompt_tokens(name)
+        for mode in ("full", "lora"):
+            for L in PLAN["completions"]:
+                for ckpt in (False, True):
+                    for mb in PLAN["micro_batches"]:
+                        r = predict_peak(fits, name, mode, L, mb, ckpt, P, PLAN["prompts_per_step"], PLAN["group_size"])
+                        gib = r["peak"] / 2**30
+                        rows.append(
+                            dict(
+                                model=name,
+                                mode=mode,
+                                completion=L,
+                                gradient_checkpointing=ckpt,
+                                micro_batch=mb,
+                                prompt_tokens=P,
+                                peak_gib=round(gib, 2),
+                                peak_phase=r["peak_phase"],
+                                phases_gib={k: round(v / 2**30, 2) for k, v in r["phases"].items()},
+                                static_gib={k: round(v / 2**30, 2) for k, v in r["static"].items()},
+                                fits={  # None: unknown (only the static memory, a lower bound, is known)
+                                    str(g): (gib <= PLAN["usable"] * g)
+                                    and (None if r["peak_phase"] == "static only" else True)
+                                    for g in PLAN["gpus_gib"]
+                                },
+                            )
+                        )
+    return rows
+
+
+def plan_markdown(result: dict) -> str:
+    gpus = PLAN["gpus_gib"]
+    mark = lambda gib: next((f"≤{g}" for g in gpus if gib <= PLAN["usable"] * g), f">{gpus[-1]}")
+    # a static-only (≥) row marks "≤g" only as "not ruled out"; its activations were not measured
+    lines = [
+        f"Peak GiB of one training step on one GPU (PEPO_G: reference for beta > 0; --freeze-vision for full "
+        f"fine-tuning; {PLAN['prompts_per_step']} prompts x {PLAN['group_size']} completions per step, one "
+        f"{PLAN['image_px']}px image per prompt), by --micro-batch-size (mb); each cell: GiB and the smallest GPU "
+        f"(GiB) it fits at {PLAN['usable']:.0%} use.",
+        "",
+        "| model | training | completion | --gradient-checkpointing | "
+        + " | ".join(f"mb {m}" for m in PLAN["micro_batches"])
+        + " | peak phase (mb 1) |",
+        "|---|---|---|---|" + "---|" * len(PLAN["micro_batches"]) + "---|",
+    ]
+    by = {}
+    for r in result["plan"]:
+        by.setdefault((r["model"], r["mode"], r["completion"], r["gradient_checkpointing"]), []).append(r)
+    for (name, mode, L, ckpt), rs in by.items():
+        label = "full (fp32 + AdamW)" if mode == "full" else f"LoRA r{PLAN['lora_rank']} (bf16 base)"
+        lower = rs[0]["peak_phase"] == "static only"
+        cells = [f"{'≥' if lower else ''}{r['peak_gib']:.1f} ({mark(r['peak_gib'])})" for r in rs]
+        lines.append(
+            f"| {name} | {label} | {L} | {'yes' if ckpt else 'no'} | "
+            + " | ".join(cells)
+            + f" | {rs[0]['peak_phase']} |"
+        )
+    lines += [
+        "",
+        "Fit: peak above the start = a + d·layers + b·layers·(token rows) + c·rows·(completion tokens); held-out "
+        "points [layers, tokens, completion, rows]: predicted vs measured, in % of the measured peak, in MiB, and in % "
+        "of the part above a.",
+        "",
+        "| model, training, phase | a (MiB) | d (MiB/layer) | b (KiB/layer/token) | c (KiB/completion token) "
+        "| held-out errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, f in result["fits"].items():
+        if not isinstance(f, dict):
+            continue
+        errs = ", ".join(
+            f"{h['error']:+.1%} ({(h['predicted'] - h['measured']) / 2**20:+.0f} MiB, "
+            f"{'n/a' if h['error_beyond_a'] is None else format(h['error_beyond_a'], '+.0%')}) "
+            f"@{h['point']}"
+            for h in f["held_out"]
+        )
+        lines.append(
+            f"| {key} | {f['a'] / 2**20:.0f} | {f['d_per_layer'] / 2**20:.1f} | "
+            f"{f['b_per_layer_token'] / 2**10:.1f} | {f['c_per_completion_token'] / 2**10:.1f} | {errs} |"
+        )
+    lines += ["", *[f"- {n}" for n in result["notes"]]]
+    return "\n".join(lines)
+
+
+PLAN_NOTES = [
+    "Activations measured on CPU (peak RSS above the start, /proc/self/status VmHWM reset through "
+    "/proc/self/clear_refs, MALLOC_MMAP_THRESHOLD_=1 MiB), one process per model, mode and depth, at each model's "
+    "published widths with 1-3 text layers and 1 vision block, under torch.autocast('cpu', bfloat16): the dtypes of "
+    "CUDA's bf16 autocast (bf16 matmul outputs; fp32 residual stream, norms and RoPE'd keys with fp32 weights; bf16 "
+    "everywhere with a bf16 LoRA base), so no fp32-to-bf16 factor is applied. Points: [layers, tokens per row, "
+    "completion tokens, rows].",
+    "Extrapolation: the fit's per-layer terms times the full depth, its per-row terms times the micro-batch. Without "
+    "checkpointing the rows of a group share their prompt's pass (pepo.forward), so scoring and update count the "
+    "prompt's tokens once per group in a micro-batch (checked on the 2-row held-out point).",
+    "Static memory: full fine-tune = fp32 weights (4 B/param) + fp32 grads and AdamW m, v of the trained parameters "
+    "(12 B) + the bf16 reference (2 B/param, beta > 0); a step's grads live on through the next rollout and scoring "
+    "(zero_grad(set_to_none) runs at the update). LoRA = bf16 base (2 B/param) + fp32 adapters, grads, AdamW (16 B "
+    "per adapter parameter); the reference is the base with the adapters off.",
+    "Phases: rollout = static + the attention cache of every row (measured bytes per token and layer: fp32 keys and "
+    "bf16 values with fp32 weights) + sampling temporaries; scoring = PEPO_G's pass (every layer's hidden states, "
+    "prior, reference pass; for the full fine-tune the policy stands in for its bf16 reference copy); update = "
+    "forward + backward of one micro-batch (the fit holds the trained layers' gradients; the lm_head and embedding "
+    "gradients are added).",
+    "Not counted: the CUDA context and allocator fragmentation (hence the 90% use), VPPO's perturbed pass (like the "
+    "reference pass) and a trained vision tower's activations (PEPO's scripts freeze it).",
+    "The per-layer and per-token costs are fitted >= 0 (a negative one is noise); scoring's per-layer cost is at "
+    "least its kept hidden states (D x 2 bytes per token, D x 4 with fp32 weights), which the points cannot resolve.",
+    "With fp32 weights (full fine-tune) autocast caches a bf16 copy of every trained weight until its block ends "
+    "(the fit's d, ~2 bytes per parameter of a layer): the rollout and scoring hold it too, pepo.train running each "
+    "in one autocast block.",
+    "CPU-only term: about V x D x 2 bytes of a (598 MiB at the 3B's widths) is a copy of the lm_head weight that CPU "
+    "F.linear makes per row for a non-contiguous bf16 input (the logits_to_keep slice; 612 MiB for 1 row, 1188 for 2, "
+    "1 MiB once the input is contiguous). The 2-row held-out point misses it in the two phases that slice per row; "
+    "CUDA's matmul makes no such copy, so the plan keeps it once: conservative by one copy.",
+    "The update with checkpointing peaks either at the logits' backward or at one layer's recomputation; a linear fit "
+    "of that maximum holds near the measured sizes (held-out points) and may under-count the recomputation at long "
+    "sequences by about (one layer's activations - the logits' cost) per row: ~0.1 GB per row at 3B, 1,382 tokens.",
+]
+
+
+def memory_plan(opt) -> dict:
+    path = Path(opt.results_dir) / "memory-plan-points.jsonl"
+    if opt.report:
+        points = [json.loads(line) for line in path.read_text().splitlines()]
+        points = [p for p in points if p["name"] in opt.models]
+    else:
+        points = measure_plan_points(opt)
+    models = [m for m in opt.models if any(p["name"] == m for p in points)]
+    fits = fit_plan(points)
+    result = {
+        "plan": plan_table(fits, models),
+        "fits": fits,
+        "settings": PLAN | {"fit_points": FIT_POINTS, "held_out": HELD_OUT, "measure_image_px": MEASURE_IMAGE_PX},
+        "params": {
+            m: dict(zip(("total", "vision"), count_parameters(m))) | {"lora": lora_parameters(m, PLAN["lora_rank"])}
+            for m in models
+        },
+        "notes": PLAN_NOTES,
+        "machine": machine() | {"threads": opt.threads},
+        "command": "python " + shlex.join(sys.argv) if sys.argv[1:2] == ["memory-plan"] else None,
+        "points": "memory-plan-points.jsonl (one line per measured point)",
+    }
+    md = plan_markdown(result)
+    (Path(opt.results_dir) / "memory-plan.json").write_text(json.dumps(result, indent=1))
+    (Path(opt.results_dir) / "memory-plan.md").write_text("# Memory plan: one GPU\n\n" + md + "\n")
+    print(md)
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# gpu: two training steps of every preset and setting on random-weight models with the full
+# published configs (no download), peak GPU memory and seconds per step against the memory plan
+# ----------------------------------------------------------------------------------------
+GPU_SETTINGS = {  # setting -> pepo.py flags on top of the preset's defaults (--bf16 on CUDA)
+    "defaults": [],
+    "lora": ["--lora-rank", "64"],
+    "gradient_checkpointing": ["--gradient-checkpointing"],
+    "freeze_vision": ["--freeze-vision"],
+}
+GPU_RUN = dict(  # small enough that 20 runs of the 3B and the 7B's LoRA runs take < 8 minutes on one H100
+    task="color", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=64, eval_size=2, image_px=448
+)
+TINY_RUN = dict(GPU_RUN, group_size=2, max_new_tokens=32, eval_size=1, image_px=112)  # --tiny: CPU seconds
+TINY_WIDTHS = (  # --tiny: the same code path at widths a CPU runs in seconds (vocabulary kept: Qwen's token ids)
+    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+)
+
+
+def qwen_ids_tokenizer():
+    """A byte-level tokenizer whose special tokens have Qwen's ids (<|endoftext|> = 151643 ...
+    <|image_pad|> = 151655), so that a random model with a published config reads its prompts;
+    the ids below 151643 are the 256 bytes and unused fillers (a random model writes no text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import pepo
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab |= {f"<|fill_{i}|>": i for i in range(len(vocab), 151643)}
+    vocab |= {t: 151643 + i for i, t in enumerate(pepo.SPECIAL_TOKENS)}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(pepo.SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def gpu_checkpoint(name: str, path: Path, device: str, tiny: bool) -> Path:
+    """save_pretrained folder of a random-weight `name` (its published config, or TINY_WIDTHS):
+    the weights in bf16 (half the disk and load time; pepo.py loads them as fp32), Qwen's token ids."""
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    import pepo
+
+    if (path / "config.json").exists():
+        return path
+    config = plan_config(name, widths=TINY_WIDTHS if tiny else None)
+    tok = qwen_ids_tokenizer()
+    config.text_config.eos_token_id, config.text_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    vc, px = config.vision_config, (TINY_RUN if tiny else GPU_RUN)["image_px"] ** 2
+    ip = Qwen2VLImageProcessorPil(
+        patch_size=vc.patch_size,
+        temporal_patch_size=vc.temporal_patch_size,
+        merge_size=vc.spatial_merge_size,
+        min_pixels=px,
+        max_pixels=px,
+    )
+    model = random_model(config, device).to(torch.bfloat16)
+    pepo.save_atomic(str(path), model, tok, ip)
+    del model
+    return path
+
+
+def gpu_check(opt) -> dict:
+    """Each model, preset and setting: pepo.main for GPU_RUN's two steps in this process, the
+    peak memory (CUDA: max_memory_allocated; CPU: peak RSS) and the seconds of each step, next to
+    the memory plan's prediction (results/memory-plan.json, full-size models only). A setting the
+    plan predicts to exceed the GPU is skipped; so is every run once --budget-s is spent."""
+
+    import torch
+
+    import pepo
+
+    t_start, cuda, run = time.time(), opt.device == "cuda", TINY_RUN if opt.tiny else GPU_RUN
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA device; use --device cpu --tiny to check the code path")
+    plan_path = Path(opt.results_dir) / "memory-plan.json"
+    fits = None if opt.tiny else json.loads(plan_path.read_text())["fits"] if plan_path.exists() else {}
+    saver, pepo.save_training_state = pepo.save_training_state, lambda *a, **k: None  # a 3B checkpoint: > 2 steps
+    try:
+        return _gpu_runs(opt, pepo, run, cuda, t_start, fits)
+    finally:
+        pepo.save_training_state = saver
+
+
+def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
+    import gc
+    import random
+
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor
+
+    import tasks
+
+    capacity = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    rows, out_json = [], Path(opt.results_dir) / ("gpu-tiny.json" if opt.tiny else "gpu.json")
+    result = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "peak": "torch.cuda.max_memory_allocated - memory_allocated at the start"
+        if cuda
+        else "peak RSS - RSS at the start",
+        "run": run,
+        "rows": rows,
+        "command": "python bench.py gpu " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["gpu"] else None,
+    }
+    for name in opt.models:
+        path = gpu_checkpoint(name, Path(opt.runs_dir) / (name + ("-tiny" if opt.tiny else "")), opt.device, opt.tiny)
+        tok, ip = qwen_ids_tokenizer(), AutoImageProcessor.from_pretrained(path)
+        vl = pepo.VLHelper(tok, ip, AutoConfig.from_pretrained(path))
+        task = tasks.get_task(run["task"])
+        prompt_tokens = vl.encode_prompts([task.sample(random.Random(0))])["input_ids"].shape[1]
+        for preset in opt.presets:
+            for setting in opt.settings:
+                flags = GPU_SETTINGS[setting]
+                row = dict(model=name, preset=preset, setting=setting, flags=shlex.join(flags))
+                rows.append(row)
+                args = pepo.apply_preset(pepo.Args(algo=preset))
+                mode = "lora" if setting == "lora" else "full"
+                if fits is not None:  # without measured activations: the static memory, a lower bound
+                    pred = predict_peak(
+                        fits,
+                        name,
+                        mode,
+                        run["max_new_tokens"],
+                        run["prompts_per_step"] * run["group_size"],
+                        setting == "gradient_checkpointing",
+                        prompt_tokens,
+                        run["prompts_per_step"],
+                        run["group_size"],
+                        beta=args.beta > 0,
+                        freeze_vision=setting in ("freeze_vision", "lora"),
+                    )
+                    row["predicted_gib"] = round(pred["peak"] / 2**30, 2)
+                    row["predicted_phase"] = pred["peak_phase"]
+                if capacity and row.get("predicted_gib", 0) * 2**30 > PLAN["usable"] * capacity:
+                    row["status"] = f"skipped: predicted {row['predicted_gib']} GiB > {PLAN['usable']:.0%} of the GPU"
+                    continue
+                if time.time() - t_start > opt.budget_s:
+                    row["status"] = "skipped: --budget-s spent"
+                    continue
+                run_dir = Path(opt.runs_dir) / f"{name}-{preset}-{setting}{'-tiny' if opt.tiny else ''}"
+                argv = [
+                    "--model",
+                    str(path),
+                    "--algo",
+                    preset,
+                    "--device",
+                    opt.device,
+                    "--bf16",
+                    "--no-dynamic-sampling",
+                    "--lr",
+                    "1e-6",
+                    "--output-dir",
+                    str(run_dir),
+                    *flags,
+                ]
+                argv += [f"--{k.replace('_', '-')}={v}" for k, v in run.items() if k != "image_px"]
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    start = torch.cuda.memory_allocated()
+                else:
+                    with open("/proc/self/clear_refs", "w") as f:
+                        f.write("5")
+                    start = _status_bytes("VmRSS")
+                shutil.rmtree(run_dir, ignore_errors=True)  # no metrics of an earlier run
+                t0 = time.time()
+                try:
+                    with redirect_stdout(open(os.devnull, "w")):
+                        pepo.main(argv)
+                    row["status"] = "ok"
+                except (Exception, SystemExit) as e:  # one failing setting must not hide the others' numbers
+                    row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+                row["wall_s"] = round(time.time() - t0, 1)
+                row["peak_gib"] = round(
+                    ((torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")) - start) / 2**30, 3
+                )
+                metrics = run_dir / "metrics.jsonl"
+                if metrics.exists():
+                    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+                    row["seconds_per_step"] = [round(m["seconds"], 2) for m in steps]
+                    row["updated_steps"] = sum("skipped" not in m for m in steps)
+                if "predicted_gib" in row and row["status"] == "ok":
+                    row["measured_over_predicted"] = round(row["peak_gib"] / row["predicted_gib"], 3)
+                print(
+                    f"  {name} {preset} {setting}: {row['status']} {row['peak_gib']} GiB {row.get('seconds_per_step')}",
+                    file=sys.stderr,
+                )
+                out_json.parent.mkdir(parents=True, exist_ok=True)
+                out_json.write_text(json.dumps(result, indent=1))  # after every run: a timeout keeps what ran
+    result["wall_s"] = round(time.time() - t_start, 1)
+    out_json.write_text(json.dumps(result, indent=1))
+    md = gpu_markdown(result)
+    out_json.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return result
+
+
+def gpu_markdown(result: dict) -> str:
+    lines = [
+        f"Two steps of each preset on {result['device']} ({', '.join(f'{k} {v}' for k, v in result['run'].items())}; "
+        f"--bf16, --no-dynamic-sampling), {result.get('wall_s')} s in all. Peak = {result['peak']} over the run "
+        "(load, evaluations, two steps); predicted = the memory plan's peak for that setting "
+        "(results/memory-plan.json).",
+        "",
+        "| model | preset | setting | peak GiB | predicted GiB | measured / predicted | seconds per step | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['preset']} | {r['setting']} | {r.get('peak_gib', '')} | "
+            f"{r.get('predicted_gib', '')} | {r.get('measured_over_predicted', '')} | "
+            f"{', '.join(map(str, r.get('seconds_per_step', [])))} | {r.get('status', '')} |"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -2000,6 +2791,34 @@ def main(argv=None):
     ml.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
     ml.add_argument("--results-dir", default="results", help="memory-lora.json and memory-lora.md go here")
     ml.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: "mode,bf16,G,L,rank" as JSON
+    pl = sub.add_parser(
+        "memory-plan",
+        help="peak GPU memory of a training step, full fine-tune vs LoRA, from activations measured on CPU",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Measures each point of the fit in its own process at the real widths with 1-3 layers "
+        "(peak RSS, bf16 autocast), fits per-layer and per-token costs, checks held-out points, and writes "
+        "memory-plan.{json,md}: which settings fit 24, 48 and 80 GB.",
+    )
+    pl.add_argument(
+        "--models", nargs="+", default=["Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen3-VL-8B"], choices=list(CONFIGS)
+    )
+    pl.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS) of each measurement")
+    pl.add_argument("--report", action="store_true", help="measure nothing: fit and write from the points measured")
+    pl.add_argument("--results-dir", default="results", help="memory-plan-points.jsonl, memory-plan.{json,md}")
+    pl.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one point as JSON
+    gp = sub.add_parser(
+        "gpu",
+        help="two steps per preset and setting on random models of the published configs: peak memory vs the plan",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gp.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    gp.add_argument("--tiny", action="store_true", help="TINY_WIDTHS instead of the published widths (CPU tests)")
+    gp.add_argument("--models", nargs="+", default=["Qwen2.5-VL-3B", "Qwen2.5-VL-7B"], choices=list(CONFIGS))
+    gp.add_argument("--presets", nargs="+", default=["grpo", "dapo", "pepo_g", "pepo_d", "vppo"])
+    gp.add_argument("--settings", nargs="+", default=list(GPU_SETTINGS), choices=list(GPU_SETTINGS))
+    gp.add_argument("--budget-s", type=float, default=420, help="start no run after this many seconds")
+    gp.add_argument("--runs-dir", default="runs/gpu", help="the random checkpoints and the run folders")
+    gp.add_argument("--results-dir", default="results", help="gpu.json and gpu.md (--tiny: gpu-tiny.*) go here")
     g = sub.add_parser(
         "signals",
         help="AUROC of each per-token signal for perception tokens, before and after RL, and the papers' token "
@@ -2028,6 +2847,14 @@ def main(argv=None):
         return learn(opt)
     if opt.command == "heatmap":
         return heatmap(opt)
+    if opt.command == "memory-plan" and opt.one:
+        name, mode, layers, points = json.loads(opt.one)
+        print(json.dumps(_measure_plan(name, mode, layers, [tuple(p) for p in points])))
+        return None
+    if opt.command == "memory-plan":
+        return memory_plan(opt)
+    if opt.command == "gpu":
+        return gpu_check(opt)
     if opt.command == "memory" and opt.one:
         phase, version, L = opt.one.split(",")
         print(json.dumps(_measure_memory(phase, version, int(L), opt.device)))

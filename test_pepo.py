@@ -3616,3 +3616,71 @@ def test_lora_sigint_then_resume_matches_uninterrupted(tmp_path, tiny, monkeypat
     path.write_text(good)
     pepo.main(run_argv(out, *flags, "--resume", str(out)))
     assert metrics_without_time(out / "metrics.jsonl") == whole
+
+
+# ----------------------------------------------------------------------------------------
+# bench.py memory-plan and gpu: the fit, the one-GPU prediction, the GPU check's code path on CPU
+# ----------------------------------------------------------------------------------------
+def test_memory_plan_fit_recovers_costs_and_predicts_held_out_points():
+    """Points made from known costs: fit_plan solves them back from FIT_POINTS alone and predicts the
+    held-out points exactly; predict_peak puts LoRA's static memory far below the full fine-tune's."""
+    name, true = "Qwen2.5-VL-3B", [5e8, 3e8, 2e5, 1.2e6]  # a, d, b, c in bytes
+    points = []
+    for mode in ("full", "lora"):
+        for layers, prompt_text, completion, rows in bench.FIT_POINTS + bench.HELD_OUT["all"] + bench.HELD_OUT[name]:
+            tokens = prompt_text + 66 + completion
+            p = dict(name=name, mode=mode, layers=layers, prompt_text=prompt_text, completion=completion, rows=rows)
+            p |= dict(tokens=tokens, rollout_prefill_kv_bytes_per_token_layer=1536.0 if mode == "full" else 1024.0)
+            for phase in bench.PHASES:
+                shared = 1 if phase in bench.SHARED_PHASES else None  # the rows of a group share their prompt pass
+                p[phase] = float(np.dot(bench._features(layers, tokens, completion, rows, shared), true))
+            points.append(p)
+    fits = bench.fit_plan(points)
+    f = fits[f"{name} lora update"]
+    assert np.allclose([f["a"], f["d_per_layer"], f["b_per_layer_token"], f["c_per_completion_token"]], true, rtol=1e-6)
+    assert len(f["held_out"]) == 4 and all(abs(h["error"]) < 1e-6 for h in f["held_out"])
+    assert fits[f"{name} full kv_bytes_per_token_layer"] == 1536.0
+    P = bench.plan_prompt_tokens(name)
+    assert P == 100 + 256 + 2  # 448 x 448 image: 16 x 16 merged patches
+    lora = bench.predict_peak(fits, name, "lora", 1024, 2, True, P, 16, 8)
+    full = bench.predict_peak(fits, name, "full", 1024, 2, True, P, 16, 8)
+    total, vision = bench.count_parameters(name)
+    assert full["static"]["weights"] == 4 * total and full["static"]["reference"] == 2 * total
+    assert full["static"]["adam"] == 8 * (total - vision)  # --freeze-vision
+    assert lora["static"]["reference"] == 0 and lora["static"]["adam"] == 8 * bench.lora_parameters(name, 64)
+    assert lora["peak"] < full["peak"] - 40 * 2**30 and lora["peak"] == max(lora["phases"].values())
+    rows = bench.plan_table(fits, [name])
+    assert len(rows) == 2 * 2 * 2 * 4 and all(set(r["fits"]) == {"24", "48", "80"} for r in rows)
+    md = bench.plan_markdown({"plan": rows, "fits": fits, "notes": ["n"]})
+    assert md.count(f"| {name} |") == 8 and "held-out errors" in md
+
+
+def test_lora_parameters_count_matches_peft():
+    """lora_parameters (used by the plan for the 7B and 8B, never built) = what peft adds to a model."""
+    from transformers import AutoModelForImageTextToText
+
+    cfg = bench.plan_config("Qwen2.5-VL-3B", layers=1, vision_depth=1)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    bench.add_lora(model, 8)
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert n == bench.lora_parameters("Qwen2.5-VL-3B", 8) // 36 and n > 0
+
+
+def test_gpu_check_runs_on_cpu_at_tiny_widths(tmp_path):
+    """bench.py gpu --device cpu --tiny: the GPU check's code path (random checkpoint with Qwen's
+    token ids, two steps of a preset in every setting, peak memory and seconds per step) writes
+    gpu-tiny.json and gpu-tiny.md with a row per setting."""
+    result = bench.main(
+        ["gpu", "--device", "cpu", "--tiny", "--models", "Qwen2.5-VL-3B", "--presets", "pepo_g"]
+        + ["--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    assert saved["rows"] == result["rows"] and [r["setting"] for r in saved["rows"]] == list(bench.GPU_SETTINGS)
+    for r in saved["rows"]:
+        assert r["status"] == "ok", r
+        assert r["peak_gib"] > 0 and len(r["seconds_per_step"]) == 2 and r["updated_steps"] == 2
+    md = (tmp_path / "gpu-tiny.md").read_text()
+    assert md.count("| Qwen2.5-VL-3B | pepo_g |") == 4 and "seconds per step" in md
+    tok = bench.qwen_ids_tokenizer()
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655 and tok.eos_token_id == 151645

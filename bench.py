@@ -884,7 +884,8 @@ def memory_inputs(config, completion: int, seed: int = 0) -> tuple[dict, object]
 
 
 def _status_bytes(key: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
 def _measure_memory(phase: str, version: str, completion: int, device: str) -> dict:
@@ -2000,7 +2001,9 @@ def qwen_ids_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.add_special_tokens(pepo.SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = pepo.QWEN2_VL_CHAT_TEMPLATE  # prompts render as Qwen2.5-VL's (a random model reads any)
+    return tok
 
 
 def gpu_checkpoint(name: str, path: Path, device: str, tiny: bool) -> Path:
@@ -2136,7 +2139,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                 shutil.rmtree(run_dir, ignore_errors=True)  # no metrics of an earlier run
                 t0 = time.time()
                 try:
-                    with redirect_stdout(open(os.devnull, "w")):
+                    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
                         pepo.main(argv)
                     row["status"] = "ok"
                 except (Exception, SystemExit) as e:  # one failing setting must not hide the others' numbers

@@ -3667,6 +3667,7 @@ def test_lora_parameters_count_matches_peft():
     assert n == bench.lora_parameters("Qwen2.5-VL-3B", 8) // 36 and n > 0
 
 
+@slow
 def test_gpu_check_runs_on_cpu_at_tiny_widths(tmp_path):
     """bench.py gpu --device cpu --tiny: the GPU check's code path (random checkpoint with Qwen's
     token ids, two steps of a preset in every setting, peak memory and seconds per step) writes

@@ -2037,8 +2037,13 @@ def test_dots_sum_verifier():
     task = tasks.TASKS["dots-sum"]
     ex = Example("", [], "5", {"red": 2, "blue": 3})
     assert task.score("<think>2 red, 3 blue</think><answer>5</answer>", ex) == pytest.approx((1 + FB, 1))
-    assert task.score("<think>whatever</think>\n<answer> 5 </answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think> 2 RED,  3 blue </think>\n<answer> 5 </answer>", ex) == pytest.approx((1 + FB, 1))
     assert task.score("<think>2 red, 2 blue</think><answer>4</answer>", ex) == pytest.approx((FB, 0))
+    # The whole chain: the right sum after wrong counts, or no counts, is wrong.
+    assert task.score("<think>whatever</think><answer>5</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>3 red, 2 blue</think><answer>5</answer>", ex) == pytest.approx((FB, 0))  # swapped
+    assert task.score("<think>1 red, 4 blue</think><answer>5</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>2 red, 3 blue</think><answer>6</answer>", ex) == pytest.approx((FB, 0))  # bad sum
     assert task.score("<answer>5</answer>", ex) == (0, 0)  # missing think
     assert task.score("<think>2 red, 3 blue</think>5", ex) == (0, 0)  # missing answer tags
     assert task.score("<think>x</think><answer>5</answer> ok", ex) == (0, 0)  # extra text
@@ -2193,9 +2198,18 @@ def test_color_think_verifier():
         (1 + FB, 1)
     )
     # The whole chain is checked: the image's colour first in <think>, then its name as the answer.
-    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx(
-        (1 + FB, 1)
-    )  # the rest of <think> is free
+    assert task.score("<think> Red  shape, red is DAX </think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # no rule applied
+    # A broken chain scores 0 wherever it breaks: the colour, the rule or the answer.
+    assert task.score("<think>red shape, red is fep</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, yellow is dax</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer>fep</answer>", ex) == pytest.approx((FB, 0))
+    yellow = Example("", [], "fep", {"color": "yellow"})
+    assert task.score("<think>yellow shape, yellow is fep</think><answer>fep</answer>", yellow)[1] == 1
+    assert task.score("<think>yellow shape, yellow is dax</think><answer>fep</answer>", yellow) == pytest.approx(
+        (FB, 0)
+    )  # the README's old headline example
+    assert task.score("<think>yellow shape, yellow is fep, red is dax</think><answer>fep</answer>", yellow)[1] == 0
     assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx(
         (FB, 0)
     )  # read at the answer only
@@ -2327,21 +2341,25 @@ def test_perception_token_mask_by_hand():
 
 
 def test_every_task_labels_its_perception_tokens():
-    # A correct completion of every task with perception words marks exactly those words.
+    # A correct completion of every task (one its verifier scores correct) with perception words
+    # marks exactly those words, inside the part of the completion the verifier reads them from.
     bpe = tiny_bpe()
     for name, task in tasks.TASKS.items():
         ex = task.sample(random.Random(5))
         words = task.perception_words(ex)
+        completion = task.correct_completion(ex)
+        assert task.score(completion, ex) == pytest.approx((1 + FB, 1)), name
         if name == "fewshot":
             assert words == set()  # the answer is a name from the prompt, not read off the image
             continue
         assert words, name
-        if name == "dots-sum":
-            completion = f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
-        elif name == "color-think":
-            completion = task.completion(ex.meta["color"])
-        else:
-            completion = f"<answer>{ex.answer}</answer>"
+        assert completion == (
+            f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
+            if name == "dots-sum"
+            else task.completion(ex.meta["color"])
+            if name == "color-think"
+            else f"<answer>{ex.answer}</answer>"
+        ), name
         pieces = bpe.encode(completion + "<|im_end|>").tokens
         marked = "".join(tasks.token_text(p) for p, m in zip(pieces, task.perception_mask(pieces, ex)) if m)
         expected = (

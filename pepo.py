@@ -144,6 +144,9 @@ class Args:
         0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient"
     )
     vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
+    vppo_max_scale: float = arg(
+        0.0, "TAS: cap on the advantage scale; 0 = unbounded, as in the paper (a remedy for outliers, not VPPO's)"
+    )
     vppo_perturb: str = arg(
         "blacken",
         "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); blacken-raw = 14-px blocks of the raw image before the processor's resize (the authors' code)",
@@ -1093,7 +1096,7 @@ def shape(
             scale = torch.ones(mask.shape[0], device=mask.device)
         else:  # min/max/mean over all ranks' rows
             scale = dist_.on_all_rows(
-                lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale), dep, mask
+                lambda d, m: vppo.trajectory_advantage_scale(d, m, args.vppo_min_scale, args.vppo_max_scale), dep, mask
             )
         weights, advantages = weights * keep, advantages * scale
         real = dist_.gather_values(scale if padding is None else scale[~padding])  # every rank's real rows
@@ -1355,6 +1358,10 @@ def check_args(args: Args) -> None:
         (args.eval_samples >= 0, f"--eval-samples {args.eval_samples}: use 0 (off) or more"),
         (args.save_every >= 0, f"--save-every {args.save_every}: use 0 (off) or more"),
         (0 <= args.vppo_top_frac <= 1, f"--vppo-top-frac {args.vppo_top_frac}: use a fraction in [0, 1]"),
+        (
+            args.vppo_max_scale == 0 or args.vppo_max_scale >= 1,
+            f"--vppo-max-scale {args.vppo_max_scale}: use 0 (unbounded) or a cap >= 1",
+        ),
         (
             0 <= args.length_penalty_cache < args.max_new_tokens,
             f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1",

@@ -1143,6 +1143,7 @@ def no_model(*args, **kwargs):
             "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups",
         ),
         (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
+        (["--vppo-max-scale", "0.5"], "error: --vppo-max-scale 0.5: use 0 (unbounded) or a cap >= 1"),
         (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
     ],
 )
@@ -1676,6 +1677,22 @@ def test_tas_mean_one_and_min_for_random_scores():
         # the order of alpha follows the order of mean dependency
         s = (dep * mask).sum(1) / mask.sum(1)
         assert torch.equal(alpha.argsort(), s.argsort())
+
+
+def test_tas_outlier_is_unbounded_unless_capped():
+    # one completion of 128 depends on the image, the rest not at all: n = 1 there, 0 elsewhere,
+    # mean(n) = 1/128 -> alpha = 0.9 + 0.1 * 128 = 13.7 for the outlier (the paper's TAS), 0.9 for the rest
+    dep = torch.zeros(128, 3)
+    dep[5] = 1.0
+    alpha = trajectory_advantage_scale(dep, torch.ones(128, 3))
+    assert alpha[5].item() == pytest.approx(13.7, abs=1e-4) and alpha.mean().item() == pytest.approx(1.0, abs=1e-6)
+    capped = trajectory_advantage_scale(dep, torch.ones(128, 3), max_scale=2.0)
+    assert capped[5].item() == 2.0 and torch.equal(capped[torch.arange(128) != 5], alpha[torch.arange(128) != 5])
+    rand = torch.rand(12, 5, generator=seeded(3))  # a cap above every alpha changes nothing
+    assert torch.equal(
+        trajectory_advantage_scale(rand, torch.ones(12, 5), max_scale=100.0),
+        trajectory_advantage_scale(rand, torch.ones(12, 5)),
+    )
 
 
 def test_tas_flat_scores_give_ones():

@@ -275,7 +275,9 @@ def random_token_mask(
 
 
 @torch.no_grad()
-def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9) -> torch.Tensor:
+def trajectory_advantage_scale(
+    dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9, max_scale: float = 0.0
+) -> torch.Tensor:
     """Trajectory Advantage Shaping, VPPO (arXiv 2510.09285).  dependency, mask [B, L] -> alpha [B]
 
     S_i = mean dependency over the valid tokens of completion i; rows with none get alpha 1
@@ -286,6 +288,9 @@ def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min
     magnitude is unchanged (over rows with valid tokens), only shifted towards visually
     grounded completions. Here the batch is the whole rollout batch (their code: a mini-batch).
     A flat batch (max - min <= 1e-6) gets alpha = 1 everywhere.
+    alpha has no upper bound: one outlier completion in a batch of B gets up to ~B (1 - min_scale)
+    + min_scale. max_scale > 0 caps it (not in the paper: a remedy, --vppo-max-scale; the mean
+    then drops below 1); 0 = unbounded, as the authors wrote it.
     """
     m = mask.float()
     has = m.sum(dim=1) > 0  # rows with no valid token (e.g. overlong-filtered) keep alpha = 1
@@ -296,7 +301,10 @@ def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min
     if hi - lo <= 1e-6:
         return torch.ones_like(s)
     n = ((s - lo) / (hi - lo)).clamp(0.0, 1.0)  # the max entry is 1, so mean(n) >= 1/B > 0
-    return torch.where(has, min_scale + n * (1.0 - min_scale) / n[has].mean(), torch.ones_like(s))
+    alpha = min_scale + n * (1.0 - min_scale) / n[has].mean()
+    if max_scale > 0:
+        alpha = alpha.clamp_max(max_scale)
+    return torch.where(has, alpha, torch.ones_like(s))
 
 
 def entropy_top_mask(entropy: torch.Tensor, mask: torch.Tensor, top_frac: float = 0.2) -> torch.Tensor:

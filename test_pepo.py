@@ -2830,3 +2830,53 @@ def test_signal_collection_smoke(loaded):
     )  # one row per labelling
     records = bench.signal_records(vl, coll, 2, 0, n=2)
     assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py presets: the default run of every preset on 5 seeds
+# ---------------------------------------------------------------------------------------
+def test_presets_jobs_are_the_default_runs(tmp_path):
+    builds, runs = bench.presets_jobs("color-think", bench.PRESETS, [1, 2, 3, 4, 5], tmp_path, "--vppo-max-scale 2")
+    assert bench.PRESETS == ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"]
+    assert [b["seed"] for b in builds] == [1, 2, 3, 4, 5] and len(runs) == 25
+    assert all(b["warmup_steps"] is None and b["task"] == "color-think" for b in builds)  # the task's own warm-up
+    r = runs[6]  # seed 2, dapo
+    model = str(tmp_path / "models" / "color-think_s2")
+    assert (r["algo"], r["seed"], r["model"]) == ("dapo", 2, model)
+    assert r["argv"] == [
+        *("--algo", "dapo", "--task", "color-think", "--seed", "2", "--model", model),
+        *("--vppo-max-scale", "2", "--output-dir", str(tmp_path / "color-think" / "dapo" / "seed2")),
+    ]  # no budget flag: each run takes pepo.py's defaults for the task
+    assert len({r["out"] for r in runs}) == len({r["log"] for r in runs}) == 25
+    # a default run builds the same initial model for itself: it depends on the task and seed only
+    assert pepo.parse_args(r["argv"]).model == model
+
+
+def test_presets_markdown_by_hand():
+    rows = [
+        dict(algo="grpo", seed=1, before=0.25, after=1.0, seconds=30.0),
+        dict(algo="grpo", seed=2, before=0.27, after=0.75, seconds=40.0),
+        dict(algo="vppo", seed=1, before=0.25, after=0.9, seconds=50.0),
+    ]  # vppo seed 2 did not finish
+    md = bench.presets_markdown(rows, ["grpo", "vppo"], [1, 2])
+    assert md.splitlines() == [
+        "| preset | seed 1 | seed 2 | min | >= 0.9 | s per run |",
+        "|---|---|---|---|---|---|",
+        "| grpo | 0.25 → 1.00 | 0.27 → 0.75 | 0.75 | 1 of 2 | 35 |",
+        "| vppo | 0.25 → 0.90 | - | 0.90 | 1 of 2 | 50 |",
+    ]
+    assert bench.presets_markdown([], ["dapo"], [1]).splitlines()[2] == "| dapo | - | - | 0 of 1 | - |"
+
+
+def test_presets_command_line(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "presets", lambda opt: seen.append(opt))
+    bench.main(["presets", "--task", "color-think", "--seeds", "1", "2"])
+    (opt,) = seen
+    assert (opt.task, opt.seeds, opt.algos, opt.workers, opt.threshold) == (
+        "color-think",
+        [1, 2],
+        bench.PRESETS,
+        2,
+        0.9,
+    )

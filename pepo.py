@@ -82,7 +82,7 @@ class Args:
     image_root: str = arg(
         None, "folder that relative image paths in --data resolve against (default: the file's folder)", type=str
     )
-    steps: int = arg(100, "RL steps (one rollout batch and one update each)")
+    steps: int = arg(None, "RL steps (one rollout batch and one update each); default: the task's budget", type=int)
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
@@ -91,10 +91,14 @@ class Args:
         0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
     )
     top_p: float = arg(1.0, "nucleus sampling; 1.0 = off (VPPO's config: 0.99)")
-    lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
+    lr: float = arg(
+        None,
+        "AdamW learning rate; default: the task's budget, for the tiny model (use ~1e-6 for real checkpoints)",
+        type=float,
+    )
     lr_schedule: str = arg(
-        "cosine",
-        "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it",
+        None,
+        "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it; default: the task's budget",
         choices=["constant", "cosine"],
     )
     ppo_epochs: int = arg(1, "passes over each rollout batch; 1 with --mini-batches 1 is on-policy (ratio = 1)")
@@ -234,6 +238,16 @@ PRESETS["vppo"] = {**PRESETS["dapo"], "vppo": True, "entropy_penalty": 0.06, "ov
 
 class UsageError(Exception):
     """Bad input the user can fix: main prints `error: <message>` as one line and exits with status 2."""
+
+
+def apply_budget(args: Args) -> Args:
+    """Fill --steps, --lr and --lr-schedule left at None from the task's toy budget (tasks.Task.budget;
+    --data takes the base one): each toy task's default run is one that learns."""
+    task = tasks.TASKS.get(args.task) if args.data is None else None
+    for key, value in (task or tasks.Task).budget.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def apply_preset(args: Args) -> Args:
@@ -1687,6 +1701,7 @@ def parse_args(argv=None) -> Args:
                 "output_dir": args.resume,
             }
         )
+    apply_budget(args)
     apply_preset(args)
     check_args(args)
     return args

@@ -63,6 +63,7 @@ class Task:
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
     warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
+    budget = dict(steps=100, lr=1e-3, lr_schedule="cosine")  # the default run's pepo.py settings for this task
     pretrain_task = (
         None  # a *different* task whose correct answers the warm-up also trains on (perception pre-training)
     )

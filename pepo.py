@@ -86,6 +86,9 @@ class Args:
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
+    system: str = arg(
+        None, "system message of every prompt (default: the chat template's own, as ms-swift's --system)", type=str
+    )
     temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
     top_k: int = arg(
         0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
@@ -497,6 +500,20 @@ def loss_share(loss_type: str, micro_mask: torch.Tensor, batch_rows: int, batch_
 # ========================================================================================
 END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
 SUPPRESS_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+IMAGE_PAD = "<|image_pad|>"
+
+
+def read_chat_template(path: str, local_files_only: bool = False) -> str | None:
+    """The processor's chat template that a checkpoint keeps next to its tokenizer (chat_template.jinja,
+    or chat_template.json's "chat_template"), read as a file: AutoProcessor would need torchvision."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = cached_file(path, name, local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False)
+        if file:
+            text = Path(file).read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
 
 
 def load_policy(path: str, local_files_only: bool = False):
@@ -518,6 +535,12 @@ def load_policy(path: str, local_files_only: bool = False):
                 f"--model {path}: its tokenizer has no <|image_pad|> token with the config's image_token_id "
                 f"{config.image_token_id}; use the tokenizer saved with the Qwen-VL model"
             )
+        tokenizer.chat_template = tokenizer.chat_template or read_chat_template(path, local_files_only)
+        if not tokenizer.chat_template:
+            raise UsageError(
+                f"--model {path}: no chat template (tokenizer_config.json, chat_template.jinja or .json); "
+                "copy chat_template.json from the base model's folder into it"
+            )
         image_processor = AutoImageProcessor.from_pretrained(path, **kw)  # Pillow backend without torchvision
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **kw)
     except (OSError, ValueError, KeyError) as e:  # missing or broken files, architectures transformers does not know
@@ -530,8 +553,8 @@ class VLHelper:
     """Turns task examples into Qwen-VL model inputs: chat prompt, image-token expansion,
     `mm_token_type_ids`, left padding for generation and completion masks."""
 
-    def __init__(self, tokenizer, image_processor, config):
-        self.tok, self.ip = tokenizer, image_processor
+    def __init__(self, tokenizer, image_processor, config, system: str | None = None):
+        self.tok, self.ip, self.system = tokenizer, image_processor, system
         self.image_token_id = config.image_token_id
         self.pad_id = (
             tokenizer.pad_token_id
@@ -544,13 +567,26 @@ class VLHelper:
             {vocab[t] for t in SUPPRESS_TOKENS if t in vocab} | {config.image_token_id, config.video_token_id}
         )
 
+    def chat_text(self, prompt: str) -> str:
+        """The prompt through the checkpoint's own chat template, each <image> mark an image part in
+        place (the template writes one <|image_pad|> per image). No `system` = the template's default:
+        Qwen2-VL's and Qwen2.5-VL's insert "You are a helpful assistant.", Qwen3-VL's none."""
+        content = []
+        for i, piece in enumerate(prompt.split(tasks.IMAGE)):
+            content += [{"type": "image"}] * (i > 0) + [{"type": "text", "text": piece}] * (piece != "")
+        system = [{"role": "system", "content": self.system}] if self.system is not None else []
+        messages = [*system, {"role": "user", "content": content}]
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def prompt_text(self, example: tasks.Example, image_tokens: list[int]) -> str:
-        """Qwen chat format, each <image> expanded to its number of <|image_pad|> tokens."""
-        parts = example.prompt.split(tasks.IMAGE)
-        text = parts[0]
-        for n, part in zip(image_tokens, parts[1:]):
-            text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + part
-        return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+        """chat_text with each image's <|image_pad|> repeated to its number of image tokens."""
+        pieces = self.chat_text(example.prompt).split(IMAGE_PAD)
+        if len(pieces) != len(image_tokens) + 1:
+            raise UsageError(
+                f"the chat template wrote {len(pieces) - 1} {IMAGE_PAD} for a prompt with {len(image_tokens)} "
+                "image(s); use a Qwen-VL chat template"
+            )
+        return pieces[0] + "".join(IMAGE_PAD * n + piece for n, piece in zip(image_tokens, pieces[1:], strict=True))
 
     def encode_prompts(self, examples: list[tasks.Example], images=None) -> dict:
         """Left-padded prompts. `images` (one list per example) replaces the examples' own images."""
@@ -1466,11 +1502,30 @@ SPECIAL_TOKENS = [
 ]
 
 
+# Qwen2-VL's and Qwen2.5-VL's chat template (the hub checkpoints' chat_template.json), given to the
+# tiny model so that its prompts take the same path as a real checkpoint's: the default system
+# message when there is none, one <|vision_start|><|image_pad|><|vision_end|> per image part.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int | None = None) -> str:
     """Write a small random Qwen2.5-VL checkpoint to `path`, taught only the answer format.
 
     The tokenizer is a byte-level BPE trained on the toy tasks' text, holding Qwen's real
-    special tokens and used in Qwen's chat format. The format warm-up trains on *random*
+    special tokens and Qwen2.5-VL's chat template. The format warm-up trains on *random*
     labels (task.random_completion), so the saved policy answers in the right format but at
     chance accuracy. It runs task.warmup_steps steps (60; `color-think` takes 200 to also learn
     its text-only rule) unless `warmup_steps` is given. A task with a pretrain_task also trains
@@ -1481,8 +1536,8 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     warmup_steps = task.warmup_steps if warmup_steps is None else warmup_steps
-    if (Path(path) / "config.json").exists():
-        return path
+    if (Path(path) / "config.json").exists() and (Path(path) / "chat_template.jinja").exists():
+        return path  # (one built before the tiny model had a chat template is built again)
     torch.manual_seed(seed)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -1499,6 +1554,7 @@ def build_tiny_model(path: str, task: tasks.Task, seed: int, warmup_steps: int |
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(["<answer>", "</answer>", "<think>", "</think>"])  # one token per tag: short completions
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     tid = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
@@ -1739,7 +1795,7 @@ def token_records(vl, batch: dict, scores: dict, signals: dict, advantages, weig
                 "accuracy": float(batch["accuracy"][i]),
                 "advantage": float(advantages[i]),
                 "answer": batch["examples"][i].answer,
-                "prompt": batch["examples"][i].prompt,
+                "prompt": vl.chat_text(batch["examples"][i].prompt),  # as the template renders it
                 "images": images,
             }
         )
@@ -1800,7 +1856,7 @@ def run(args: Args):
             f"answer takes {need} tokens with the end token; use --max-new-tokens {need} or more"
         )
     model.to(device)
-    vl = VLHelper(tokenizer, image_processor, model.config)
+    vl = VLHelper(tokenizer, image_processor, model.config, args.system)
     if args.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)

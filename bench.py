@@ -567,11 +567,20 @@ def presets(opt) -> str:
     root = Path(opt.runs_dir) / "presets"
     (root / "logs").mkdir(parents=True, exist_ok=True)
     builds, runs = presets_jobs(opt.task, opt.algos, opt.seeds, root, opt.extra)
+    done = lambda j: (
+        (Path(j["out"]) / "summary.json").exists()
+        and json.loads(  # noqa: E731
+            (Path(j["out"]) / "job.json").read_text()
+        )
+        == j["argv"]
+    )  # finished with the same flags: reused, so an interrupted table can be resumed
+    todo = [] if opt.report else [j for j in runs if not done(j)]
     t0 = time.time()
     print(
-        f"presets: {len(runs)} runs of `pepo.py --task {opt.task} --algo A --seed S {opt.extra}`, {opt.workers} workers"
+        f"presets: {len(todo)} of {len(runs)} runs of `pepo.py --task {opt.task} --algo A --seed S {opt.extra}`, "
+        f"{opt.workers} workers"
     )
-    run_pool(builds, runs, opt.workers, lambda line: print(line, flush=True))
+    run_pool(builds, todo, opt.workers, lambda line: print(line, flush=True))
     rows = []
     for j in runs:
         if (Path(j["out"]) / "summary.json").exists():
@@ -1904,6 +1913,7 @@ def main(argv=None):
     q.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--vppo-max-scale 2'")
     q.add_argument("--threshold", type=float, default=0.9, help="accuracy a seed must reach")
     q.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    q.add_argument("--report", action="store_true", help="run nothing: the table of the runs already finished")
     q.add_argument("--runs-dir", default="runs/bench", help="run folders (under presets/), logs and initial models")
     q.add_argument("--results-dir", default="results", help="presets[_TASK].json and .md go here")
     o = sub.add_parser(

@@ -245,9 +245,9 @@ class UsageError(Exception):
 
 def apply_budget(args: Args) -> Args:
     """Fill --steps, --lr and --lr-schedule left at None from the task's toy budget (tasks.Task.budget;
-    --data takes the base one): each toy task's default run is one that learns."""
-    task = tasks.TASKS.get(args.task) if args.data is None else None
-    for key, value in (task or tasks.Task).budget.items():
+    --data takes JsonlTask's): each toy task's default run is one that learns."""
+    task = tasks.TASKS.get(args.task, tasks.JsonlTask) if args.data is None else tasks.JsonlTask
+    for key, value in task.budget.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args

@@ -1602,7 +1602,7 @@ def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
     msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
     assert (
         msg
-        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new run"
+        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.0005; leave --lr out, or start a new run"
     )
     msg = usage_error(capsys, *resume, "--algo", "dapo")
     assert (

@@ -557,9 +557,8 @@ def run_pool(builds: list[dict], runs: list[dict], workers: int, report=print) -
                     pending.update({pool.submit(_job, prepare_run(r)): r for r in needs[j["path"]]})
                     continue
                 s = json.loads((Path(j["out"]) / "summary.json").read_text())
-                report(
-                    f"  {j['algo']:7s} seed {j['seed']}: {s['accuracy_before']:.2f} -> {s['accuracy_after']:.2f} ({seconds:.0f} s)"
-                )
+                before, after = s["accuracy_before"], s["accuracy_after"]
+                report(f"  {j['algo']:7s} seed {j['seed']}: {before:.2f} -> {after:.2f} ({seconds:.0f} s)")
 
 
 def presets(opt) -> str:
@@ -567,13 +566,11 @@ def presets(opt) -> str:
     root = Path(opt.runs_dir) / "presets"
     (root / "logs").mkdir(parents=True, exist_ok=True)
     builds, runs = presets_jobs(opt.task, opt.algos, opt.seeds, root, opt.extra)
-    done = lambda j: (
-        (Path(j["out"]) / "summary.json").exists()
-        and json.loads(  # noqa: E731
-            (Path(j["out"]) / "job.json").read_text()
-        )
-        == j["argv"]
-    )  # finished with the same flags: reused, so an interrupted table can be resumed
+
+    def done(j):  # finished with the same flags: reused, so an interrupted table can be resumed
+        out = Path(j["out"])
+        return (out / "summary.json").exists() and json.loads((out / "job.json").read_text()) == j["argv"]
+
     todo = [] if opt.report else [j for j in runs if not done(j)]
     t0 = time.time()
     print(
@@ -601,6 +598,7 @@ def presets(opt) -> str:
         seeds=opt.seeds,
         extra_flags=opt.extra,
         workers=opt.workers,
+        report_only=opt.report,
         wall_seconds=round(time.time() - t0, 1),
         machine=machine(),
         command=" ".join(sys.argv),

@@ -1,6 +1,7 @@
 """Measure and show: learning curves, per-step cost, perception-prior speed, token heatmaps.
 
     python bench.py learn [--quick]    # results/learning.{json,md,png}: the papers' table at toy scale
+    python bench.py presets [--task T] # results/presets*.{json,md}: every preset's default run on 5 seeds
     python bench.py overhead --json    # seconds per training step and phase, ratios between methods
     python bench.py prior --json       # pepo.perception_prior vs the per-row, per-layer similarity matrix
     python bench.py speed              # the default run's wall time, this tree vs an earlier commit
@@ -489,6 +490,136 @@ def learn(opt) -> None:
         md + f"\nwall time {config['wall_seconds']:.0f} s ({config['run_seconds_sum']:.0f} s in the runs); wrote "
         f"{out}/learning.json, learning.md, learning.png"
     )
+
+
+# ----------------------------------------------------------------------------------------
+# presets: the default run of every preset on 5 seeds, nothing but --algo, --task and --seed
+# ----------------------------------------------------------------------------------------
+PRESETS = ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"]
+
+
+def presets_jobs(task: str, algos: list[str], seeds: list[int], root: Path, extra: str = "") -> tuple[list, list]:
+    """(model builds, runs): `python pepo.py --algo A --task T --seed S` for each preset and seed. The
+    initial model a default run builds for itself depends on the task and seed only, so it is built
+    once per seed (the same files) and passed as --model."""
+    builds, runs = [], []
+    for seed in seeds:
+        model = root / "models" / f"{task}_s{seed}"
+        log = root / "logs" / f"build_{task}_s{seed}.log"
+        builds.append(dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=None, log=str(log)))
+        for algo in algos:
+            out = root / task / algo / f"seed{seed}"
+            argv = ["--algo", algo, "--task", task, "--seed", str(seed), "--model", str(model), *shlex.split(extra)]
+            runs.append(
+                dict(
+                    kind="run",
+                    task=task,
+                    algo=algo,
+                    seed=seed,
+                    model=str(model),
+                    argv=[*argv, "--output-dir", str(out)],
+                    out=str(out),
+                    log=str(root / "logs" / f"{task}_{algo}_s{seed}.log"),
+                )
+            )
+    return builds, runs
+
+
+def presets_markdown(rows: list[dict], algos: list[str], seeds: list[int], threshold: float = 0.9) -> str:
+    """One row per preset: final greedy held-out accuracy per seed (before -> after), the lowest,
+    how many seeds reach `threshold`, and the mean run time. A run that did not finish shows '-'."""
+    by = {(r["algo"], r["seed"]): r for r in rows}
+    head = f"| preset | {' | '.join(f'seed {s}' for s in seeds)} | min | >= {threshold:g} | s per run |"
+    lines = [head, "|---" * (len(seeds) + 4) + "|"]
+    for algo in algos:
+        got = [by.get((algo, s)) for s in seeds]
+        done = [r for r in got if r is not None]
+        cells = [f"{r['before']:.2f} → {r['after']:.2f}" if r else "-" for r in got]
+        low = f"{min(r['after'] for r in done):.2f}" if done else "-"
+        ok = sum(r["after"] >= threshold for r in done)
+        secs = f"{statistics.mean(r['seconds'] for r in done):.0f}" if done else "-"
+        lines.append(f"| {algo} | {' | '.join(cells)} | {low} | {ok} of {len(seeds)} | {secs} |")
+    return "\n".join(lines)
+
+
+def run_pool(builds: list[dict], runs: list[dict], workers: int, report=print) -> None:
+    """Builds, then each run as soon as its model is built, on `workers` single-threaded processes.
+    A failed job is reported and skipped (its log says why)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    needs = {b["path"]: [j for j in runs if j["model"] == b["path"]] for b in builds}
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before they import torch
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+        pending = {pool.submit(_job, b): b for b in builds if needs[b["path"]]}
+        while pending:
+            for f in wait(pending, return_when=FIRST_COMPLETED)[0]:
+                j = pending.pop(f)
+                try:
+                    seconds = f.result()["seconds"]
+                except Exception as e:
+                    report(f"  {j['kind']} {j.get('algo', j['task'])} seed {j['seed']} FAILED ({e}); log: {j['log']}")
+                    continue
+                if j["kind"] == "build":
+                    pending.update({pool.submit(_job, prepare_run(r)): r for r in needs[j["path"]]})
+                    continue
+                s = json.loads((Path(j["out"]) / "summary.json").read_text())
+                before, after = s["accuracy_before"], s["accuracy_after"]
+                report(f"  {j['algo']:7s} seed {j['seed']}: {before:.2f} -> {after:.2f} ({seconds:.0f} s)")
+
+
+def presets(opt) -> str:
+    """Every preset's default run on 5 seeds: results/presets[_TASK].{json,md}."""
+    root = Path(opt.runs_dir) / "presets"
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    builds, runs = presets_jobs(opt.task, opt.algos, opt.seeds, root, opt.extra)
+
+    def done(j):  # finished with the same flags: reused, so an interrupted table can be resumed
+        out = Path(j["out"])
+        return (out / "summary.json").exists() and json.loads((out / "job.json").read_text()) == j["argv"]
+
+    todo = [] if opt.report else [j for j in runs if not done(j)]
+    t0 = time.time()
+    print(
+        f"presets: {len(todo)} of {len(runs)} runs of `pepo.py --task {opt.task} --algo A --seed S {opt.extra}`, "
+        f"{opt.workers} workers"
+    )
+    run_pool(builds, todo, opt.workers, lambda line: print(line, flush=True))
+    rows = []
+    for j in runs:
+        if (Path(j["out"]) / "summary.json").exists():
+            s = json.loads((Path(j["out"]) / "summary.json").read_text())
+            rows.append(
+                dict(
+                    algo=j["algo"],
+                    seed=j["seed"],
+                    before=s["accuracy_before"],
+                    after=s["accuracy_after"],
+                    seconds=s["seconds"],
+                )
+            )
+    md = presets_markdown(rows, opt.algos, opt.seeds, opt.threshold)
+    config = dict(
+        task=opt.task,
+        algos=opt.algos,
+        seeds=opt.seeds,
+        extra_flags=opt.extra,
+        workers=opt.workers,
+        report_only=opt.report,
+        wall_seconds=round(time.time() - t0, 1),
+        machine=machine(),
+        command=" ".join(sys.argv),
+    )
+    name = "presets" if opt.task == "color" else f"presets_{opt.task}"
+    out = Path(opt.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(dict(config=config, runs=rows), indent=1))
+    title = f"Default runs: `{' '.join(['python pepo.py --task', opt.task, '--algo A --seed S', opt.extra]).strip()}`"
+    (out / f"{name}.md").write_text(
+        f"## {title}\n\n{md}\n\nwall time {config['wall_seconds']:.0f} s on {opt.workers} workers\n"
+    )
+    print(md + f"\nwall time {config['wall_seconds']:.0f} s; wrote {out}/{name}.json, {name}.md")
+    return md
 
 
 # ----------------------------------------------------------------------------------------
@@ -2702,6 +2833,20 @@ def main(argv=None):
         default=None,
         help="learning.json, learning.md, learning.png (default: results, --quick: results/quick)",
     )
+    q = sub.add_parser(
+        "presets",
+        help="the default run of every preset on 5 seeds: final held-out accuracy per seed, one table",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    q.add_argument("--task", default="color", help="toy task (its own default budget applies)")
+    q.add_argument("--algos", nargs="+", choices=PRESETS, default=PRESETS, help="presets")
+    q.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds")
+    q.add_argument("--extra", default="", help="extra pepo.py flags for every run, e.g. '--vppo-max-scale 2'")
+    q.add_argument("--threshold", type=float, default=0.9, help="accuracy a seed must reach")
+    q.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    q.add_argument("--report", action="store_true", help="run nothing: the table of the runs already finished")
+    q.add_argument("--runs-dir", default="runs/bench", help="run folders (under presets/), logs and initial models")
+    q.add_argument("--results-dir", default="results", help="presets[_TASK].json and .md go here")
     o = sub.add_parser(
         "overhead",
         help="seconds per training step and phase for each algorithm on the same rollouts",
@@ -2848,6 +2993,8 @@ def main(argv=None):
         return signals(opt)
     if opt.command == "learn":
         return learn(opt)
+    if opt.command == "presets":
+        return presets(opt)
     if opt.command == "heatmap":
         return heatmap(opt)
     if opt.command == "memory-plan" and opt.one:

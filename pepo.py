@@ -97,7 +97,7 @@ class Args:
         "instruction appended to every --data prompt after a blank line: a tasks.FORMAT_PROMPTS name (vppo) or text",
         type=str,
     )
-    steps: int = arg(100, "RL steps (one rollout batch and one update each)")
+    steps: int = arg(None, "RL steps (one rollout batch and one update each); default: the task's budget", type=int)
     prompts_per_step: int = arg(16, "prompts per rollout batch")
     group_size: int = arg(8, "completions sampled per prompt (G)")
     max_new_tokens: int = arg(24, "completion length limit")
@@ -115,10 +115,14 @@ class Args:
         0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
     )
     top_p: float = arg(1.0, "nucleus sampling; 1.0 = off (VPPO's config: 0.99)")
-    lr: float = arg(1e-3, "AdamW learning rate (1e-3 suits the tiny model; use ~1e-6 for real checkpoints)")
+    lr: float = arg(
+        None,
+        "AdamW learning rate; default: the task's budget, for the tiny model (use ~1e-6 for real checkpoints)",
+        type=float,
+    )
     lr_schedule: str = arg(
-        "cosine",
-        "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it",
+        None,
+        "'cosine' decays the learning rate to 0 over --steps; 'constant' keeps it; default: the task's budget",
         choices=["constant", "cosine"],
     )
     ppo_epochs: int = arg(1, "passes over each rollout batch; 1 with --mini-batches 1 is on-policy (ratio = 1)")
@@ -169,6 +173,9 @@ class Args:
         0.4, "TGF: fraction of each completion's tokens (most image-dependent) that get gradient"
     )
     vppo_min_scale: float = arg(0.9, "TAS: advantage scale of the least image-dependent completion (beta_min)")
+    vppo_max_scale: float = arg(
+        0.0, "TAS: cap on the advantage scale; 0 = unbounded, as in the paper (a remedy for outliers, not VPPO's)"
+    )
     vppo_perturb: str = arg(
         "blacken",
         "image perturbation for the dependency pass: blacken = half the encoder patches (the paper); "
@@ -360,6 +367,16 @@ RECIPE_GAPS = [
 
 class UsageError(Exception):
     """Bad input the user can fix: main prints `error: <message>` as one line and exits with status 2."""
+
+
+def apply_budget(args: Args) -> Args:
+    """Fill --steps, --lr and --lr-schedule left at None from the task's toy budget (tasks.Task.budget;
+    --data takes JsonlTask's): each toy task's default run is one that learns."""
+    task = tasks.TASKS.get(args.task, tasks.JsonlTask) if args.data is None else tasks.JsonlTask
+    for key, value in task.budget.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def apply_recipe(args: Args, given: dict) -> Args:
@@ -1300,7 +1317,7 @@ def vppo_advantage_scale(scores: dict, mask: torch.Tensor, args: Args) -> torch.
         return torch.ones(mask.shape[0], device=mask.device)
 
     def tas(dependency, m):
-        return vppo.trajectory_advantage_scale(dependency, m, args.vppo_min_scale)
+        return vppo.trajectory_advantage_scale(dependency, m, args.vppo_min_scale, args.vppo_max_scale)
 
     return dist_.on_all_rows(tas, scores["dependency"], mask)
 
@@ -1657,6 +1674,10 @@ def check_args(args: Args) -> None:
         (args.eval_samples >= 0, f"--eval-samples {args.eval_samples}: use 0 (off) or more"),
         (args.save_every >= 0, f"--save-every {args.save_every}: use 0 (off) or more"),
         (0 <= args.vppo_top_frac <= 1, f"--vppo-top-frac {args.vppo_top_frac}: use a fraction in [0, 1]"),
+        (
+            args.vppo_max_scale == 0 or args.vppo_max_scale >= 1,
+            f"--vppo-max-scale {args.vppo_max_scale}: use 0 (unbounded) or a cap >= 1",
+        ),
         (
             0 <= args.length_penalty_cache < args.max_new_tokens,
             f"--length-penalty-cache {args.length_penalty_cache}: use 0 (off) up to --max-new-tokens - 1",
@@ -2111,6 +2132,7 @@ def parse_args(argv=None) -> Args:
         )
     elif args.recipe and args.recipe != "list":
         apply_recipe(args, vars(build_parser(given_only=True).parse_args(argv)))
+    apply_budget(args)
     apply_preset(args)
     check_args(args)
     if args.resume and args.lora_rank:

@@ -62,6 +62,10 @@ class Task:
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
     warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
+    # The default run's pepo.py settings for this task (tiny model): a constant 5e-4 reached >= 0.9 on
+    # every preset and seed of `color` (results/presets.md), where 1e-3 sent runs into never-ending
+    # completions and cosine decay left the last colour unlearned (README, Results).
+    budget = dict(steps=100, lr=5e-4, lr_schedule="constant")
     pretrain_task = (
         None  # a *different* task whose correct answers the warm-up also trains on (perception pre-training)
     )
@@ -416,6 +420,9 @@ class DotsSumTask(Task):
         red, blue = self.counts(rng)
         return f"<think>{red} red, {blue} blue</think><answer>{red + blue}</answer>"
 
+    def correct_completion(self, example):
+        return f"<think>{example.meta['red']} red, {example.meta['blue']} blue</think><answer>{example.answer}</answer>"
+
     perception_region = "think"
 
     def perception_words(self, example):
@@ -424,6 +431,16 @@ class DotsSumTask(Task):
     def parse(self, completion):
         m = THINK_ANSWER_RE.match(completion)
         return m.group(2).strip() if m else None
+
+    def score(self, completion, example):
+        """Correct only when the whole chain is: <think> is `r red, b blue` with the image's two
+        counts, and the answer is their sum. A right sum after wrong counts scores 0 accuracy."""
+        m = THINK_ANSWER_RE.match(completion)
+        answer = m.group(2).strip() if m else None  # = self.parse(completion)
+        counts = re.fullmatch(r"(\d+) red, (\d+) blue", " ".join(m.group(1).lower().split())) if m else None
+        chain = counts is not None and [int(c) for c in counts.groups()] == [example.meta["red"], example.meta["blue"]]
+        acc = float(chain and answer == example.answer)
+        return acc + FORMAT_BONUS * float(bool(answer)), acc  # the format bonus as in Task.score
 
 
 COLOR_NAMES = {"red": "dax", "green": "wug", "blue": "blick", "yellow": "fep"}  # the rule color-think states
@@ -436,7 +453,8 @@ class ColorThinkTask(Task):
         <think>red shape, red is dax</think><answer>dax</answer>      12-13 tokens with the end token
 
     The rule is the same in every prompt and the colour is uniform, so the text alone gives
-    chance (1/4). Correct = the shape's colour first in <think> and its name as the answer (score);
+    chance (1/4). Correct = the whole chain: the shape's colour in <think>, the rule's name for it
+    there and as the answer (score);
     reward = correct + the format bonus for the think/answer format.
     The format warm-up (random_completion) writes a *random* colour and the name that the rule
     gives for it: it teaches the format and the rule but never a correct reading of this task's
@@ -479,18 +497,25 @@ class ColorThinkTask(Task):
     def random_completion(self, rng):
         return self.completion(rng.choice(list(COLOR_NAMES)))
 
+    def correct_completion(self, example):
+        return self.completion(example.meta["color"])
+
     def parse(self, completion):
         m = THINK_ANSWER_RE.match(completion)
         return m.group(2).strip() if m else None
 
     def score(self, completion, example):
-        """Correct only when the whole chain is: <think> starts with the shape's colour and the answer
-        is that colour's name. Checked on the answer alone, GRPO found a shortcut: one fixed colour in
-        <think> for every image, then the image read at the answer (0.30 -> 0.74, then stuck)."""
+        """Correct only when the whole chain is: <think> is `C shape, C is N` with C the shape's colour
+        and N the name the rule gives C, and the answer is N (case and spacing aside). Checked on the
+        answer alone, GRPO found a shortcut: one fixed colour in <think> for every image, then the
+        image read at the answer (0.30 -> 0.74, then stuck); checked on the first colour alone, a
+        broken chain (`yellow shape, yellow is dax` -> `fep`) scored as correct."""
         m = THINK_ANSWER_RE.match(completion)
         answer = m.group(2).strip() if m else None  # = self.parse(completion)
-        read = m.group(1).lower().split(maxsplit=1)[:1] if m else []  # the first word of <think>
-        acc = float(read == [example.meta["color"]] and answer is not None and answer.lower() == example.answer)
+        think = " ".join(m.group(1).lower().split()) if m else ""
+        color = example.meta["color"]
+        chain = think == f"{color} shape, {color} is {COLOR_NAMES[color]}"
+        acc = float(chain and answer is not None and answer.lower() == example.answer)
         return acc + FORMAT_BONUS * float(bool(answer)), acc  # the format bonus as in Task.score
 
     def perception_words(self, example):
@@ -862,6 +887,8 @@ class JsonlTask(Task):
     file that still fails (e.g. a truncated JPEG) raises DatasetError with its row and path.
     Completions are scored by REWARDS[reward] through GRADER; `format_prompt` (a FORMAT_PROMPTS
     name or text) is appended to every prompt by apply_format_prompt."""
+
+    budget = dict(steps=100, lr=1e-3, lr_schedule="cosine")  # --data: pepo.py's settings before the toy budgets
 
     def __init__(
         self,

@@ -79,6 +79,23 @@ def test_presets_and_explicit_override():
     assert pepo.parse_args(["--algo", "dapo"]).overlong_filter and pepo.parse_args(["--algo", "dapo"]).clip_dual == 0.0
 
 
+def test_task_budget_fills_the_default_run(tmp_path):
+    # --steps, --lr and --lr-schedule left out take the task's toy budget; given ones win; --data takes the base one
+    budget = lambda a: (a.steps, a.lr, a.lr_schedule)  # noqa: E731
+    for name, task in tasks.TASKS.items():
+        assert budget(pepo.parse_args(["--task", name])) == tuple(
+            task.budget[k] for k in ("steps", "lr", "lr_schedule")
+        )
+        assert set(task.budget) == {"steps", "lr", "lr_schedule"}
+    a = pepo.parse_args(["--task", "color-think", "--steps", "7", "--lr-schedule", "cosine"])
+    assert budget(a) == (7, tasks.TASKS["color-think"].budget["lr"], "cosine")
+    assert budget(pepo.parse_args([])) == budget(pepo.parse_args(["--task", "color"]))
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    assert budget(pepo.parse_args(["--data", str(data)])) == (100, 1e-3, "cosine")  # as before the toy budgets
+    assert budget(pepo.parse_args([])) == (100, 5e-4, "constant")
+
+
 # ========================================================================================
 # §2 The math (pepo.py §2): every pure function against values worked out by hand
 # ========================================================================================
@@ -1576,6 +1593,7 @@ def no_model(*args, **kwargs):
             "error: --mini-batches 0: use 1 up to --prompts-per-step (16); each holds whole groups",
         ),
         (["--clip-dual", "0.5"], "error: --clip-dual 0.5: use 0 (off) or a value > 1"),
+        (["--vppo-max-scale", "0.5"], "error: --vppo-max-scale 0.5: use 0 (unbounded) or a cap >= 1"),
         (["--top-p", "0"], "error: --top-p 0.0: use a value in (0, 1]"),
         (
             ["--reward", "nope"],
@@ -1828,7 +1846,7 @@ def test_resume_refuses_only_a_changed_flag(tmp_path, tiny, capsys):
     msg = usage_error(capsys, *run_argv(tmp_path, "--algo", "grpo", "--steps", "1"), "--lr", "0.5", *resume)
     assert (
         msg
-        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.001; leave --lr out, or start a new "
+        == f"error: --resume {tmp_path}: --lr 0.5 differs from the saved run's 0.0005; leave --lr out, or start a new "
         f"run"
     )
     msg = usage_error(capsys, *resume, "--algo", "dapo")
@@ -2141,6 +2159,22 @@ def test_tas_mean_one_and_min_for_random_scores():
         # the order of alpha follows the order of mean dependency
         s = (dep * mask).sum(1) / mask.sum(1)
         assert torch.equal(alpha.argsort(), s.argsort())
+
+
+def test_tas_outlier_is_unbounded_unless_capped():
+    # one completion of 128 depends on the image, the rest not at all: n = 1 there, 0 elsewhere,
+    # mean(n) = 1/128 -> alpha = 0.9 + 0.1 * 128 = 13.7 for the outlier (the paper's TAS), 0.9 for the rest
+    dep = torch.zeros(128, 3)
+    dep[5] = 1.0
+    alpha = trajectory_advantage_scale(dep, torch.ones(128, 3))
+    assert alpha[5].item() == pytest.approx(13.7, abs=1e-4) and alpha.mean().item() == pytest.approx(1.0, abs=1e-6)
+    capped = trajectory_advantage_scale(dep, torch.ones(128, 3), max_scale=2.0)
+    assert capped[5].item() == 2.0 and torch.equal(capped[torch.arange(128) != 5], alpha[torch.arange(128) != 5])
+    rand = torch.rand(12, 5, generator=seeded(3))  # a cap above every alpha changes nothing
+    assert torch.equal(
+        trajectory_advantage_scale(rand, torch.ones(12, 5), max_scale=100.0),
+        trajectory_advantage_scale(rand, torch.ones(12, 5)),
+    )
 
 
 def test_tas_flat_scores_give_ones():
@@ -2564,8 +2598,13 @@ def test_dots_sum_verifier():
     task = tasks.TASKS["dots-sum"]
     ex = Example("", [], "5", {"red": 2, "blue": 3})
     assert task.score("<think>2 red, 3 blue</think><answer>5</answer>", ex) == pytest.approx((1 + FB, 1))
-    assert task.score("<think>whatever</think>\n<answer> 5 </answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think> 2 RED,  3 blue </think>\n<answer> 5 </answer>", ex) == pytest.approx((1 + FB, 1))
     assert task.score("<think>2 red, 2 blue</think><answer>4</answer>", ex) == pytest.approx((FB, 0))
+    # The whole chain: the right sum after wrong counts, or no counts, is wrong.
+    assert task.score("<think>whatever</think><answer>5</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>3 red, 2 blue</think><answer>5</answer>", ex) == pytest.approx((FB, 0))  # swapped
+    assert task.score("<think>1 red, 4 blue</think><answer>5</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>2 red, 3 blue</think><answer>6</answer>", ex) == pytest.approx((FB, 0))  # bad sum
     assert task.score("<answer>5</answer>", ex) == (0, 0)  # missing think
     assert task.score("<think>2 red, 3 blue</think>5", ex) == (0, 0)  # missing answer tags
     assert task.score("<think>x</think><answer>5</answer> ok", ex) == (0, 0)  # extra text
@@ -2720,9 +2759,18 @@ def test_color_think_verifier():
         (1 + FB, 1)
     )
     # The whole chain is checked: the image's colour first in <think>, then its name as the answer.
-    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx(
-        (1 + FB, 1)
-    )  # the rest of <think> is free
+    assert task.score("<think> Red  shape, red is DAX </think><answer>dax</answer>", ex) == pytest.approx((1 + FB, 1))
+    assert task.score("<think>red</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))  # no rule applied
+    # A broken chain scores 0 wherever it breaks: the colour, the rule or the answer.
+    assert task.score("<think>red shape, red is fep</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, yellow is dax</think><answer>dax</answer>", ex) == pytest.approx((FB, 0))
+    assert task.score("<think>red shape, red is dax</think><answer>fep</answer>", ex) == pytest.approx((FB, 0))
+    yellow = Example("", [], "fep", {"color": "yellow"})
+    assert task.score("<think>yellow shape, yellow is fep</think><answer>fep</answer>", yellow)[1] == 1
+    assert task.score("<think>yellow shape, yellow is dax</think><answer>fep</answer>", yellow) == pytest.approx(
+        (FB, 0)
+    )  # the README's old headline example
+    assert task.score("<think>yellow shape, yellow is fep, red is dax</think><answer>fep</answer>", yellow)[1] == 0
     assert task.score("<think>blue shape, red is dax</think><answer>dax</answer>", ex) == pytest.approx(
         (FB, 0)
     )  # read at the answer only
@@ -2854,21 +2902,25 @@ def test_perception_token_mask_by_hand():
 
 
 def test_every_task_labels_its_perception_tokens():
-    # A correct completion of every task with perception words marks exactly those words.
+    # A correct completion of every task (one its verifier scores correct) with perception words
+    # marks exactly those words, inside the part of the completion the verifier reads them from.
     bpe = tiny_bpe()
     for name, task in tasks.TASKS.items():
         ex = task.sample(random.Random(5))
         words = task.perception_words(ex)
+        completion = task.correct_completion(ex)
+        assert task.score(completion, ex) == pytest.approx((1 + FB, 1)), name
         if name == "fewshot":
             assert words == set()  # the answer is a name from the prompt, not read off the image
             continue
         assert words, name
-        if name == "dots-sum":
-            completion = f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
-        elif name == "color-think":
-            completion = task.completion(ex.meta["color"])
-        else:
-            completion = f"<answer>{ex.answer}</answer>"
+        assert completion == (
+            f"<think>{ex.meta['red']} red, {ex.meta['blue']} blue</think><answer>{ex.answer}</answer>"
+            if name == "dots-sum"
+            else task.completion(ex.meta["color"])
+            if name == "color-think"
+            else f"<answer>{ex.answer}</answer>"
+        ), name
         pieces = bpe.encode(completion + "<|im_end|>").tokens
         marked = "".join(tasks.token_text(p) for p, m in zip(pieces, task.perception_mask(pieces, ex)) if m)
         expected = (
@@ -3685,3 +3737,53 @@ def test_gpu_check_runs_on_cpu_at_tiny_widths(tmp_path):
     assert md.count("| Qwen2.5-VL-3B | pepo_g |") == 4 and "seconds per step" in md
     tok = bench.qwen_ids_tokenizer()
     assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655 and tok.eos_token_id == 151645
+
+
+# ---------------------------------------------------------------------------------------
+# bench.py presets: the default run of every preset on 5 seeds
+# ---------------------------------------------------------------------------------------
+def test_presets_jobs_are_the_default_runs(tmp_path):
+    builds, runs = bench.presets_jobs("color-think", bench.PRESETS, [1, 2, 3, 4, 5], tmp_path, "--vppo-max-scale 2")
+    assert bench.PRESETS == ["grpo", "dapo", "pepo_g", "pepo_d", "vppo"]
+    assert [b["seed"] for b in builds] == [1, 2, 3, 4, 5] and len(runs) == 25
+    assert all(b["warmup_steps"] is None and b["task"] == "color-think" for b in builds)  # the task's own warm-up
+    r = runs[6]  # seed 2, dapo
+    model = str(tmp_path / "models" / "color-think_s2")
+    assert (r["algo"], r["seed"], r["model"]) == ("dapo", 2, model)
+    assert r["argv"] == [
+        *("--algo", "dapo", "--task", "color-think", "--seed", "2", "--model", model),
+        *("--vppo-max-scale", "2", "--output-dir", str(tmp_path / "color-think" / "dapo" / "seed2")),
+    ]  # no budget flag: each run takes pepo.py's defaults for the task
+    assert len({r["out"] for r in runs}) == len({r["log"] for r in runs}) == 25
+    # a default run builds the same initial model for itself: it depends on the task and seed only
+    assert pepo.parse_args(r["argv"]).model == model
+
+
+def test_presets_markdown_by_hand():
+    rows = [
+        dict(algo="grpo", seed=1, before=0.25, after=1.0, seconds=30.0),
+        dict(algo="grpo", seed=2, before=0.27, after=0.75, seconds=40.0),
+        dict(algo="vppo", seed=1, before=0.25, after=0.9, seconds=50.0),
+    ]  # vppo seed 2 did not finish
+    md = bench.presets_markdown(rows, ["grpo", "vppo"], [1, 2])
+    assert md.splitlines() == [
+        "| preset | seed 1 | seed 2 | min | >= 0.9 | s per run |",
+        "|---|---|---|---|---|---|",
+        "| grpo | 0.25 → 1.00 | 0.27 → 0.75 | 0.75 | 1 of 2 | 35 |",
+        "| vppo | 0.25 → 0.90 | - | 0.90 | 1 of 2 | 50 |",
+    ]
+    assert bench.presets_markdown([], ["dapo"], [1]).splitlines()[2] == "| dapo | - | - | 0 of 1 | - |"
+
+
+def test_presets_command_line(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "presets", lambda opt: seen.append(opt))
+    bench.main(["presets", "--task", "color-think", "--seeds", "1", "2"])
+    (opt,) = seen
+    assert (opt.task, opt.seeds, opt.algos, opt.workers, opt.threshold) == (
+        "color-think",
+        [1, 2],
+        bench.PRESETS,
+        2,
+        0.9,
+    )

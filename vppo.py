@@ -315,7 +315,9 @@ def random_token_mask(
 
 
 @torch.no_grad()
-def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9) -> torch.Tensor:
+def trajectory_advantage_scale(
+    dependency: torch.Tensor, mask: torch.Tensor, min_scale: float = 0.9, max_scale: float = 0.0
+) -> torch.Tensor:
     """Trajectory Advantage Shaping, VPPO (arXiv 2510.09285).  dependency, mask [B, L] -> alpha [B]
 
     S_i = mean dependency over the valid tokens of completion i; rows with none get alpha 1
@@ -328,6 +330,7 @@ def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min
     A flat batch (max - min <= 1e-6) gets alpha = 1 everywhere.
     There is no upper bound, as in the authors' code: alpha_max = min_scale + (1 - min_scale) / mean(n),
     so one completion far above the rest gets up to min_scale + (1 - min_scale) B (~14x has been seen).
+    max_scale > 0 caps it (not in the paper: a remedy, --vppo-max-scale; the mean then drops below 1).
     Batch-wide: under data parallelism gather every rank's rows first (pepo.py: distributed.on_all_rows).
     """
     m = mask.float()
@@ -339,7 +342,10 @@ def trajectory_advantage_scale(dependency: torch.Tensor, mask: torch.Tensor, min
     if hi - lo <= 1e-6:
         return torch.ones_like(s)
     n = ((s - lo) / (hi - lo)).clamp(0.0, 1.0)  # the max entry is 1, so mean(n) >= 1/B > 0
-    return torch.where(has, min_scale + n * (1.0 - min_scale) / n[has].mean(), torch.ones_like(s))
+    alpha = min_scale + n * (1.0 - min_scale) / n[has].mean()
+    if max_scale > 0:
+        alpha = alpha.clamp_max(max_scale)
+    return torch.where(has, alpha, torch.ones_like(s))
 
 
 def entropy_top_mask(entropy: torch.Tensor, mask: torch.Tensor, top_frac: float = 0.2) -> torch.Tensor:

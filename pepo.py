@@ -687,7 +687,7 @@ def load_policy(path: str, local_files_only: bool = False):
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
         model, tokenizer, image_processor = load_policy(base, local_files_only)
         with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
-            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer, image_processor
     kw = dict(local_files_only=local_files_only)
     try:
@@ -1804,7 +1804,7 @@ def add_lora(model, args: Args, base: str, adapter: str | None = None):
 
     config = lora_config(model, args)  # checks the target names, also when resuming
     with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         if adapter:
             peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         else:

@@ -785,12 +785,15 @@ class Grader:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            self.proc.stdin.close()  # no pipe left open for the garbage collector to warn about
+            self.proc.stdout.close()
             self.proc = None
 
     def __call__(self, name: str, completion: str, answer: str) -> tuple[float, float]:
         with self.lock:
             if len(completion) <= self.max_chars and len(answer) <= self.max_chars:
                 if self.proc is None or self.proc.poll() is not None:
+                    self.stop()  # a child that died: reap it and close its pipes
                     self.start()
                 try:
                     self.proc.stdin.write(json.dumps([name, completion, answer]) + "\n")

@@ -432,9 +432,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     for chunk in logits.split(step, dim=1):  # L = 0 gives one empty chunk
         logp = torch.log_softmax(chunk.float(), dim=-1)
         p = logp.exp()
-        out.append(
-            -(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1)
-        )  # masking logp, not p * logp, keeps the gradient finite too
+        # masking logp, not p * logp, keeps the gradient finite too
+        out.append(-(p * torch.where(p > 0, logp, 0.0)).sum(dim=-1))
     return torch.cat(out, dim=1)
 
 
@@ -928,9 +927,8 @@ def run_prompts(model, batch: dict, P: int, layout: dict, hidden_states: bool = 
         use_cache=True,
     )
     if len(first) < len(index):
-        head.cache.batch_select_indices(
-            torch.tensor(index, device=ids.device)
-        )  # its prompt's keys and values for every row
+        # its prompt's keys and values for every row
+        head.cache.batch_select_indices(torch.tensor(index, device=ids.device))
     return head
 
 
@@ -1040,9 +1038,8 @@ def generate(
     layout = prompt_layout(model, prompts, always=True)
     out = run_prompts(model, prompts, P, layout)
     cache, logits = out.cache, out.logits[layout["index"], -1].float()
-    position = (
-        layout["position_ids"].amax(dim=(0, 2)) + 1
-    )  # [B] text after the prompt goes on from its largest position
+    # [B] text after the prompt goes on from its largest position
+    position = layout["position_ids"].amax(dim=(0, 2)) + 1
     mask, device = prompts["attention_mask"], prompts["input_ids"].device
     suppress, ends = torch.tensor(vl.suppress_ids, device=device), torch.tensor(vl.end_ids, device=device)
     tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
@@ -1080,9 +1077,8 @@ def generate(
 def rollout(model, vl, task, examples, group_size, args, device, autocast):
     """G completions per example -> batch dict (CPU tensors) with rewards and accuracy [B]."""
     rows = [ex for ex in examples for _ in range(group_size)]
-    prompts = to_device(
-        repeat_rows(vl.encode_prompts(examples), group_size), device
-    )  # the processor runs once per prompt
+    # the processor runs once per prompt
+    prompts = to_device(repeat_rows(vl.encode_prompts(examples), group_size), device)
     model.eval()
     with autocast:
         completions = generate(
@@ -1140,9 +1136,8 @@ def collect_rollouts(model, vl, task, rng, args, device, autocast):
         if need <= 0:
             break
         n = dist_.local_count(need)  # this rank's prompts; a group stays on one rank
-        batch = rollout(
-            model, vl, task, [task.sample(rng) for _ in range(max(n, 1))], G, args, device, autocast
-        )  # generate runs on every rank
+        # generate runs on every rank
+        batch = rollout(model, vl, task, [task.sample(rng) for _ in range(max(n, 1))], G, args, device, autocast)
         if n == 0:  # that rollout only kept the ranks in step
             continue
         seen.append(batch)
@@ -1545,10 +1540,8 @@ def train(
         else:
             t1 = time.time()
             show = args.visualize > 0 and (not shown or step == args.steps)  # --visualize: first and last step
-            want_prior, want_dep = (
-                args.pepo or show,
-                args.vppo or show,
-            )  # shown even when the algorithm does not use them
+            # the prior and the dependency are also computed to be shown when the algorithm does not use them
+            want_prior, want_dep = args.pepo or show, args.vppo or show
             inputs = {k: batch[k] for k in (*MODEL_KEYS, "completion_ids", "padding")}
             if want_dep:  # VPPO: the same images with random patches blacked out
                 inputs["pixel_values_perturbed"] = vppo.perturbed_pixel_values(
@@ -1556,9 +1549,8 @@ def train(
                 )
             inputs = to_device(inputs, device)
             parts = micro_batches(inputs, args.micro_batch_size)
-            reuse = (
-                args.ppo_epochs == args.mini_batches == len(parts) == 1 == dist_.world()
-            )  # on-policy in one pass: update reuses the policy pass (not under FSDP2)
+            # on-policy in one pass, the update reuses the scoring pass's graph (not under FSDP2)
+            reuse = args.ppo_epochs == args.mini_batches == len(parts) == 1 == dist_.world()
             # 2. Score: old log-probs, entropy, PEPO prior, reference, VPPO dependency (no gradient).
             with autocast:
                 scores = score(model, ref_model, parts, args, prior=want_prior, dependency=want_dep, keep_graph=reuse)
@@ -1585,9 +1577,8 @@ def train(
                     logits=scores.pop("logits"),
                 )
             )
-            m.update(
-                stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2)
-            )  # the slowest rank
+            # times of the slowest rank
+            m.update(stats, time_scoring=dist_.all_max(t2 - t1), time_update=dist_.all_max(time.time() - t2))
             if show:
                 shown = True
                 record(step, batch, scores, signals, advantages, weights)
@@ -1596,9 +1587,7 @@ def train(
         if args.eval_every and step % args.eval_every == 0:  # held-out curve (bench.py learn); not in `seconds`
             m["eval_accuracy"] = held_out = evaluate(model, vl, task, eval_examples, args, device, autocast)["accuracy"]
         m["grade_failures"] = dist_.all_sum(tasks.GRADER.pop_failures())  # --data: grading calls that hung or failed
-        m = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()
-        }  # nan -> null: valid JSON
+        m = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}  # nan -> null
         metrics.write(json.dumps(m) + "\n")
         metrics.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}")

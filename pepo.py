@@ -1306,7 +1306,8 @@ def vppo_token_filter(tgf: torch.Tensor, scores: dict, mask: torch.Tensor, step:
 def vppo_advantage_scale(scores: dict, mask: torch.Tensor, args: Args) -> torch.Tensor:
     """VPPO's Trajectory Advantage Shaping (Sec. 3.3): alpha_i from completion i's mean S_t,
     min-max normalised over the whole batch, mean 1, at least beta_min and with no upper bound
-    (as in the authors' code: one outlier completion can get ~14x).  -> [B]
+    (as in the authors' code: one outlier completion can get ~14x; --vppo-max-scale caps it, a remedy
+    that is not VPPO's and is off by default).  -> [B]
     Ablations that keep TGF alone (vppo-tgf-only, -random-mask, -entropy-mask): alpha = 1."""
     if args.ablation in ("vppo-tgf-only", "vppo-random-mask", "vppo-entropy-mask"):
         return torch.ones(mask.shape[0], device=mask.device)

@@ -3090,19 +3090,21 @@ def test_format_prompt(tmp_path):
 
 @slow
 def test_grader_bounds_time_and_length_and_counts_failures():
-    grader = tasks.Grader(seconds=2.0, max_chars=1000)
+    grader = tasks.Grader(seconds=5.0, max_chars=1000)
     ok = ("<think>r</think><answer>15</answer>", "15")
     try:
         assert grader("pepo", *ok) == (2.0, 1.0) and grader.failures == 0  # starts the child
+        child = grader.proc
         # A real hang: sympy evaluates 9**9**9 (a 370-million-digit integer) while mathruler compares it to x;
         # its guards catch ^{ and ^9^ but not **. Unbounded this call ran past 20 s (killed by `timeout`).
-        t0 = time.time()
+        # Returning at all shows the bound: the child was killed at the limit (no wall-clock assertion, which
+        # a loaded machine could break).
         assert grader("pepo", "<think>r</think><answer>9**9**9</answer>", "x") == (0.0, 0.0)
-        assert time.time() - t0 < 4.0 and grader.failures == 1 and grader.proc is None  # the child was killed
+        assert grader.failures == 1 and grader.proc is None and child.returncode is not None  # killed
         assert grader("pepo", *ok) == (2.0, 1.0)  # a new child grades the next call
-        t0 = time.time()
+        child = grader.proc
         assert grader("vppo", "\\boxed{1}" + " " * 1000, "1") == (0.0, 0.0)  # over max_chars: not graded
-        assert time.time() - t0 < 0.5 and grader.failures == 2
+        assert grader.failures == 2 and grader.proc is child  # never sent: the same child, still running
         assert grader("no-such-reward", *ok) == (0.0, 0.0) and grader.failures == 3  # raised in the child
         out = []
         thread = threading.Thread(target=lambda: out.append(grader("vppo", "\\boxed{15}", "15")))

@@ -1019,6 +1019,27 @@ def _status_bytes(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux) -> the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def measure_in_fresh_process(command: str, one: str, threads: int, *extra: str):
+    """`python bench.py COMMAND --one ONE [extra]` in a fresh process, so its peak RSS is its own, with
+    `threads` torch threads and malloc handing large blocks back (MALLOC_MMAP_THRESHOLD_=1 MiB).
+    -> the JSON of the last line it prints."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    cmd = [sys.executable, str(Path(__file__).resolve()), command, "--one", one, *extra]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _measure_memory(phase: str, version: str, completion: int, device: str) -> dict:
     """One measurement, run in a fresh process: build the model and inputs, then one scoring
     pass or one update with the `before` or `after` functions. -> peak bytes above the start."""
@@ -1051,9 +1072,7 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS (Linux)
-        start = _status_bytes("VmRSS")
+        start = reset_peak_rss()
     peak = lambda: torch.cuda.max_memory_allocated() if device == "cuda" else _status_bytes("VmHWM")
     t0 = time.perf_counter()
     if phase == "scoring":  # as pepo.score for PEPO's prior plus VPPO's exact KL
@@ -1089,27 +1108,13 @@ def _measure_memory(phase: str, version: str, completion: int, device: str) -> d
 
 
 def memory(opt) -> dict:
-    import subprocess
-
     V, GB = 151936, 1e9
-    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     rows = []
     for L in opt.completions:
         for phase in ("scoring", "update"):
             for version in ("before", "after"):
-                cmd = [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "memory",
-                    "--one",
-                    f"{phase},{version},{L}",
-                    "--device",
-                    opt.device,
-                ]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if out.returncode:
-                    raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                one = f"{phase},{version},{L}"
+                rows.append(measure_in_fresh_process("memory", one, opt.threads, "--device", opt.device))
                 r = rows[-1]
                 print(
                     f"  L={L:5d} {phase:7s} {version:6s} peak +{r['peak_bytes'] / GB:.2f} GB  {r['seconds']:.1f} s",
@@ -1232,18 +1237,11 @@ def _measure_step(mode: str, bf16: bool, group: int, completion: int, rank: int)
 
 def memory_lora(opt) -> dict:
     """Each (mode, dtype) in a fresh process, one at a time; rows in MB of RSS."""
-    import subprocess
-
-    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     rows = []
     for bf16 in (False, True):
         for mode in ("full", "lora"):
             one = f"{mode},{int(bf16)},{opt.group_size},{opt.completion},{opt.lora_rank}"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "memory-lora", "--one", one]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(measure_in_fresh_process("memory-lora", one, opt.threads))
             print(f"  {mode} bf16={bf16}: peak RSS {rows[-1]['rss_bytes']['peak'] / 1e9:.2f} GB", file=sys.stderr)
     import torch
 
@@ -1740,9 +1738,7 @@ def _measure_plan(name: str, mode: str, layers: int, points: list[tuple]) -> lis
 
     def measure(out, phase, fn, batch):
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # peak RSS (VmHWM) := RSS now
-        start, t0 = _status_bytes("VmRSS"), time.perf_counter()
+        start, t0 = reset_peak_rss(), time.perf_counter()
         extra = fn(batch, batch["input_ids"])
         out[phase] = _status_bytes("VmHWM") - start
         out[phase + "_seconds"] = round(time.perf_counter() - t0, 2)
@@ -1911,7 +1907,6 @@ def plan_points(models: list[str]) -> list[tuple]:
 def measure_plan_points(opt) -> list[dict]:
     """The plan_points, one process per model, mode and depth, one after another; points already
     in memory-plan-points.jsonl are kept (delete the file to measure again)."""
-    import subprocess
 
     path = Path(opt.results_dir) / "memory-plan-points.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1921,15 +1916,9 @@ def measure_plan_points(opt) -> list[dict]:
     for name, mode, layers, *pt in plan_points(opt.models):
         if (name, mode, layers, *pt) not in done:
             todo.setdefault((name, mode, layers), []).append(pt)
-    env = dict(os.environ, OMP_NUM_THREADS=str(opt.threads), MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     for (name, mode, layers), pts in todo.items():
-        one = json.dumps([name, mode, layers, pts])
-        cmd = [sys.executable, str(Path(__file__).resolve()), "memory-plan", "--one", one]
         t0 = time.time()
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}")
-        new = json.loads(out.stdout.strip().splitlines()[-1])
+        new = measure_in_fresh_process("memory-plan", json.dumps([name, mode, layers, pts]), opt.threads)
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         have += new
@@ -2264,9 +2253,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                     start = torch.cuda.memory_allocated()
                 else:
-                    with open("/proc/self/clear_refs", "w") as f:
-                        f.write("5")
-                    start = _status_bytes("VmRSS")
+                    start = reset_peak_rss()
                 shutil.rmtree(run_dir, ignore_errors=True)  # no metrics of an earlier run
                 t0 = time.time()
                 try:

@@ -674,6 +674,15 @@ def read_chat_template(path: str, local_files_only: bool = False) -> str | None:
     return None
 
 
+@contextmanager
+def peft_quietly():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: that
+    one warning, which only peft can fix, is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def load_policy(path: str, local_files_only: bool = False):
     """(model, tokenizer, image_processor) from a folder or hub id, the same way for every checkpoint.
     Anything that is not a Qwen-VL checkpoint whose tokenizer has the image token raises UsageError."""
@@ -685,8 +694,7 @@ def load_policy(path: str, local_files_only: bool = False):
 
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
         model, tokenizer, image_processor = load_policy(base, local_files_only)
-        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with peft_quietly():
             return PeftModel.from_pretrained(model, path).merge_and_unload(), tokenizer, image_processor
     kw = dict(local_files_only=local_files_only)
     try:
@@ -1793,8 +1801,7 @@ def add_lora(model, args: Args, base: str, adapter: str | None = None):
     from peft import PeftModel, get_peft_model
 
     config = lora_config(model, args)  # checks the target names, also when resuming
-    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with peft_quietly():
         if adapter:
             peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         else:

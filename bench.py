@@ -1186,6 +1186,7 @@ def _measure_step(mode: str, bf16: bool, group: int, completion: int, rank: int)
 
     rss = {"start": _status_bytes("VmRSS")}  # python, torch and transformers imported
     args = pepo.Args(algo="pepo_g", group_size=group, prompts_per_step=1, steps=1, max_new_tokens=completion, lr=1e-6)
+    pepo.apply_budget(args)  # the rest of the default run's settings
     args.lora_rank, args.bf16 = (rank if mode == "lora" else 0), bf16
     pepo.apply_preset(args)
     model = memory_model()
@@ -2206,7 +2207,7 @@ def _gpu_runs(opt, pepo, run: dict, cuda: bool, t_start: float, fits) -> dict:
                 flags = GPU_SETTINGS[setting]
                 row = dict(model=name, preset=preset, setting=setting, flags=shlex.join(flags))
                 rows.append(row)
-                args = pepo.apply_preset(pepo.Args(algo=preset))
+                args = pepo.apply_preset(pepo.apply_budget(pepo.Args(algo=preset)))
                 mode = "lora" if setting == "lora" else "full"
                 if fits is not None:  # without measured activations: the static memory, a lower bound
                     pred = predict_peak(
@@ -2963,7 +2964,8 @@ def main(argv=None):
     g.add_argument(
         "--quick",
         action="store_true",
-        help="16 held-out prompts and an 8-step training run instead of 32 and the default 100 steps: under 10 minutes",
+        help="16 held-out prompts and an 8-step training run instead of 32 and the task's default run: under "
+        "10 minutes",
     )
     g.add_argument("--task", default="color-think", help="toy task with perception labels")
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="override the budget's seeds")

@@ -110,7 +110,12 @@ class Args:
     max_pixels: int = arg(
         None, "scale each larger image down (aspect kept) to this many pixels first (VPPO: 1003520)", type=int
     )
-    temperature: float = arg(1.0, "sampling temperature; log-probs and entropies use the same one")
+    temperature: float = arg(
+        None,
+        "sampling temperature; log-probs and entropies use the same one; default: the task's budget (1.0; "
+        "color-think 1.2)",
+        type=float,
+    )
     top_k: int = arg(
         0, "sample only from the k most likely tokens; 0 = off (ms-swift's default, behind PEPO's scripts: 50)"
     )
@@ -370,7 +375,7 @@ class UsageError(Exception):
 
 
 def apply_budget(args: Args) -> Args:
-    """Fill --steps, --lr and --lr-schedule left at None from the task's toy budget (tasks.Task.budget;
+    """Fill --steps, --lr, --lr-schedule and --temperature left at None from the task's toy budget (Task.budget;
     --data takes JsonlTask's): each toy task's default run is one that learns."""
     task = tasks.TASKS.get(args.task, tasks.JsonlTask) if args.data is None else tasks.JsonlTask
     for key, value in task.budget.items():

@@ -80,20 +80,21 @@ def test_presets_and_explicit_override():
 
 
 def test_task_budget_fills_the_default_run(tmp_path):
-    # --steps, --lr and --lr-schedule left out take the task's toy budget; given ones win; --data takes the base one
-    budget = lambda a: (a.steps, a.lr, a.lr_schedule)  # noqa: E731
+    # --steps, --lr, --lr-schedule and --temperature left out take the task's toy budget; given ones win;
+    # --data takes the base one; a recipe's own temperature wins over the budget's
+    keys = ("steps", "lr", "lr_schedule", "temperature")
+    budget = lambda a: tuple(getattr(a, k) for k in keys)
     for name, task in tasks.TASKS.items():
-        assert budget(pepo.parse_args(["--task", name])) == tuple(
-            task.budget[k] for k in ("steps", "lr", "lr_schedule")
-        )
-        assert set(task.budget) == {"steps", "lr", "lr_schedule"}
-    a = pepo.parse_args(["--task", "color-think", "--steps", "7", "--lr-schedule", "cosine"])
-    assert budget(a) == (7, tasks.TASKS["color-think"].budget["lr"], "cosine")
+        assert budget(pepo.parse_args(["--task", name])) == tuple(task.budget[k] for k in keys)
+        assert set(task.budget) == set(keys)
+    a = pepo.parse_args(["--task", "color-think", "--steps", "7", "--lr-schedule", "cosine", "--temperature", "0.9"])
+    assert budget(a) == (7, tasks.TASKS["color-think"].budget["lr"], "cosine", 0.9)
     assert budget(pepo.parse_args([])) == budget(pepo.parse_args(["--task", "color"]))
     data = tmp_path / "d.jsonl"
     data.write_text("")
-    assert budget(pepo.parse_args(["--data", str(data)])) == (100, 1e-3, "cosine")  # as before the toy budgets
-    assert budget(pepo.parse_args([])) == (100, 5e-4, "constant")
+    assert budget(pepo.parse_args(["--data", str(data)])) == (100, 1e-3, "cosine", 1.0)  # as before the toy budgets
+    assert budget(pepo.parse_args([])) == (100, 5e-4, "constant", 1.0)
+    assert budget(pepo.parse_args(["--task", "color-think"])) == (150, 2.5e-4, "constant", 1.2)
 
 
 # ========================================================================================

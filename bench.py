@@ -2598,7 +2598,8 @@ def signals_markdown(result: dict) -> str:
         s, e = r["start"], r["end"]
         lines += [
             f"### seed {seed}: {s['tokens']} labelled tokens at the start ({s['perception_tokens_slot']} perception), "
-            f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature 1) "
+            f"{e['tokens']} at the end ({e['perception_tokens_slot']}); accuracy of these samples (temperature "
+            f"{result['config']['temperature']:g}) "
             f"{s['accuracy']:.2f} -> {e['accuracy']:.2f}, "
             f"greedy held-out {r['train']['accuracy_before']:.2f} -> {r['train']['accuracy_after']:.2f}",
             "",

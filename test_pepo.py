@@ -3513,12 +3513,13 @@ def test_signal_collection_smoke(loaded):
     json.dumps(bench.json_safe(stats), allow_nan=False)  # strict JSON even where a class is empty (nan -> null)
     result = {
         "seeds": {"1": {"train": {"accuracy_before": 0.25, "accuracy_after": 0.5}, "start": stats, "end": stats}},
-        "config": {"task": "color-think"},
+        "config": {"task": "color-think", "temperature": args.temperature},
     }
     md = bench.signals_markdown(result)
     assert (
         md.count("| VPPO dependency (k3) |") == len(bench.LABELINGS) and "PEPO contrast" in md
     )  # one row per labelling
+    assert "accuracy of these samples (temperature 1.2)" in md  # color-think's budget samples at 1.2
     records = bench.signal_records(vl, coll, 2, 0, n=2)
     assert [r["row"] for r in records] == [0, 1] and all("dependency_exact" in r["signals"] for r in records)
 

@@ -62,8 +62,8 @@ class Task:
     labels: list[str] = []  # answer pool for the format warm-up (random labels)
     perception_region = "answer"  # where the perception words are written: "answer" or "think"
     warmup_steps = 60  # steps of the tiny model's format warm-up (pepo.build_tiny_model) on random_completion
-    # The default run's pepo.py settings for this task (tiny model): a constant 5e-4 reached >= 0.9 on
-    # every preset and seed of `color` (results/presets.md), where 1e-3 sent runs into never-ending
+    # The default run's pepo.py settings for this task (tiny model; flags given win): a constant 5e-4 reached
+    # >= 0.9 on every preset and seed of `color` (results/presets.md), where 1e-3 sent runs into never-ending
     # completions and cosine decay left the last colour unlearned (README, Results).
     budget = dict(steps=100, lr=5e-4, lr_schedule="constant", temperature=1.0)
     pretrain_task = (
@@ -461,7 +461,7 @@ class ColorThinkTask(Task):
     image, so RL has to learn one thing, the colour token inside <think>: the perception token.
     What a VLM brings to RL, the warm-up adds as perception pre-training on another task
     (pretrain_task = `color`: colour words after another prompt). Without it GRPO stayed near
-    chance within the default run (greedy held-out 0.27 and 0.50 after 80 steps, 2 seeds).
+    chance (greedy held-out 0.27 and 0.50 after 80 steps, 2 seeds, in an earlier version).
     The colour comes first in <think>, where each colour is a single token of the tiny tokenizer
     ('red', 'green', ...; after a space 'green' and 'yellow' would take two, see TOKENIZER_TASKS).
     """

@@ -475,7 +475,7 @@ class ColorThinkTask(Task):
     perception_region = "think"
     warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
     # At `color`'s budget one colour's reading in <think> locked onto another colour's word in 9 of 25 default
-    # runs; at half the rate for 1.5x the steps in 2 of 25 (DAPO, PEPO_D); sampling at 1.2 got those 2 out
+    # runs; at half the rate for 1.5x the steps in 2 of 25; sampling at 1.2 as well, in 1 of 25
     # (results/presets_color-think.md, README).
     budget = dict(steps=150, lr=2.5e-4, lr_schedule="constant", temperature=1.2)
     pretrain_task = (

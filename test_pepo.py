@@ -81,7 +81,7 @@ def test_presets_and_explicit_override():
 
 def test_task_budget_fills_the_default_run(tmp_path):
     # --steps, --lr, --lr-schedule and --temperature left out take the task's toy budget; given ones win;
-    # --data takes the base one; a recipe's own temperature wins over the budget's
+    # --data takes the base one
     keys = ("steps", "lr", "lr_schedule", "temperature")
     budget = lambda a: tuple(getattr(a, k) for k in keys)
     for name, task in tasks.TASKS.items():

@@ -396,7 +396,31 @@ class FewShotTask(Task):
         return Example(prompt, images, names[k], {"shapes": shapes})
 
 
-class DotsSumTask(Task):
+class ThinkTask(Task):
+    """A chain-of-thought task: `<think>...</think><answer>...</answer>`, scored on the whole chain.
+    A subclass says which <think> text is right for an example (`chain_ok`)."""
+
+    perception_region = "think"
+
+    def parse(self, completion):
+        m = THINK_ANSWER_RE.match(completion)
+        return m.group(2).strip() if m else None
+
+    def chain_ok(self, think: str, example: Example) -> bool:
+        """Whether `think` (the <think> text, lower case, runs of whitespace as one space) is right."""
+        raise NotImplementedError
+
+    def score(self, completion, example):
+        """Correct only when the whole chain is: the <think> text passes chain_ok and the answer is the
+        example's (case and spacing aside); the format bonus as in Task.score."""
+        m = THINK_ANSWER_RE.match(completion)
+        answer = m.group(2).strip() if m else None  # = self.parse(completion)
+        think = " ".join(m.group(1).lower().split()) if m else ""
+        right = answer is not None and answer.lower() == example.answer.lower() and self.chain_ok(think, example)
+        return float(right) + FORMAT_BONUS * float(bool(answer)), float(right)
+
+
+class DotsSumTask(ThinkTask):
     name = "dots-sum"
     description = "chain of thought: count red and blue dots, answer the sum as <think>..</think><answer>N</answer>"
     labels = [str(n) for n in range(2, 8)]
@@ -423,30 +447,19 @@ class DotsSumTask(Task):
     def correct_completion(self, example):
         return f"<think>{example.meta['red']} red, {example.meta['blue']} blue</think><answer>{example.answer}</answer>"
 
-    perception_region = "think"
-
     def perception_words(self, example):
         return {str(example.meta["red"]), str(example.meta["blue"])}  # the two counts; the sum is reasoning
 
-    def parse(self, completion):
-        m = THINK_ANSWER_RE.match(completion)
-        return m.group(2).strip() if m else None
-
-    def score(self, completion, example):
-        """Correct only when the whole chain is: <think> is `r red, b blue` with the image's two
-        counts, and the answer is their sum. A right sum after wrong counts scores 0 accuracy."""
-        m = THINK_ANSWER_RE.match(completion)
-        answer = m.group(2).strip() if m else None  # = self.parse(completion)
-        counts = re.fullmatch(r"(\d+) red, (\d+) blue", " ".join(m.group(1).lower().split())) if m else None
-        chain = counts is not None and [int(c) for c in counts.groups()] == [example.meta["red"], example.meta["blue"]]
-        acc = float(chain and answer == example.answer)
-        return acc + FORMAT_BONUS * float(bool(answer)), acc  # the format bonus as in Task.score
+    def chain_ok(self, think, example):
+        """<think> is `r red, b blue` with the image's two counts: a right sum after wrong counts scores 0."""
+        counts = re.fullmatch(r"(\d+) red, (\d+) blue", think)
+        return counts is not None and [int(c) for c in counts.groups()] == [example.meta["red"], example.meta["blue"]]
 
 
 COLOR_NAMES = {"red": "dax", "green": "wug", "blue": "blick", "yellow": "fep"}  # the rule color-think states
 
 
-class ColorThinkTask(Task):
+class ColorThinkTask(ThinkTask):
     """Chain of thought on what the tiny model can see: read one shape's colour (perception),
     apply a rule that the prompt states (colour -> made-up name, reasoning), answer the name:
 
@@ -472,7 +485,6 @@ class ColorThinkTask(Task):
         "rule"
     )
     labels = list(COLOR_NAMES.values())
-    perception_region = "think"
     warmup_steps = 200  # the rule (copy the colour, name it) takes ~150 steps to learn; the format alone takes 60
     # At `color`'s budget one colour's reading in <think> locked onto another colour's word in 9 of 25 default
     # runs; at half the rate for 1.5x the steps in 2 of 25; sampling at 1.2 as well, in 1 of 25
@@ -504,23 +516,13 @@ class ColorThinkTask(Task):
     def correct_completion(self, example):
         return self.completion(example.meta["color"])
 
-    def parse(self, completion):
-        m = THINK_ANSWER_RE.match(completion)
-        return m.group(2).strip() if m else None
-
-    def score(self, completion, example):
-        """Correct only when the whole chain is: <think> is `C shape, C is N` with C the shape's colour
-        and N the name the rule gives C, and the answer is N (case and spacing aside). Checked on the
-        answer alone, GRPO found a shortcut: one fixed colour in <think> for every image, then the
-        image read at the answer (0.30 -> 0.74, then stuck); checked on the first colour alone, a
-        broken chain (`yellow shape, yellow is dax` -> `fep`) scored as correct."""
-        m = THINK_ANSWER_RE.match(completion)
-        answer = m.group(2).strip() if m else None  # = self.parse(completion)
-        think = " ".join(m.group(1).lower().split()) if m else ""
+    def chain_ok(self, think, example):
+        """<think> is `C shape, C is N` with C the shape's colour and N the name the rule gives C.
+        Checked on the answer alone, GRPO found a shortcut: one fixed colour in <think> for every
+        image, then the image read at the answer (0.30 -> 0.74, then stuck); checked on the first
+        colour alone, a broken chain (`yellow shape, yellow is dax` -> `fep`) scored as correct."""
         color = example.meta["color"]
-        chain = think == f"{color} shape, {color} is {COLOR_NAMES[color]}"
-        acc = float(chain and answer is not None and answer.lower() == example.answer)
-        return acc + FORMAT_BONUS * float(bool(answer)), acc  # the format bonus as in Task.score
+        return think == f"{color} shape, {color} is {COLOR_NAMES[color]}"
 
     def perception_words(self, example):
         return {example.meta["color"]}

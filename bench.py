@@ -331,23 +331,27 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     return md
 
 
+def build_job(root: Path, task: str, seed: int, warmup_steps: int | None) -> dict:
+    """One initial model to build (pepo.build_tiny_model), shared by every run of its task and seed."""
+    model = root / "models" / f"{task}_s{seed}"
+    log = root / "logs" / f"build_{task}_s{seed}.log"
+    return dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=warmup_steps, log=str(log))
+
+
+def run_job(root: Path, task: str, algo: str, seed: int, argv: list[str], out: Path) -> dict:
+    """One `pepo.py` run: its argv (ending with --output-dir out), folder, log and initial model."""
+    model = str(root / "models" / f"{task}_s{seed}")
+    log = str(root / "logs" / f"{task}_{algo}_s{seed}.log")
+    return dict(kind="run", task=task, algo=algo, seed=seed, model=model, argv=argv, out=str(out), log=log)
+
+
 def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> tuple[list[dict], list[dict]]:
     """(model builds, runs) of the learning table: one initial model per task and seed, shared by
     every algorithm, and one pepo.py run per task, algorithm and seed (its argv and folders)."""
     builds, runs = [], []
     for task in budget["tasks"]:
         for seed in budget["seeds"]:  # one initial model per task and seed, shared by every algorithm
-            model = root / "models" / f"{task}_s{seed}"
-            builds.append(
-                dict(
-                    kind="build",
-                    task=task,
-                    seed=seed,
-                    path=str(model),
-                    warmup_steps=budget.get("warmup_steps"),
-                    log=str(root / "logs" / f"build_{task}_s{seed}.log"),
-                )
-            )
+            builds.append(build_job(root, task, seed, budget.get("warmup_steps")))
             for algo in algos:
                 if algo in ABLATION_ROWS and task not in budget["ablation_tasks"]:
                     continue
@@ -356,7 +360,7 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
                 argv = [
                     *ALGOS[algo],
                     "--model",
-                    str(model),
+                    builds[-1]["path"],
                     "--task",
                     task,
                     "--seed",
@@ -379,18 +383,7 @@ def learn_jobs(budget: dict, algos: list[str], root: Path, extra: str = "") -> t
                     "--output-dir",
                     str(out),
                 ]
-                runs.append(
-                    dict(
-                        kind="run",
-                        task=task,
-                        algo=algo,
-                        seed=seed,
-                        model=str(model),
-                        argv=argv,
-                        out=str(out),
-                        log=str(root / "logs" / f"{task}_{algo}_s{seed}.log"),
-                    )
-                )
+                runs.append(run_job(root, task, algo, seed, argv, out))
     return builds, runs
 
 
@@ -504,24 +497,12 @@ def presets_jobs(task: str, algos: list[str], seeds: list[int], root: Path, extr
     once per seed (the same files) and passed as --model."""
     builds, runs = [], []
     for seed in seeds:
-        model = root / "models" / f"{task}_s{seed}"
-        log = root / "logs" / f"build_{task}_s{seed}.log"
-        builds.append(dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=None, log=str(log)))
+        builds.append(build_job(root, task, seed, None))
+        model = builds[-1]["path"]
         for algo in algos:
             out = root / task / algo / f"seed{seed}"
-            argv = ["--algo", algo, "--task", task, "--seed", str(seed), "--model", str(model), *shlex.split(extra)]
-            runs.append(
-                dict(
-                    kind="run",
-                    task=task,
-                    algo=algo,
-                    seed=seed,
-                    model=str(model),
-                    argv=[*argv, "--output-dir", str(out)],
-                    out=str(out),
-                    log=str(root / "logs" / f"{task}_{algo}_s{seed}.log"),
-                )
-            )
+            argv = ["--algo", algo, "--task", task, "--seed", str(seed), "--model", model, *shlex.split(extra)]
+            runs.append(run_job(root, task, algo, seed, [*argv, "--output-dir", str(out)], out))
     return builds, runs
 
 

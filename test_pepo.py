@@ -3349,10 +3349,13 @@ def test_learning_budget_settings_per_task(tmp_path, monkeypatch):
     for b in bench.BUDGETS.values():  # a dict names every task
         assert all(not isinstance(v, dict) or set(v) == set(b["tasks"]) for v in b.values())
     _, runs = bench.learn_jobs(bench.BUDGETS["full"], ["grpo"], tmp_path)
-    flags = {
-        (j["task"], j["argv"][j["argv"].index("--steps") + 1], j["argv"][j["argv"].index("--lr") + 1]) for j in runs
+    flag = lambda j, name: j["argv"][j["argv"].index(name) + 1]
+    flags = {(j["task"], *(flag(j, f) for f in ("--steps", "--lr", "--lr-schedule", "--temperature"))) for j in runs}
+    # the full table's runs are each task's default run (its own budget in tasks.py)
+    assert flags == {
+        ("color", "100", "0.0005", "constant", "1.0"),
+        ("color-think", "150", "0.00025", "constant", "1.2"),
     }
-    assert flags == {("color", "70", "0.001"), ("color-think", "50", "0.0005")}
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     config = {
         "budget": dict(
@@ -3370,7 +3373,7 @@ def test_learning_budget_settings_per_task(tmp_path, monkeypatch):
     md = bench.write_learning(tmp_path, fake_runs(), config, ["grpo"], 0.8)
     assert md.startswith(
         "Held-out greedy accuracy (100 examples) at the end of each run (color: 50 steps of 16 prompts x 8 samples, "
-        "learning rate 0.001 (constant))"
+        "learning rate 0.001 (constant), temperature 1)"
     )
 
 

@@ -127,10 +127,16 @@ def _job(job: dict) -> dict:
     import pepo
     import tasks
 
+    if job["kind"] == "build":  # a model built before with the same settings is reused, like a finished run
+        spec = {k: job[k] for k in ("task", "seed", "warmup_steps")}
+        marker = Path(job["path"]) / "build.json"
+        if marker.exists() and json.loads(marker.read_text()) == spec:
+            return {**job, "seconds": 0.0, "reused": True}
     with open(job["log"], "w") as log, redirect_stdout(log), redirect_stderr(log):
         t0 = time.time()
         if job["kind"] == "build":
             pepo.build_tiny_model(job["path"], tasks.get_task(job["task"]), job["seed"], job["warmup_steps"])
+            marker.write_text(json.dumps(spec))
         else:
             pepo.main(job["argv"])
     return {**job, "seconds": time.time() - t0}
@@ -440,7 +446,9 @@ def learn(opt) -> None:
                 j = pending.pop(f)
                 if j["kind"] == "build":
                     try:
-                        print(f"  built {j['task']} seed {j['seed']} ({f.result()['seconds']:.0f} s)", flush=True)
+                        r = f.result()
+                        how = "reused" if r.get("reused") else f"built ({r['seconds']:.0f} s)"
+                        print(f"  model {j['task']} seed {j['seed']} {how}", flush=True)
                     except Exception as e:  # its runs are left out; the log says why
                         print(
                             f"  build {j['task']} seed {j['seed']} FAILED ({type(e).__name__}: {e}); log: {j['log']}",

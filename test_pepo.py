@@ -3341,6 +3341,22 @@ def test_learning_outputs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "learning.png").exists()
 
 
+def test_bench_reuses_a_model_built_with_the_same_settings(tmp_path, monkeypatch):
+    import bench
+    import pepo
+
+    built = []
+    monkeypatch.setattr(
+        pepo, "build_tiny_model", lambda path, task, seed, warmup: built.append((task.name, seed, warmup))
+    )
+    job = bench.build_job(tmp_path, "color", 1, None)
+    (tmp_path / "logs").mkdir()
+    Path(job["path"]).mkdir(parents=True)  # the stub writes no files
+    assert not bench._job(job).get("reused") and built == [("color", 1, None)]
+    assert bench._job(job)["reused"] and len(built) == 1  # same task, seed and warm-up: not built again
+    assert not bench._job({**job, "warmup_steps": 20}).get("reused") and len(built) == 2
+
+
 def test_learning_budget_settings_per_task(tmp_path, monkeypatch):
     import bench
 

@@ -340,16 +340,22 @@ def write_learning(results: Path, runs: list[dict], config: dict, algos: list[st
     return md
 
 
+def model_path(root: Path, task: str, seed: int) -> str:
+    """The initial model shared by every run of one task and seed."""
+    return str(root / "models" / f"{task}_s{seed}")
+
+
 def build_job(root: Path, task: str, seed: int, warmup_steps: int | None) -> dict:
     """One initial model to build (pepo.build_tiny_model), shared by every run of its task and seed."""
-    model = root / "models" / f"{task}_s{seed}"
     log = root / "logs" / f"build_{task}_s{seed}.log"
-    return dict(kind="build", task=task, seed=seed, path=str(model), warmup_steps=warmup_steps, log=str(log))
+    return dict(
+        kind="build", task=task, seed=seed, path=model_path(root, task, seed), warmup_steps=warmup_steps, log=str(log)
+    )
 
 
 def run_job(root: Path, task: str, algo: str, seed: int, argv: list[str], out: Path) -> dict:
     """One `pepo.py` run: its argv (ending with --output-dir out), folder, log and initial model."""
-    model = str(root / "models" / f"{task}_s{seed}")
+    model = model_path(root, task, seed)
     log = str(root / "logs" / f"{task}_{algo}_s{seed}.log")
     return dict(kind="run", task=task, algo=algo, seed=seed, model=model, argv=argv, out=str(out), log=log)
 
